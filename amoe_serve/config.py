@@ -1,0 +1,147 @@
+"""Structured (OmegaConf) configuration: one dataclass per component.
+
+Runtime objects (communicators, transports, tensors) never live here; configs are plain data
+that can be written to YAML, handed to every rank of an MPI job and read back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import OmegaConf
+
+MODES = ("local", "lockstep", "aep")
+POLICIES = ("defrag", "mtfs", "flfs")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message says which and why."""
+
+
+@dataclass
+class ModelConfig:
+    # Folder with config.json + *.safetensors; None means the embedded default model.
+    path: Optional[str] = None
+    # "auto" keeps the checkpoint's dtype.
+    dtype: str = "float32"
+
+
+@dataclass
+class DeploymentConfig:
+    mode: str = "aep"
+    attention_ranks: int = 1
+    expert_ranks: int = 2
+    # JSON file {"experts": [[rank, ...] per block]} mapping each (block, expert) to an
+    # expert-rank index in [0, expert_ranks); None places experts contiguously.
+    placement: Optional[str] = None
+
+
+@dataclass
+class SchedulerConfig:
+    policy: str = "defrag"
+    # Defrag look-ahead depth K and decay delta (DESIGN.md section 4).
+    lookahead: int = 3
+    decay: float = 0.8
+    # Upper bound on rows drained from expert queues in one step.
+    max_expert_batch: int = 512
+    # Run all ready queues of the picked block as one grouped step on expert ranks.
+    group_block: bool = True
+
+
+@dataclass
+class KVCacheConfig:
+    block_size: int = 16
+    # Blocks per attention rank (each holds block_size tokens of every layer).
+    num_blocks: int = 1024
+
+
+@dataclass
+class EngineConfig:
+    # Continuous batching limits on each attention rank.
+    max_running_requests: int = 64
+    # Upper bound on tokens (prefill + decode) in one attention step.
+    max_batch_tokens: int = 2048
+    # Context limit; 0 means the model's max_position_embeddings.
+    max_model_len: int = 0
+
+
+@dataclass
+class RuntimeConfig:
+    # "auto": MPI between processes (NCCL when ranks hold GPUs), in-process for one process.
+    transport: str = "auto"
+    # Intra-op threads per rank process.
+    threads_per_rank: int = 1
+    # Longest sleep of an idle poll loop, in microseconds (back-off starts near zero).
+    max_poll_sleep_us: int = 500
+    # The launcher kills a job that has not finished after this many seconds (0 = no limit).
+    job_timeout_s: float = 900.0
+    # Ranks report a peer silent for this long as dead.
+    heartbeat_timeout_s: float = 30.0
+
+
+@dataclass
+class AmoeConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    deployment: DeploymentConfig = field(default_factory=DeploymentConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    kv_cache: KVCacheConfig = field(default_factory=KVCacheConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+
+def validate(cfg: AmoeConfig) -> AmoeConfig:
+    d = cfg.deployment
+    if d.mode not in MODES:
+        raise ConfigError(f"deployment.mode={d.mode!r}: expected one of {', '.join(MODES)}")
+    if d.mode != "local":
+        if d.attention_ranks < 1:
+            raise ConfigError("deployment.attention_ranks must be >= 1")
+        if d.expert_ranks < 1:
+            raise ConfigError("deployment.expert_ranks must be >= 1")
+    if cfg.scheduler.policy not in POLICIES:
+        raise ConfigError(
+            f"scheduler.policy={cfg.scheduler.policy!r}: expected one of {', '.join(POLICIES)}")
+    if cfg.scheduler.lookahead < 0 or not (0.0 < cfg.scheduler.decay <= 1.0):
+        raise ConfigError("scheduler.lookahead must be >= 0 and 0 < scheduler.decay <= 1")
+    if cfg.model.dtype not in DTYPES:
+        raise ConfigError(f"model.dtype={cfg.model.dtype!r}: expected one of {', '.join(DTYPES)}")
+    if cfg.kv_cache.block_size < 1 or cfg.kv_cache.num_blocks < 1:
+        raise ConfigError("kv_cache.block_size and kv_cache.num_blocks must be >= 1")
+    if cfg.engine.max_running_requests < 1 or cfg.engine.max_batch_tokens < 1:
+        raise ConfigError("engine.max_running_requests and engine.max_batch_tokens must be >= 1")
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> AmoeConfig:
+    """Schema defaults, then the YAML file, then dotlist overrides (``scheduler.policy=mtfs``)."""
+    merged = OmegaConf.structured(AmoeConfig)
+    try:
+        if path is not None:
+            p = Path(path)
+            if not p.is_file():
+                raise ConfigError(f"config file not found: {p}")
+            merged = OmegaConf.merge(merged, OmegaConf.load(p))
+        if overrides:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+    except ConfigError:
+        raise
+    except Exception as e:  # OmegaConf's validation errors are precise but verbose
+        raise ConfigError(f"invalid configuration: {e}".splitlines()[0]) from None
+    cfg: AmoeConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    return validate(cfg)
+
+
+def to_yaml(cfg: AmoeConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def from_yaml(text: str) -> AmoeConfig:
+    merged = OmegaConf.merge(OmegaConf.structured(AmoeConfig), OmegaConf.create(text))
+    return validate(OmegaConf.to_object(merged))  # type: ignore[arg-type]
+
+
+def as_dict(cfg: AmoeConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(cfg))  # type: ignore[return-value]

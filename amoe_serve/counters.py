@@ -1,0 +1,139 @@
+"""Per-rank scheduling counters, cheap enough to leave on in production.
+
+Legend: NB = blocks, NS = slots per block. Per-layer arrays are [NB, NS] numpy
+matrices updated in place (O(1) per batch; O(NB*NS) vector op per depth sample).
+Time is passed in by the caller (seconds), never read here, so a simulator can
+drive the same counters with virtual time.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import numpy as np
+
+
+def _bucket(n: int) -> int:
+    """Power-of-two histogram bucket: the smallest power of two >= n (n >= 1)."""
+    return 1 << (int(n) - 1).bit_length()
+
+
+class RankCounters:
+    """Per (block, slot) tokens and batches executed, executed batch-size histogram
+    (power-of-two buckets), busy and idle seconds, queue-depth samples (max and
+    time-weighted mean per layer)."""
+
+    def __init__(self, num_blocks: int, num_slots: int) -> None:
+        if num_blocks < 1 or num_slots < 1:
+            raise ValueError(f"num_blocks and num_slots must be >= 1, got {num_blocks}, {num_slots}")
+        shape = (num_blocks, num_slots)
+        self.tokens_BS = np.zeros(shape, dtype=np.int64)
+        self.batches_BS = np.zeros(shape, dtype=np.int64)
+        self.batch_hist: dict[int, int] = {}
+        self.busy_s = 0.0
+        self.idle_s = 0.0
+        self.depth_max_BS = np.zeros(shape, dtype=np.int64)
+        self._depth_time_sum_BS = np.zeros(shape, dtype=np.float64)  # sum of depth * dt
+        self._depth_time_s = 0.0
+
+    def record_batch(self, block: int, slot: int, num_tokens: int) -> None:
+        if num_tokens < 1:
+            raise ValueError(f"an executed batch has >= 1 token, got {num_tokens}")
+        self.tokens_BS[block, slot] += num_tokens
+        self.batches_BS[block, slot] += 1
+        b = _bucket(num_tokens)
+        self.batch_hist[b] = self.batch_hist.get(b, 0) + 1
+
+    def record_busy(self, seconds: float) -> None:
+        if seconds < 0:
+            raise ValueError(f"busy seconds must be >= 0, got {seconds}")
+        self.busy_s += float(seconds)
+
+    def record_idle(self, seconds: float) -> None:
+        if seconds < 0:
+            raise ValueError(f"idle seconds must be >= 0, got {seconds}")
+        self.idle_s += float(seconds)
+
+    def record_queue_depths(self, lengths: np.ndarray, dt: float) -> None:
+        """Sample the queue-length matrix, weighting it by the dt it was held for."""
+        if lengths.shape != self.tokens_BS.shape:
+            raise ValueError(f"lengths shape {lengths.shape} != counters shape {self.tokens_BS.shape}")
+        if dt < 0:
+            raise ValueError(f"dt must be >= 0, got {dt}")
+        np.maximum(self.depth_max_BS, lengths, out=self.depth_max_BS)
+        if dt > 0:
+            self._depth_time_sum_BS += lengths * dt
+            self._depth_time_s += float(dt)
+
+    def to_dict(self) -> dict:
+        """JSON-able summary (lists, ints, floats; histogram keys are strings)."""
+        total_batches = int(self.batches_BS.sum())
+        total_tokens = int(self.tokens_BS.sum())
+        wall = self.busy_s + self.idle_s
+        depth_mean_BS = (
+            self._depth_time_sum_BS / self._depth_time_s if self._depth_time_s > 0 else np.zeros_like(self._depth_time_sum_BS)
+        )
+        return {
+            "num_ranks": 1,
+            "tokens_per_layer": self.tokens_BS.tolist(),
+            "batches_per_layer": self.batches_BS.tolist(),
+            "total_tokens": total_tokens,
+            "total_batches": total_batches,
+            "mean_batch": total_tokens / total_batches if total_batches else 0.0,
+            "batch_hist": {str(k): v for k, v in sorted(self.batch_hist.items())},
+            "busy_s": self.busy_s,
+            "idle_s": self.idle_s,
+            "idle_fraction": self.idle_s / wall if wall > 0 else 0.0,
+            "queue_depth_max": self.depth_max_BS.tolist(),
+            "queue_depth_mean": depth_mean_BS.tolist(),
+            "queue_depth_time_s": self._depth_time_s,  # kept so merge() can weight means
+        }
+
+    @staticmethod
+    def merge(dicts: Iterable[dict]) -> dict:
+        """Aggregate several ranks' summaries (same [NB, NS] shape required).
+
+        Per-layer tokens/batches are summed, depth max is the max, depth mean is the
+        sampled-time-weighted mean over ranks; totals and ratios are recomputed.
+        """
+        dicts = list(dicts)
+        if not dicts:
+            raise ValueError("merge needs at least one counters summary")
+        shape = np.asarray(dicts[0]["tokens_per_layer"]).shape
+        for d in dicts:
+            if np.asarray(d["tokens_per_layer"]).shape != shape:
+                raise ValueError(
+                    f"cannot merge counters of different shapes {shape} and {np.asarray(d['tokens_per_layer']).shape}"
+                )
+        tokens = sum(np.asarray(d["tokens_per_layer"], dtype=np.int64) for d in dicts)
+        batches = sum(np.asarray(d["batches_per_layer"], dtype=np.int64) for d in dicts)
+        hist: dict[int, int] = {}
+        for d in dicts:
+            for k, v in d["batch_hist"].items():
+                hist[int(k)] = hist.get(int(k), 0) + int(v)
+        busy = sum(float(d["busy_s"]) for d in dicts)
+        idle = sum(float(d["idle_s"]) for d in dicts)
+        depth_max = np.maximum.reduce([np.asarray(d["queue_depth_max"], dtype=np.int64) for d in dicts])
+        times = [float(d.get("queue_depth_time_s", 0.0)) for d in dicts]
+        total_time = sum(times)
+        if total_time > 0:
+            depth_mean = sum(np.asarray(d["queue_depth_mean"], dtype=np.float64) * t for d, t in zip(dicts, times)) / total_time
+        else:
+            depth_mean = np.zeros(shape, dtype=np.float64)
+        total_tokens = int(tokens.sum())
+        total_batches = int(batches.sum())
+        wall = busy + idle
+        return {
+            "num_ranks": sum(int(d.get("num_ranks", 1)) for d in dicts),
+            "tokens_per_layer": tokens.tolist(),
+            "batches_per_layer": batches.tolist(),
+            "total_tokens": total_tokens,
+            "total_batches": total_batches,
+            "mean_batch": total_tokens / total_batches if total_batches else 0.0,
+            "batch_hist": {str(k): v for k, v in sorted(hist.items())},
+            "busy_s": busy,
+            "idle_s": idle,
+            "idle_fraction": idle / wall if wall > 0 else 0.0,
+            "queue_depth_max": depth_max.tolist(),
+            "queue_depth_mean": np.asarray(depth_mean).tolist(),
+            "queue_depth_time_s": total_time,
+        }

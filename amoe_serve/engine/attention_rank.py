@@ -1,0 +1,161 @@
+"""Attention-rank poll loops: AEP (μ-queue per block, scheduler picks) and lockstep."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from amoe_serve.counters import RankCounters
+from amoe_serve.engine.attention_core import AttentionCore, Segment, TokenEvent
+from amoe_serve.engine.protocol import GATEWAY_RANK, Tag
+from amoe_serve.engine.topology import Topology
+from amoe_serve.sampler import SamplingParams
+from amoe_serve.sched.queues import MuQueues
+from amoe_transport import Message, Transport
+
+
+class AttentionRank:
+    def __init__(self, core: AttentionCore, transport: Transport, topo: Topology, scheduler,
+                 max_batch_tokens: int, max_poll_sleep: float):
+        self.core = core
+        self.t = transport
+        self.topo = topo
+        self.scheduler = scheduler
+        self.max_batch_tokens = max_batch_tokens
+        self.max_sleep = max_poll_sleep
+        self.num_blocks = core.spec.num_blocks
+        self.queues = MuQueues(self.num_blocks, 1)
+        self.counters = RankCounters(self.num_blocks, 1)
+        self.to_sample: list[Segment] = []
+        self.stop = False
+        self._sync: dict[int, list[Message]] = {}    # lockstep round -> peers' STEP_SYNC
+        self._combine: list[Message] = []            # lockstep replies of the current block
+
+    # ---- messages --------------------------------------------------------------------------
+    def handle(self, m: Message) -> None:
+        if m.tag == Tag.COMBINE and "step" not in m.header:
+            self._advance(self.core.deliver(m.header["b"], m.tensors[0], m.tensors[1]))
+        elif m.tag == Tag.COMBINE:
+            self._combine.append(m)
+        elif m.tag == Tag.REQUEST:
+            self._admit(m.header)
+        elif m.tag == Tag.CANCEL:
+            self.core.cancel(m.header["id"])
+        elif m.tag == Tag.STEP_SYNC:
+            self._sync.setdefault(m.header["round"], []).append(m)
+        elif m.tag == Tag.SHUTDOWN:
+            self.stop = True
+        else:
+            raise RuntimeError(f"attention rank got unexpected message tag {m.tag} from rank {m.src}")
+
+    def _admit(self, h: dict) -> None:
+        try:
+            params = SamplingParams.from_dict(h["params"])
+            seg = self.core.admit(h["id"], h["prompt_token_ids"], params)
+        except (ValueError, RuntimeError) as e:
+            self._emit([TokenEvent(h["id"], None, "error", str(e))])
+            return
+        self.queues.push(0, 0, seg, seg.num_tokens)
+
+    def _advance(self, segs: list[Segment]) -> None:
+        for s in segs:
+            if s.block < self.num_blocks:
+                self.queues.push(s.block, 0, s, s.num_tokens)
+            else:
+                self.to_sample.append(s)
+
+    def _sample(self) -> None:
+        if not self.to_sample:
+            return
+        segs, self.to_sample = self.to_sample, []
+        events, new = self.core.sample(segs)
+        for s in new:
+            self.queues.push(0, 0, s, 1)
+        self._emit(events)
+
+    def _emit(self, events: list[TokenEvent]) -> None:
+        if events:
+            self.t.isend(GATEWAY_RANK, Tag.TOKENS, {"events": [e.to_list() for e in events]})
+
+    def _drain(self, timeout: float) -> bool:
+        msgs = self.t.wait(timeout, self.max_sleep) if timeout > 0 else self.t.poll()
+        for m in msgs:
+            self.handle(m)
+        return bool(msgs)
+
+    # ---- AEP ---------------------------------------------------------------------------------
+    def run_aep(self) -> None:
+        while not self.stop:
+            self._drain(0)
+            self._sample()
+            pick = self.scheduler.pick(self.queues.lengths)
+            if pick is None:
+                t0 = time.perf_counter()
+                self._drain(self.max_sleep * 25)
+                self.counters.record_idle(time.perf_counter() - t0)
+                continue
+            t0 = time.perf_counter()
+            b = pick[0]
+            segs = self.queues.pop(b, 0, self.max_batch_tokens)
+            n = sum(s.num_tokens for s in segs)
+            for d in self.core.attend(b, segs):
+                self.t.isend(self.topo.expert_rank(d.dst_index), Tag.DISPATCH, d.header, d.tensors)
+            self.counters.record_batch(b, 0, n)
+            self.counters.record_busy(time.perf_counter() - t0)
+        self.t.flush(timeout=10)
+
+    # ---- lockstep ----------------------------------------------------------------------------
+    def _agree(self, rnd: int) -> tuple[int, bool]:
+        """All attention ranks exchange queued-token counts; returns (global tokens, stop)."""
+        peers = [r for r in self.topo.attention if r != self.t.rank]
+        # Decide only on what was exchanged: SHUTDOWN may arrive while we wait, and every
+        # rank must reach the same decision in the same round.
+        mine, stop = self.queues.total(), self.stop
+        for p in peers:
+            self.t.isend(p, Tag.STEP_SYNC, {"round": rnd, "tokens": mine, "stop": stop})
+        while len(self._sync.get(rnd, [])) < len(peers):
+            self._drain(self.max_sleep * 25)
+        got = self._sync.pop(rnd, [])
+        return mine + sum(m.header["tokens"] for m in got), stop or any(m.header["stop"] for m in got)
+
+    def run_lockstep(self) -> None:
+        step = rnd = 0
+        D = self.core.spec.hidden_size
+        while True:
+            self._drain(0)
+            total, stop = self._agree(rnd)
+            rnd += 1
+            if stop:
+                break
+            if total == 0:
+                t0 = time.perf_counter()
+                self._drain(self.max_sleep)
+                self.counters.record_idle(time.perf_counter() - t0)
+                continue
+            t0 = time.perf_counter()
+            segs = self.queues.pop(0, 0, self.max_batch_tokens) if self.queues.total() else []
+            for b in range(self.num_blocks):
+                if segs:
+                    sends = [(self.topo.expert_rank(d.dst_index), d.header, d.tensors)
+                             for d in self.core.attend(b, segs, all_ranks=True)]
+                    self.counters.record_batch(b, 0, sum(s.num_tokens for s in segs))
+                else:  # idle data-parallel rank still takes part in the exchange
+                    empty = [torch.zeros(0, 3, dtype=torch.int32), torch.zeros(0, D, dtype=self.core.kv.dtype)]
+                    sends = [(r, {"b": b, "experts": [], "counts": []}, empty) for r in self.topo.experts]
+                self.t.alltoallv(Tag.DISPATCH, {dst: ({**h, "step": step}, ts) for dst, h, ts in sends})
+                while len(self._combine) < self.topo.expert_ranks:
+                    self._drain(self.max_sleep)
+                done: list[Segment] = []
+                for m in self._combine:
+                    assert m.header["step"] == step and m.header["b"] == b, m.header
+                    done.extend(self.core.deliver(b, m.tensors[0], m.tensors[1]))
+                self._combine = []
+                if len(done) != len(segs):
+                    raise RuntimeError(f"lockstep block {b}: {len(segs) - len(done)} segments missing expert outputs")
+                segs = done
+            self.to_sample.extend(segs)
+            self._sample()
+            step += 1
+            self.counters.record_busy(time.perf_counter() - t0)
+        self.t.flush(timeout=10)

@@ -1,0 +1,119 @@
+"""Expert-rank state machine: one μ-queue per (block, local expert), scheduled grouped execution.
+
+No communication here either: `receive` enqueues a dispatch message, `step` runs what the
+scheduler picks and returns the replies, one per source attention rank.
+
+Legend: R rows, D hidden, G experts in a grouped step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from amoe_serve.counters import RankCounters
+from amoe_serve.model import ExpertSide
+from amoe_serve.sched.queues import MuQueues
+
+
+@dataclass
+class Chunk:
+    src: int          # attention rank the rows came from (world rank)
+    meta_R3: torch.Tensor
+    y_RD: torch.Tensor
+
+
+@dataclass
+class Reply:
+    dst: int
+    header: dict
+    tensors: list[torch.Tensor]
+
+
+class ExpertCore:
+    def __init__(self, experts: ExpertSide, pairs: list[tuple[int, int]], num_blocks: int,
+                 scheduler, max_batch: int, group_block: bool, counters: Optional[RankCounters] = None):
+        self.experts = experts
+        self.scheduler = scheduler
+        self.max_batch = max_batch
+        self.group_block = group_block
+        # Local slot s of block b <-> global expert id.
+        self.slot_of: dict[tuple[int, int], int] = {}
+        self.expert_of: list[list[int]] = [[] for _ in range(num_blocks)]
+        for b, e in pairs:
+            self.slot_of[(b, e)] = len(self.expert_of[b])
+            self.expert_of[b].append(e)
+        num_slots = max(1, max(len(x) for x in self.expert_of))
+        self.queues = MuQueues(num_blocks, num_slots)
+        self.counters = counters or RankCounters(num_blocks, num_slots)
+
+    def receive(self, src: int, header: dict, meta_R3: torch.Tensor, y_RD: torch.Tensor) -> None:
+        b = int(header["b"])
+        start = 0
+        for e, n in zip(header["experts"], header["counts"]):
+            slot = self.slot_of.get((b, int(e)))
+            if slot is None:
+                raise RuntimeError(f"received tokens for block {b} expert {e}, which this rank does not hold")
+            sl = slice(start, start + n)
+            self.queues.push(b, slot, Chunk(src, meta_R3[sl], y_RD[sl]), n)
+            start += n
+        if start != y_RD.shape[0]:
+            raise RuntimeError(f"dispatch counts sum to {start} but {y_RD.shape[0]} rows arrived")
+
+    def pending(self) -> int:
+        return self.queues.total()
+
+    def step(self) -> list[Reply]:
+        """Run the queue(s) the scheduler picks; [] when every queue is empty."""
+        pick = self.scheduler.pick(self.queues.lengths)
+        if pick is None:
+            return []
+        b, slot = pick
+        if self.group_block:
+            slots = [s for s in range(len(self.expert_of[b])) if self.queues.lengths[b, s] > 0]
+            # The picked queue first, so a batch limit never starves the scheduler's choice.
+            slots.remove(slot)
+            slots.insert(0, slot)
+        else:
+            slots = [slot]
+        return self._run(b, slots, self.max_batch)
+
+    def drain_block(self, b: int) -> list[Reply]:
+        """Lockstep: run every queue of block b completely."""
+        slots = [s for s in range(len(self.expert_of[b])) if self.queues.lengths[b, s] > 0]
+        return self._run(b, slots, None)
+
+    def _run(self, b: int, slots: list[int], budget: Optional[int]) -> list[Reply]:
+        chunks: list[Chunk] = []
+        experts: list[int] = []
+        counts: list[int] = []
+        left = budget
+        for s in slots:
+            if left is not None and left <= 0:
+                break
+            got = self.queues.pop(b, s, left)
+            n = sum(c.y_RD.shape[0] for c in got)
+            if n == 0:
+                continue
+            chunks.extend(got)
+            experts.append(self.expert_of[b][s])
+            counts.append(n)
+            self.counters.record_batch(b, s, n)
+            if left is not None:
+                left -= n
+        if not chunks:
+            return []
+        y_RD = torch.cat([c.y_RD for c in chunks]) if len(chunks) > 1 else chunks[0].y_RD
+        out_RD = self.experts.run_grouped(b, experts, counts, y_RD)
+        # Replies grouped by source attention rank.
+        by_src: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        start = 0
+        for c in chunks:
+            n = c.y_RD.shape[0]
+            metas, outs = by_src.setdefault(c.src, ([], []))
+            metas.append(c.meta_R3)
+            outs.append(out_RD[start:start + n])
+            start += n
+        return [Reply(src, {"b": b}, [torch.cat(m), torch.cat(o)]) for src, (m, o) in by_src.items()]

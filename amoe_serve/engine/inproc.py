@@ -1,0 +1,47 @@
+"""Runs a whole data-plane job as threads of one process over the in-process transport.
+
+Same rank code as an MPI job; used by fast tests and for debugging without mpiexec.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Iterable
+
+from amoe_serve.config import AmoeConfig
+from amoe_serve.engine.job import make_gateway, report_fatal, run_worker, topology
+from amoe_serve.model import load_spec
+from amoe_serve.requests_io import GenerateRequest, GenerateResult
+from amoe_transport import InProcHub
+
+
+def run_inproc(cfg: AmoeConfig, requests: Iterable[GenerateRequest], timeout: float = 300.0
+               ) -> tuple[dict[str, GenerateResult], dict[int, dict]]:
+    topo = topology(cfg)
+    hub = InProcHub(topo.world_size)
+    errors: list[str] = []
+
+    def worker(rank: int) -> None:
+        t = hub.transport(rank)
+        try:
+            run_worker(cfg, t)
+        except BaseException as e:  # reported to the gateway, which raises RankFailed
+            errors.append(report_fatal(t, topo, e))
+
+    threads = [threading.Thread(target=worker, args=(r,), daemon=True, name=f"rank{r}")
+               for r in range(1, topo.world_size)]
+    for th in threads:
+        th.start()
+    gw = make_gateway(cfg, hub.transport(0), load_spec(cfg.model.path))
+    try:
+        gw.run(requests, timeout=timeout)
+    finally:
+        gw.shutdown(timeout=10)
+        for th in threads:
+            th.join(timeout=10)
+    if errors:
+        raise RuntimeError("; ".join(errors))
+    stuck = [th.name for th in threads if th.is_alive()]
+    if stuck:
+        raise RuntimeError(f"ranks did not stop after SHUTDOWN: {', '.join(stuck)}")
+    return gw.results, gw.stats

@@ -1,0 +1,115 @@
+"""Builds one rank of a data-plane job from the config and runs it.
+
+The same function serves an MPI process (rank_main) and a thread of an in-process job
+(tests, debugging), because everything it needs arrives as arguments.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from amoe_serve.config import AmoeConfig
+from amoe_serve.counters import RankCounters
+from amoe_serve.engine.admission import Limits
+from amoe_serve.engine.attention_core import AttentionCore
+from amoe_serve.engine.attention_rank import AttentionRank
+from amoe_serve.engine.expert_core import ExpertCore
+from amoe_serve.engine.expert_rank import ExpertRank
+from amoe_serve.engine.gateway import Gateway
+from amoe_serve.engine.placement import Placement
+from amoe_serve.engine.protocol import GATEWAY_RANK, Tag
+from amoe_serve.engine.topology import Topology
+from amoe_serve.kv.allocator import BlockAllocator
+from amoe_serve.kv.cache import PagedKVCache
+from amoe_serve.model import AttentionSide, ExpertSide, ModelSpec, load_spec
+from amoe_serve.sched.policies import make_scheduler
+from amoe_transport import Transport
+
+DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(cfg: AmoeConfig) -> Optional[torch.dtype]:
+    return DTYPES[cfg.model.dtype]
+
+
+def topology(cfg: AmoeConfig) -> Topology:
+    return Topology(cfg.deployment.attention_ranks, cfg.deployment.expert_ranks)
+
+
+def placement(cfg: AmoeConfig, spec: ModelSpec) -> Placement:
+    E = cfg.deployment.expert_ranks
+    if cfg.deployment.placement:
+        return Placement.from_file(cfg.deployment.placement, spec.num_blocks, spec.num_experts, E)
+    return Placement.contiguous(spec.num_blocks, spec.num_experts, E)
+
+
+def limits(cfg: AmoeConfig, spec: ModelSpec) -> Limits:
+    max_len = cfg.engine.max_model_len or spec.max_position_embeddings
+    return Limits(max_len, cfg.kv_cache.block_size, cfg.kv_cache.num_blocks, cfg.engine.max_running_requests)
+
+
+def make_attention_core(cfg: AmoeConfig, spec: ModelSpec, place: Placement) -> AttentionCore:
+    model = AttentionSide.load(cfg.model.path, torch_dtype(cfg))
+    kv = PagedKVCache(spec, cfg.kv_cache.num_blocks, cfg.kv_cache.block_size, model.dtype)
+    alloc = BlockAllocator(cfg.kv_cache.num_blocks, cfg.kv_cache.block_size)
+    return AttentionCore(model, place.owner_table(), place.expert_ranks, kv, alloc, spec.eos_token_ids)
+
+
+def make_expert_core(cfg: AmoeConfig, spec: ModelSpec, pairs: list[tuple[int, int]]) -> ExpertCore:
+    experts = ExpertSide.load(cfg.model.path, spec, torch_dtype(cfg), pairs)
+    s = cfg.scheduler
+    sched = make_scheduler(s.policy, s.lookahead, s.decay)
+    return ExpertCore(experts, pairs, spec.num_blocks, sched, s.max_expert_batch, s.group_block)
+
+
+def run_worker(cfg: AmoeConfig, transport: Transport) -> None:
+    """Run an attention or expert rank until the gateway says SHUTDOWN; report counters."""
+    topo = topology(cfg)
+    rank = transport.rank
+    role = topo.role(rank)
+    spec = load_spec(cfg.model.path)
+    place = placement(cfg, spec)
+    sleep = cfg.runtime.max_poll_sleep_us * 1e-6
+    lockstep = cfg.deployment.mode == "lockstep"
+    if role == "attention":
+        s = cfg.scheduler
+        r = AttentionRank(make_attention_core(cfg, spec, place), transport, topo,
+                          make_scheduler(s.policy, s.lookahead, s.decay), cfg.engine.max_batch_tokens, sleep)
+        r.run_lockstep() if lockstep else r.run_aep()
+        counters: RankCounters = r.counters
+    elif role == "expert":
+        core = make_expert_core(cfg, spec, place.pairs_of(rank - 1 - topo.attention_ranks))
+        r = ExpertRank(core, transport, topo, spec.hidden_size, core.experts.dtype, sleep)
+        r.run_lockstep() if lockstep else r.run_aep()
+        counters = core.counters
+    else:
+        raise ValueError(f"rank {rank} is the gateway, not a worker")
+    transport.isend(GATEWAY_RANK, Tag.STATS, {"rank": rank, "role": role, **counters.to_dict()})
+    transport.flush(timeout=10)
+
+
+def report_fatal(transport: Transport, topo: Topology, exc: BaseException) -> str:
+    """Tell the gateway why this rank is going down; returns the message printed."""
+    role = topo.role(transport.rank) if transport.rank < topo.world_size else "?"
+    msg = f"{type(exc).__name__}: {exc}"
+    try:
+        transport.isend(GATEWAY_RANK, Tag.FATAL, {"rank": transport.rank, "role": role, "error": msg})
+        transport.flush(timeout=2)
+    except Exception:
+        pass
+    return f"[amoe-serve] rank {transport.rank} ({role}) failed: {msg}"
+
+
+def make_gateway(cfg: AmoeConfig, transport: Transport, spec: ModelSpec, **kw) -> Gateway:
+    return Gateway(transport, topology(cfg), limits(cfg, spec), cfg.runtime.max_poll_sleep_us * 1e-6, **kw)
+
+
+def print_fatal(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+    traceback.print_exc(file=sys.stderr)

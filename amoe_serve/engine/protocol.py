@@ -1,0 +1,23 @@
+"""Message kinds (transport tags) between the gateway, attention ranks and expert ranks.
+
+Headers are small JSON dicts; bulk data travels as tensors. Rows sent to experts carry
+``meta_R3`` = (segment id, token index, top-k slot) as int32 so the reply can be scattered
+into the attention rank's token pool without any per-token Python work.
+"""
+
+from enum import IntEnum
+
+
+class Tag(IntEnum):
+    REQUEST = 1      # gateway -> attention: {"id", "prompt_token_ids", "params"}
+    CANCEL = 2       # gateway -> attention: {"id"}
+    TOKENS = 3       # attention -> gateway: {"id", "tokens", "finish_reason", "error"}
+    DISPATCH = 4     # attention -> expert: {"b", "experts", "counts"[, "step"]}; [meta_R3, y_RD]
+    COMBINE = 5      # expert -> attention: {"b"[, "step"]}; [meta_R3, out_RD]
+    STEP_SYNC = 6    # attention <-> attention (lockstep): {"step", "tokens", "stop"}
+    SHUTDOWN = 7     # gateway -> all: {}
+    STATS = 8        # rank -> gateway at shutdown: counters summary
+    FATAL = 9        # rank -> gateway: {"rank", "role", "error"}
+
+
+GATEWAY_RANK = 0

@@ -1,0 +1,54 @@
+"""Entry point of every process of an MPI data-plane job: `python -m amoe_serve.engine.rank_main`.
+
+Rank 0 runs the gateway of a batch `generate` job; the others run attention or expert ranks.
+A rank that raises prints why and aborts the whole job, so nothing hangs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from amoe_serve.config import from_yaml
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="amoe_serve.engine.rank_main")
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--input")
+    ap.add_argument("--output")
+    ap.add_argument("--stats")
+    args = ap.parse_args(argv)
+    cfg = from_yaml(Path(args.config).read_text())
+    torch.set_num_threads(cfg.runtime.threads_per_rank)
+
+    from amoe_serve.engine.job import print_fatal, report_fatal, run_worker, topology
+    from amoe_transport import TransportError
+    from amoe_transport.mpi import MPITransport, mpi_world
+
+    topo = topology(cfg)
+    try:
+        comm = mpi_world(expected_size=topo.world_size)
+    except TransportError as e:
+        print(f"[amoe-serve] {e}", file=sys.stderr, flush=True)
+        return 2
+    transport = MPITransport(comm)
+    try:
+        if transport.rank == 0:
+            from amoe_serve.generate import gateway_generate
+            gateway_generate(cfg, transport, args.input, args.output, args.stats)
+        else:
+            run_worker(cfg, transport)
+    except BaseException as e:
+        print_fatal(report_fatal(transport, topo, e) if transport.rank else f"[amoe-serve] gateway failed: {e}")
+        comm.Abort(1)
+        return 1
+    transport.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""Starts an MPI data-plane job with the mpiexec that ships in the venv (the `mpich` wheel),
+enforces a time limit, and leaves no process behind."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from amoe_serve.config import AmoeConfig, to_yaml
+from amoe_serve.engine.job import topology
+
+
+class LaunchError(RuntimeError):
+    pass
+
+
+def mpiexec_path() -> str:
+    beside = Path(sys.executable).parent / "mpiexec"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("mpiexec")
+    if not found:
+        raise LaunchError("mpiexec not found: install the MPI runtime with `pip install mpich`")
+    return found
+
+
+def _kill_group(p: subprocess.Popen, grace: float = 3.0) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(p.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            p.wait(timeout=grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def launch_job(cfg: AmoeConfig, rank_args: list[str]) -> int:
+    """Run `rank_main` on every rank; returns the job's exit code (124 on time-out)."""
+    world = topology(cfg).world_size
+    with tempfile.TemporaryDirectory(prefix="amoe-job-") as tmp:
+        cfg_path = Path(tmp) / "config.yaml"
+        cfg_path.write_text(to_yaml(cfg))
+        cmd = [mpiexec_path(), "-n", str(world), sys.executable, "-m", "amoe_serve.engine.rank_main",
+               "--config", str(cfg_path), *rank_args]
+        env = dict(os.environ)
+        threads = str(cfg.runtime.threads_per_rank)
+        env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+        # Own process group, so a time-out or Ctrl-C reaches mpiexec and every rank it started.
+        p = subprocess.Popen(cmd, env=env, start_new_session=True)
+        timeout = cfg.runtime.job_timeout_s or None
+        try:
+            return p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            print(f"[amoe-serve] the data-plane job did not finish within {timeout:.0f} s "
+                  "(runtime.job_timeout_s); killed it", file=sys.stderr, flush=True)
+            _kill_group(p)
+            return 124
+        except BaseException:
+            _kill_group(p)
+            raise

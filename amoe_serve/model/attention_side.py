@@ -1,0 +1,173 @@
+"""AttentionSide: embeddings, attention, norms, router, shared expert and LM head.
+
+Everything except the routed experts; it lives on attention ranks (and in local mode).
+Legend: T=tokens in the batch, D=hidden, H=heads, G=kv heads, d=head dim, E=experts,
+K=top-k slots, V=vocab, F=shared-expert ffn.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as Fn
+
+import amoe_kernels as K
+
+from ..kv.cache import PagedKVCache
+from .attention import causal_gqa_attention
+from .checkpoint import attention_side_filter, load_weights
+from .layers import apply_rope, rms_norm, rope_cos_sin, rope_inv_freq
+from .spec import CheckpointError, ModelSpec, load_spec
+
+
+@dataclass
+class AttnSegment:
+    """One request's new tokens in an attention batch."""
+
+    start_pos: int  # tokens of this request already in the KV cache
+    num_tokens: int  # new tokens (prompt chunk for prefill, 1 for decode)
+    block_table: list[int]  # KV blocks, already big enough for start_pos + num_tokens
+
+
+def _required_names(spec: ModelSpec) -> list[str]:
+    names = ["model.embed_tokens.weight", "model.norm.weight"]
+    if not spec.tie_word_embeddings:
+        names.append("lm_head.weight")
+    for b in range(spec.num_blocks):
+        p = f"model.layers.{b}."
+        names += [p + "input_layernorm.weight", p + "post_attention_layernorm.weight", p + "mlp.gate.weight"]
+        names += [p + f"self_attn.{x}_proj.weight" for x in "qkvo"]
+        if spec.attention_bias:
+            names += [p + f"self_attn.{x}_proj.bias" for x in "qkv"]
+        if spec.o_bias:
+            names.append(p + "self_attn.o_proj.bias")
+        if spec.qk_norm:
+            names += [p + "self_attn.q_norm.weight", p + "self_attn.k_norm.weight"]
+        if spec.shared_expert_intermediate_size:
+            names += [p + f"mlp.shared_expert.{x}_proj.weight" for x in ("gate", "up", "down")]
+            names.append(p + "mlp.shared_expert_gate.weight")
+    return names
+
+
+class AttentionSide:
+    def __init__(self, spec: ModelSpec, weights: dict[str, torch.Tensor], where: str = "checkpoint"):
+        missing = [n for n in _required_names(spec) if n not in weights]
+        if missing:
+            more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
+            raise CheckpointError(f"{where}: missing tensors {missing[:5]}{more}")
+        self.spec = spec
+        self.w = weights
+        self.dtype = weights["model.embed_tokens.weight"].dtype
+        self.lm_head_VD = weights.get("lm_head.weight", weights["model.embed_tokens.weight"])
+        self.inv_freq = rope_inv_freq(spec.rope_theta, spec.head_dim)
+        self.scale = spec.head_dim**-0.5
+        self._check_shapes(where)
+
+    def _check_shapes(self, where: str) -> None:
+        s = self.spec
+        D, H, G, d = s.hidden_size, s.num_heads, s.num_kv_heads, s.head_dim
+        expect = {
+            "model.embed_tokens.weight": (s.vocab_size, D),
+            "model.layers.0.self_attn.q_proj.weight": (H * d, D),
+            "model.layers.0.self_attn.k_proj.weight": (G * d, D),
+            "model.layers.0.mlp.gate.weight": (s.num_experts, D),
+        }
+        for n, shape in expect.items():
+            if n in self.w and tuple(self.w[n].shape) != shape:
+                raise CheckpointError(f"{where}: {n} has shape {tuple(self.w[n].shape)}, config implies {shape}")
+
+    @classmethod
+    def load(cls, path: str | Path, dtype: Optional[torch.dtype], device: str | torch.device = "cpu") -> "AttentionSide":
+        spec = load_spec(path)
+        weights = load_weights(path, spec, dtype, attention_side_filter())
+        weights = {n: t.to(device) for n, t in weights.items()}
+        return cls(spec, weights, str(path))
+
+    def _p(self, b: int, name: str) -> torch.Tensor:
+        return self.w[f"model.layers.{b}.{name}"]
+
+    @torch.inference_mode()
+    def embed(self, ids_T: torch.Tensor) -> torch.Tensor:
+        ids_T = torch.as_tensor(ids_T, dtype=torch.int64)
+        if ids_T.dim() != 1:
+            raise ValueError(f"embed: ids must be 1-D [T], got shape {tuple(ids_T.shape)}")
+        if ids_T.numel() and (int(ids_T.min()) < 0 or int(ids_T.max()) >= self.spec.vocab_size):
+            raise ValueError(f"embed: token ids must be in [0, {self.spec.vocab_size})")
+        return Fn.embedding(ids_T.to(self.lm_head_VD.device), self.w["model.embed_tokens.weight"])
+
+    @torch.inference_mode()
+    def attention(self, b: int, x_TD: torch.Tensor, segments: list[AttnSegment], kv: PagedKVCache) -> torch.Tensor:
+        s = self.spec
+        T = x_TD.shape[0]
+        if sum(seg.num_tokens for seg in segments) != T:
+            raise ValueError(f"attention: segments cover {sum(g.num_tokens for g in segments)} tokens, x has {T}")
+        H, G, d = s.num_heads, s.num_kv_heads, s.head_dim
+        a = rms_norm(x_TD, self._p(b, "input_layernorm.weight"), s.rms_norm_eps)
+        bias = (lambda x: self._p(b, f"self_attn.{x}_proj.bias")) if s.attention_bias else (lambda x: None)
+        q_TX = Fn.linear(a, self._p(b, "self_attn.q_proj.weight"), bias("q"))
+        k_TX = Fn.linear(a, self._p(b, "self_attn.k_proj.weight"), bias("k"))
+        v_TX = Fn.linear(a, self._p(b, "self_attn.v_proj.weight"), bias("v"))
+        if s.qk_norm:  # OLMoE normalizes the flat projections over all heads
+            q_TX = rms_norm(q_TX, self._p(b, "self_attn.q_norm.weight"), s.rms_norm_eps)
+            k_TX = rms_norm(k_TX, self._p(b, "self_attn.k_norm.weight"), s.rms_norm_eps)
+        if s.clip_qkv is not None:
+            q_TX, k_TX, v_TX = (t.clamp(-s.clip_qkv, s.clip_qkv) for t in (q_TX, k_TX, v_TX))
+        pos_T = torch.cat([torch.arange(g.start_pos, g.start_pos + g.num_tokens) for g in segments]).to(x_TD.device)
+        if T and int(pos_T.max()) >= s.max_position_embeddings:
+            raise ValueError(f"attention: position {int(pos_T.max())} >= max_position_embeddings {s.max_position_embeddings}")
+        cos, sin = rope_cos_sin(pos_T, self.inv_freq, x_TD.dtype)
+        q_THd = apply_rope(q_TX.view(T, H, d), cos, sin)
+        k_TGd = apply_rope(k_TX.view(T, G, d), cos, sin)
+        v_TGd = v_TX.view(T, G, d)
+
+        o_TX = torch.empty(T, H * d, dtype=x_TD.dtype, device=x_TD.device)
+        start = 0
+        for g in segments:
+            end = start + g.num_tokens
+            kv.write(b, g.block_table, g.start_pos, k_TGd[start:end], v_TGd[start:end])
+            k_LGd, v_LGd = kv.gather(b, g.block_table, g.start_pos + g.num_tokens)
+            o_TX[start:end] = causal_gqa_attention(q_THd[start:end], k_LGd.to(x_TD.dtype), v_LGd.to(x_TD.dtype), g.start_pos, self.scale)
+            start = end
+        o_bias = self._p(b, "self_attn.o_proj.bias") if s.o_bias else None
+        return x_TD + Fn.linear(o_TX, self._p(b, "self_attn.o_proj.weight"), o_bias)
+
+    @torch.inference_mode()
+    def moe_input(self, b: int, h_TD: torch.Tensor) -> torch.Tensor:
+        return rms_norm(h_TD, self._p(b, "post_attention_layernorm.weight"), self.spec.rms_norm_eps)
+
+    @torch.inference_mode()
+    def route(self, b: int, y_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits_TE = Fn.linear(y_TD, self._p(b, "mlp.gate.weight"))
+        wdtype = None if self.spec.route_weights_fp32 else logits_TE.dtype
+        w_TK, ids_TK = K.topk_gating(logits_TE, self.spec.top_k, self.spec.norm_topk_prob, weight_dtype=wdtype)
+        return ids_TK, w_TK
+
+    @torch.inference_mode()
+    def shared_expert(self, b: int, y_TD: torch.Tensor) -> Optional[torch.Tensor]:
+        if not self.spec.shared_expert_intermediate_size:
+            return None
+        out_TD = K.expert_ffn(
+            y_TD,
+            self._p(b, "mlp.shared_expert.gate_proj.weight"),
+            self._p(b, "mlp.shared_expert.up_proj.weight"),
+            self._p(b, "mlp.shared_expert.down_proj.weight"),
+        )
+        return torch.sigmoid(Fn.linear(y_TD, self._p(b, "mlp.shared_expert_gate.weight"))) * out_TD
+
+    @torch.inference_mode()
+    def combine(
+        self, h_TD: torch.Tensor, out_TKD: torch.Tensor, w_TK: torch.Tensor, s_TD: Optional[torch.Tensor]
+    ) -> torch.Tensor:
+        # Fixed slot-order sum: bitwise identical in every mode that feeds the same inputs.
+        moe_TD = K.combine_slots(out_TKD.to(h_TD.dtype), w_TK)
+        if s_TD is not None:
+            moe_TD = moe_TD + s_TD
+        return h_TD + moe_TD
+
+    @torch.inference_mode()
+    def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
+        x_TD = rms_norm(x_TD, self.w["model.norm.weight"], self.spec.rms_norm_eps)
+        return Fn.linear(x_TD, self.lm_head_VD).float()

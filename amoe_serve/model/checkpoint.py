@@ -1,0 +1,138 @@
+"""Safetensors checkpoint loading with per-tensor filtering.
+
+Internal naming (what `load_weights` returns and what `want` is asked about):
+  * everything but routed experts keeps its Hugging Face name, except that Mixtral's
+    `block_sparse_moe.` is renamed `mlp.` (so the router is always `model.layers.{b}.mlp.gate.weight`);
+  * routed experts are `model.layers.{b}.mlp.experts.{e}.w1|w3|w2` (no `.weight`):
+    w1 = gate [F, D], w3 = up [F, D], w2 = down [D, F].
+
+Accepted on-disk expert layouts:
+  * per-expert (what transformers 5.24 `save_pretrained` writes, and the classic hub layout):
+    Mixtral `block_sparse_moe.experts.{e}.w1|w2|w3.weight`,
+    Qwen2-MoE / OLMoE `mlp.experts.{e}.gate_proj|up_proj|down_proj.weight`;
+  * fused (transformers v5 in-memory layout): `mlp.experts.gate_up_proj` [E, 2F, D] (gate rows
+    first, then up) and `mlp.experts.down_proj` [E, D, F], optionally with `.weight`. Only the
+    wanted experts' rows are read from disk.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .spec import CheckpointError, ModelSpec, read_json
+
+_PER_EXPERT = re.compile(
+    r"^model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\."
+    r"(w1|w2|w3|gate_proj|up_proj|down_proj)(?:\.weight)?$"
+)
+_FUSED = re.compile(r"^model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(gate_up_proj|down_proj)(?:\.weight)?$")
+_INTERNAL_EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(w1|w2|w3)$")
+_PROJ_TO_W = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2", "w1": "w1", "w2": "w2", "w3": "w3"}
+
+
+def expert_name(block: int, expert: int, w: str) -> str:
+    return f"model.layers.{block}.mlp.experts.{expert}.{w}"
+
+
+def is_expert_weight(name: str) -> Optional[tuple[int, int]]:
+    """(block, expert) if `name` (internal naming) is a routed-expert weight, else None."""
+    m = _INTERNAL_EXPERT.match(name)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def attention_side_filter() -> Callable[[str], bool]:
+    """Accept everything except routed experts (attention ranks)."""
+    return lambda name: is_expert_weight(name) is None
+
+
+def expert_filter(pairs: Iterable[tuple[int, int]]) -> Callable[[str], bool]:
+    """Accept only the routed-expert weights of the given (block, expert) pairs (expert ranks)."""
+    wanted = {(int(b), int(e)) for b, e in pairs}
+    return lambda name: is_expert_weight(name) in wanted
+
+
+def _normalize(name: str) -> str:
+    m = _PER_EXPERT.match(name)
+    if m:
+        return expert_name(int(m.group(1)), int(m.group(2)), _PROJ_TO_W[m.group(3)])
+    return name.replace(".block_sparse_moe.", ".mlp.")
+
+
+def _shard_files(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint folder {folder} does not exist")
+    single = folder / "model.safetensors"
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: no 'weight_map' object")
+        files = [folder / f for f in sorted(set(weight_map.values()))]
+    elif single.is_file():
+        files = [single]
+    else:
+        raise CheckpointError(f"{folder}: neither model.safetensors nor model.safetensors.index.json found")
+    for f in files:
+        if not f.is_file():
+            raise CheckpointError(f"{f}: safetensors shard listed in the index is missing")
+    return files
+
+
+def _open(file: Path):
+    from safetensors import safe_open
+
+    try:
+        return safe_open(str(file), framework="pt")
+    except Exception as exc:  # safetensors raises its own error types for corrupt headers
+        raise CheckpointError(f"{file}: cannot read safetensors file ({exc})") from None
+
+
+def _cast(t: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
+    return t if dtype is None else t.to(dtype)
+
+
+def load_weights(
+    path: str | Path,
+    spec: ModelSpec,
+    dtype: Optional[torch.dtype],
+    want: Callable[[str], bool],
+) -> dict[str, torch.Tensor]:
+    """Load the tensors whose internal name `want` accepts; dtype=None keeps the checkpoint dtype."""
+    out: dict[str, torch.Tensor] = {}
+    F = spec.expert_intermediate_size
+    for file in _shard_files(Path(path)):
+        f = _open(file)
+        try:
+            with f:
+                for raw in f.keys():
+                    fused = _FUSED.match(raw)
+                    if fused:
+                        b, kind = int(fused.group(1)), fused.group(2)
+                        ws = ("w1", "w3") if kind == "gate_up_proj" else ("w2",)
+                        experts = [e for e in range(spec.num_experts) if any(want(expert_name(b, e, w)) for w in ws)]
+                        if not experts:
+                            continue
+                        sl = f.get_slice(raw)
+                        for e in experts:
+                            rows = sl[e : e + 1][0]  # reads only expert e's rows
+                            if kind == "gate_up_proj":
+                                if rows.shape[0] != 2 * F:
+                                    raise CheckpointError(f"{file}: {raw} has {rows.shape[0]} rows, expected 2*{F}")
+                                out[expert_name(b, e, "w1")] = _cast(rows[:F].contiguous(), dtype)
+                                out[expert_name(b, e, "w3")] = _cast(rows[F:].contiguous(), dtype)
+                            else:
+                                out[expert_name(b, e, "w2")] = _cast(rows.contiguous(), dtype)
+                        continue
+                    name = _normalize(raw)
+                    if want(name):
+                        out[name] = _cast(f.get_tensor(raw), dtype)
+        except CheckpointError:
+            raise
+        except Exception as exc:  # truncated data surfaces only when a tensor is read
+            raise CheckpointError(f"{file}: cannot read tensors ({exc})") from None
+    return out

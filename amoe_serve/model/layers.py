@@ -1,0 +1,33 @@
+"""Small dense building blocks matching Hugging Face numerics (RMSNorm, RoPE).
+
+Legend: T=tokens, D=hidden, H=heads, d=head dim.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def rms_norm(x_TD: torch.Tensor, w_D: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF RMSNorm: normalize in fp32, cast back, then scale (weight multiply in weight/input dtype)."""
+    x32 = x_TD.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return w_D * x32.to(x_TD.dtype)
+
+
+def rope_inv_freq(theta: float, head_dim: int) -> torch.Tensor:
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+
+
+def rope_cos_sin(pos_T: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
+    """cos/sin [T, d] computed in fp32 and cast to the activation dtype, as HF does."""
+    freqs = pos_T[:, None].float() * inv_freq[None, :].to(pos_T.device)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x_THd: torch.Tensor, cos_Td: torch.Tensor, sin_Td: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE (the HF/Llama convention, not interleaved pairs)."""
+    half = x_THd.shape[-1] // 2
+    rot = torch.cat((-x_THd[..., half:], x_THd[..., :half]), dim=-1)
+    return x_THd * cos_Td[:, None, :] + rot * sin_Td[:, None, :]

@@ -1,0 +1,120 @@
+"""Top-k merge pool on attention ranks.
+
+Legend: T = tokens of an entry, K = top-k, D = hidden, R = rows of one delivery.
+
+After routing at block b each token's hidden state goes to its K experts, possibly
+on different expert ranks, and the expert outputs come back in any order. An entry
+(e.g. key = (segment_id, block)) completes once all T*K (token, slot) outputs have
+arrived; only then can the weighted combine and the next block run.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Hashable
+
+import torch
+
+
+@dataclass
+class _Entry:
+    out_TKD: torch.Tensor
+    delivered_TK: torch.Tensor  # bool; guards against double delivery
+    remaining: int
+    context: Any
+
+
+class TokenPool:
+    def __init__(self) -> None:
+        self._entries: dict[Hashable, _Entry] = {}
+
+    def open(
+        self,
+        key: Hashable,
+        num_tokens: int,
+        top_k: int,
+        hidden: int,
+        dtype: torch.dtype,
+        context: Any = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        """Start waiting for num_tokens * top_k expert outputs.
+
+        An entry with num_tokens == 0 is complete immediately (pop works at once).
+        """
+        if key in self._entries:
+            raise ValueError(f"token pool entry {key!r} already open")
+        if num_tokens < 0 or top_k < 1 or hidden < 1:
+            raise ValueError(
+                f"need num_tokens >= 0, top_k >= 1, hidden >= 1; got {num_tokens}, {top_k}, {hidden}"
+            )
+        out_TKD = torch.zeros(num_tokens, top_k, hidden, dtype=dtype, device=device)
+        delivered_TK = torch.zeros(num_tokens, top_k, dtype=torch.bool, device=device)
+        self._entries[key] = _Entry(out_TKD, delivered_TK, num_tokens * top_k, context)
+
+    def add(
+        self,
+        key: Hashable,
+        token_idx_R: torch.Tensor,
+        slot_R: torch.Tensor,
+        out_RD: torch.Tensor,
+    ) -> bool:
+        """Scatter rows into out_TKD[token_idx, slot].
+
+        Returns True exactly once: on the delivery that completes the entry.
+        Validation happens before any write, so a rejected delivery leaves the entry intact.
+        """
+        entry = self._entries.get(key)
+        if entry is None:
+            raise ValueError(f"unknown token pool entry {key!r}")
+        T, K, D = entry.out_TKD.shape
+        if token_idx_R.dim() != 1 or slot_R.shape != token_idx_R.shape:
+            raise ValueError(
+                f"token_idx and slot must be 1-D of equal length, got {tuple(token_idx_R.shape)}, {tuple(slot_R.shape)}"
+            )
+        R = token_idx_R.numel()
+        if out_RD.shape != (R, D):
+            raise ValueError(f"out rows must have shape ({R}, {D}), got {tuple(out_RD.shape)}")
+        if R == 0:
+            return False
+        if entry.remaining == 0:
+            raise ValueError(f"token pool entry {key!r} is already complete")
+        tok_R = token_idx_R.to(entry.delivered_TK.device, torch.long)
+        slot_R = slot_R.to(entry.delivered_TK.device, torch.long)
+        if bool((tok_R < 0).any() | (tok_R >= T).any() | (slot_R < 0).any() | (slot_R >= K).any()):
+            raise ValueError(f"entry {key!r}: (token, slot) index out of range for T={T}, K={K}")
+        flat_R = tok_R * K + slot_R
+        # Duplicates within this delivery, or against earlier deliveries.
+        if torch.unique(flat_R).numel() != R:
+            raise ValueError(f"entry {key!r}: a (token, slot) pair appears twice in one delivery")
+        if bool(entry.delivered_TK.view(-1)[flat_R].any()):
+            raise ValueError(f"entry {key!r}: a (token, slot) pair was already delivered")
+        entry.delivered_TK.view(-1)[flat_R] = True
+        entry.out_TKD[tok_R, slot_R] = out_RD.to(entry.out_TKD.device, entry.out_TKD.dtype)
+        entry.remaining -= R
+        return entry.remaining == 0
+
+    def is_complete(self, key: Hashable) -> bool:
+        entry = self._entries.get(key)
+        if entry is None:
+            raise ValueError(f"unknown token pool entry {key!r}")
+        return entry.remaining == 0
+
+    def pop(self, key: Hashable) -> tuple[torch.Tensor, Any]:
+        """Remove a complete entry and return (out_TKD, context)."""
+        entry = self._entries.get(key)
+        if entry is None:
+            raise ValueError(f"unknown token pool entry {key!r}")
+        if entry.remaining != 0:
+            raise ValueError(f"token pool entry {key!r} incomplete: {entry.remaining} outputs missing")
+        del self._entries[key]
+        return entry.out_TKD, entry.context
+
+    def pending_keys(self) -> list:
+        """Keys still waiting for outputs (complete-but-unpopped entries excluded)."""
+        return [k for k, e in self._entries.items() if e.remaining > 0]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._entries

@@ -1,0 +1,67 @@
+"""Shared fixtures for end-to-end tests: small odd-sized checkpoints of each architecture and
+transformers' greedy outputs for them."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.model.hf_factory import load_hf, make_checkpoint
+
+ARCHS = ["mixtral", "qwen2_moe", "olmoe"]
+PROMPTS = [[5, 17, 42], [7, 8, 9, 10, 11, 12, 13], [200, 3, 150, 99, 1, 250, 31, 77, 64, 2, 18, 101], [33, 44, 55, 66, 77]]
+MAX_NEW = 8
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    return {a: make_checkpoint(a, root / a, seed=1) for a in ARCHS}
+
+
+@pytest.fixture(scope="session")
+def hf_reference(checkpoints):
+    """transformers generate, greedy, one prompt at a time (no padding effects)."""
+    ref = {}
+    for arch, path in checkpoints.items():
+        model = load_hf(path, torch.float32)
+        outs = []
+        for p in PROMPTS:
+            with torch.no_grad():
+                g = model.generate(torch.tensor([p]), max_new_tokens=MAX_NEW, do_sample=False)
+            outs.append(g[0, len(p):].tolist())
+        ref[arch] = outs
+    return ref
+
+
+def write_requests(path: Path, prompts=PROMPTS, max_tokens=MAX_NEW, extra=None) -> Path:
+    with open(path, "w") as f:
+        for i, p in enumerate(prompts):
+            f.write(json.dumps({"id": f"r{i}", "prompt_token_ids": p, "max_tokens": max_tokens, **(extra or {})}) + "\n")
+    return path
+
+
+def read_results(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def run_cli(args: list[str], timeout: float = 240, env_extra=None) -> subprocess.CompletedProcess:
+    """Run `amoe-serve` in its own process group; kill the whole group on time-out."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    env.update(env_extra or {})
+    p = subprocess.Popen([sys.executable, "-m", "amoe_serve.cli", *args], cwd=REPO, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, err = p.communicate()
+        raise AssertionError(f"amoe-serve {' '.join(args)} timed out\n{err[-3000:]}")
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)

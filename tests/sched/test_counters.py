@@ -1,0 +1,69 @@
+import json
+
+import numpy as np
+import pytest
+
+from amoe_serve.counters import RankCounters
+
+
+def test_batches_hist_and_time():
+    c = RankCounters(2, 3)
+    for b, s, n in [(0, 0, 1), (0, 0, 3), (1, 2, 4), (1, 2, 5), (0, 1, 64)]:
+        c.record_batch(b, s, n)
+    c.record_busy(3.0)
+    c.record_idle(1.0)
+    d = c.to_dict()
+    json.dumps(d)  # JSON-able
+    assert d["tokens_per_layer"] == [[4, 64, 0], [0, 0, 9]]
+    assert d["batches_per_layer"] == [[2, 1, 0], [0, 0, 2]]
+    assert d["mean_batch"] == pytest.approx(77 / 5)
+    assert d["batch_hist"] == {"1": 1, "4": 2, "8": 1, "64": 1}
+    assert d["busy_s"] == 3.0 and d["idle_s"] == 1.0 and d["idle_fraction"] == 0.25
+
+
+def test_queue_depths_max_and_time_weighted_mean():
+    c = RankCounters(1, 2)
+    c.record_queue_depths(np.array([[4, 0]]), dt=1.0)
+    c.record_queue_depths(np.array([[0, 10]]), dt=3.0)
+    c.record_queue_depths(np.array([[100, 0]]), dt=0.0)  # instant sample: max only
+    d = c.to_dict()
+    assert d["queue_depth_max"] == [[100, 10]]
+    np.testing.assert_allclose(d["queue_depth_mean"], [[1.0, 7.5]])
+    with pytest.raises(ValueError, match="shape"):
+        c.record_queue_depths(np.zeros((2, 2)), 1.0)
+
+
+def test_empty_and_errors():
+    d = RankCounters(1, 1).to_dict()
+    assert d["mean_batch"] == 0.0 and d["idle_fraction"] == 0.0 and d["queue_depth_mean"] == [[0.0]]
+    c = RankCounters(1, 1)
+    with pytest.raises(ValueError):
+        c.record_batch(0, 0, 0)
+    with pytest.raises(ValueError):
+        c.record_busy(-1)
+
+
+def test_merge():
+    a, b = RankCounters(1, 2), RankCounters(1, 2)
+    a.record_batch(0, 0, 2)
+    b.record_batch(0, 0, 6)
+    b.record_batch(0, 1, 1)
+    a.record_busy(1.0)
+    b.record_idle(1.0)
+    a.record_queue_depths(np.array([[2, 0]]), 1.0)
+    b.record_queue_depths(np.array([[8, 4]]), 3.0)
+    m = RankCounters.merge([a.to_dict(), b.to_dict()])
+    json.dumps(m)
+    assert m["num_ranks"] == 2
+    assert m["tokens_per_layer"] == [[8, 1]] and m["batches_per_layer"] == [[2, 1]]
+    assert m["mean_batch"] == pytest.approx(3.0)
+    assert m["batch_hist"] == {"1": 1, "2": 1, "8": 1}
+    assert m["idle_fraction"] == 0.5
+    assert m["queue_depth_max"] == [[8, 4]]
+    np.testing.assert_allclose(m["queue_depth_mean"], [[(2 * 1 + 8 * 3) / 4, 3.0]])
+    # merging merged summaries is consistent
+    assert RankCounters.merge([m])["tokens_per_layer"] == [[8, 1]]
+    with pytest.raises(ValueError, match="shape"):
+        RankCounters.merge([a.to_dict(), RankCounters(2, 2).to_dict()])
+    with pytest.raises(ValueError):
+        RankCounters.merge([])

@@ -1,0 +1,177 @@
+"""Backend-independent transport interface.
+
+A :class:`Transport` moves *messages* between ranks.  A message is a small
+JSON-able ``header`` dict plus a list of tensors, labelled with a small
+non-negative integer ``tag`` chosen by the caller (the *kind* of message).
+
+Guarantees common to every backend:
+
+* ``isend`` / ``alltoallv`` never block on the receiver.  The payload is
+  copied into a send buffer before the call returns, so the caller may mutate
+  or free its tensors immediately afterwards.
+* Messages between one ``(src, dst)`` pair with the same tag arrive in send
+  order (all backends actually keep per-pair order across tags as well, but
+  callers should only rely on per ``(src, dst, tag)`` order).
+* ``poll`` never blocks; ``wait`` and ``flush`` poll with an exponential
+  back-off sleep and therefore never spin a full core.
+
+The in-process backend (:mod:`amoe_transport.inproc`) is the reference
+implementation and test oracle for the others.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import torch
+
+__all__ = ["Message", "Transport", "TransportError"]
+
+# Back-off schedule used by wait()/flush(): first sleep, multiplied by 2 each
+# round, capped at max_sleep.
+_FIRST_SLEEP = 16e-6
+
+
+@dataclass
+class Message:
+    src: int
+    tag: int
+    header: dict
+    tensors: list[torch.Tensor] = field(default_factory=list)
+
+
+class TransportError(RuntimeError):
+    """Any transport failure: bad arguments, corrupted frames, timeouts."""
+
+
+class Transport(ABC):
+    rank: int
+    size: int
+
+    def __init__(self) -> None:
+        # Messages already received (e.g. while flushing) but not yet handed
+        # to the caller through poll()/wait().
+        self._inbox: deque[Message] = deque()
+        self._closed = False
+
+    # ------------------------------------------------------------------ API
+    @abstractmethod
+    def isend(self, dst: int, tag: int, header: dict,
+              tensors: Sequence[torch.Tensor] = ()) -> None:
+        """Nonblocking send.  Tensors are copied before returning."""
+
+    def alltoallv(self, tag: int,
+                  per_dst: Mapping[int, tuple[dict, Sequence[torch.Tensor]]]) -> None:
+        """Nonblocking all-to-all-v: post one message to every dst in per_dst.
+
+        Empty tensor lists are allowed; the message (header) still arrives.
+        Destinations are posted in ascending rank order starting after our own
+        rank, which spreads load when all ranks call this at the same time.
+        """
+        self._check_open()
+        dsts = sorted(per_dst)
+        for d in dsts:
+            self._check_dst(d)
+        dsts = [d for d in dsts if d > self.rank] + [d for d in dsts if d <= self.rank]
+        for d in dsts:
+            header, tensors = per_dst[d]
+            self.isend(d, tag, header, tensors)
+
+    def poll(self, max_messages: int | None = None) -> list[Message]:
+        """Nonblocking: progress sends, return messages that have arrived."""
+        self._check_open()
+        if max_messages is not None and max_messages <= 0:
+            self._progress(0)
+            return []
+        want = None if max_messages is None else max_messages - len(self._inbox)
+        if want is None or want > 0:
+            self._progress(want)
+        else:
+            self._progress(0)
+        out: list[Message] = []
+        while self._inbox and (max_messages is None or len(out) < max_messages):
+            out.append(self._inbox.popleft())
+        return out
+
+    def wait(self, timeout: float | None, max_sleep: float = 0.002) -> list[Message]:
+        """Poll with exponential back-off until >= 1 message or timeout.
+
+        Returns ``[]`` on timeout.  ``timeout=None`` waits forever, ``0``
+        polls exactly once.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        sleep = min(_FIRST_SLEEP, max_sleep)
+        while True:
+            msgs = self.poll()
+            if msgs:
+                return msgs
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return []
+                time.sleep(min(sleep, left))
+            else:
+                time.sleep(sleep)
+            sleep = min(sleep * 2, max_sleep)
+
+    @abstractmethod
+    def pending_sends(self) -> int:
+        """Number of sends posted but not yet completed."""
+
+    def flush(self, timeout: float | None = None, max_sleep: float = 0.002) -> None:
+        """Complete all pending sends (back-off polling, never blocking MPI wait).
+
+        Incoming messages received meanwhile are kept for the next poll(), so
+        two ranks flushing towards each other cannot deadlock.
+        Raises TransportError on timeout.
+        """
+        self._check_open()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        sleep = min(_FIRST_SLEEP, max_sleep)
+        while True:
+            self._progress(None)
+            n = self.pending_sends()
+            if n == 0:
+                return
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TransportError(
+                        f"rank {self.rank}: flush timed out after {timeout}s with "
+                        f"{n} send(s) still pending (is the receiver polling?)")
+                time.sleep(min(sleep, left))
+            else:
+                time.sleep(sleep)
+            sleep = min(sleep * 2, max_sleep)
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release resources.  Idempotent."""
+
+    # ------------------------------------------------------------ helpers
+    @abstractmethod
+    def _progress(self, max_recv: int | None) -> None:
+        """Progress pending sends and move up to max_recv (None: all) arrived
+        messages into self._inbox.  Must not block."""
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise TransportError(f"rank {self.rank}: transport is closed")
+
+    def _check_dst(self, dst: int) -> None:
+        if not isinstance(dst, int) or isinstance(dst, bool) or not 0 <= dst < self.size:
+            raise TransportError(
+                f"rank {self.rank}: invalid destination rank {dst!r} (size {self.size})")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(rank={self.rank}, size={self.size})"

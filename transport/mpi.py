@@ -1,0 +1,208 @@
+"""MPI backend (mpi4py), barrier-free point-to-point messaging.
+
+* Send: the message is packed into one contiguous byte frame (see
+  :mod:`amoe_transport.wire`), taken from a small size-class buffer pool, and
+  posted with ``Isend``.  The frame is kept alive until its request completes;
+  the caller's tensors are copied, so they may be mutated right after
+  ``isend`` returns.
+* Receive: ``Improbe(ANY_SOURCE, ANY_TAG)`` + ``Mrecv`` into a fresh uint8
+  buffer sized from ``status.Get_count(MPI.BYTE)``; tensors are zero-copy
+  views of that buffer.
+* Progress: ``Request.Testsome`` on every poll/flush; never a blocking Wait.
+* Ordering: MPI's non-overtaking rule on a (duplicated, private) communicator
+  keeps per-(src, dst) order; we always receive with wildcards.
+* Tags: the user tag lives in the frame.  It is also used as the MPI tag
+  when it fits under ``MPI.TAG_UB`` (handy for debugging tools); larger tags
+  are sent with MPI tag ``TAG_UB`` and still delivered correctly.
+
+Constructing an ``MPITransport`` duplicates the communicator (``Comm.Dup``),
+which is collective: every rank of ``comm`` must construct it together.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .base import Message, Transport, TransportError
+from .wire import pack, unpack
+
+__all__ = ["MPITransport", "mpi_world"]
+
+
+def _import_mpi():
+    """Import mpi4py.MPI requesting THREAD_MULTIPLE if MPI is not yet up."""
+    import sys
+
+    import mpi4py
+    if "mpi4py.MPI" not in sys.modules:
+        mpi4py.rc.thread_level = "multiple"
+    from mpi4py import MPI
+    return MPI
+
+
+def mpi_world(expected_size: int | None = None):
+    """Initialise MPI (THREAD_MULTIPLE) if needed and return COMM_WORLD.
+
+    If ``expected_size`` is given and the world has a different size, raise
+    TransportError with a hint about how the job was launched.
+    """
+    MPI = _import_mpi()
+    if not MPI.Is_initialized():
+        MPI.Init_thread(MPI.THREAD_MULTIPLE)
+    if MPI.Is_finalized():
+        raise TransportError("MPI has already been finalized")
+    comm = MPI.COMM_WORLD
+    n = comm.Get_size()
+    if expected_size is not None and n != expected_size:
+        if n == 1:
+            why = ("ranks came up as singletons (each process is its own 1-rank world); "
+                   f"launch with `mpiexec -n {expected_size} ...` or "
+                   f"`srun --mpi=pmi2 -n {expected_size} ...` (check the launcher's "
+                   "PMI matches the MPI library)")
+        else:
+            why = f"launch with `mpiexec -n {expected_size}` (or srun -n {expected_size})"
+        raise TransportError(
+            f"MPI world has {n} rank{'s' if n != 1 else ''} but the deployment "
+            f"needs {expected_size}: {why}")
+    return comm
+
+
+class _BufferPool:
+    """Reusable send buffers in power-of-two size classes (>= 4 KiB)."""
+
+    MIN = 4096
+
+    def __init__(self, max_bytes: int = 64 << 20, per_class: int = 8) -> None:
+        self.max_bytes = max_bytes
+        self.per_class = per_class
+        self._free: dict[int, list[np.ndarray]] = {}
+        self._bytes = 0
+
+    def get(self, n: int) -> np.ndarray:
+        cap = max(self.MIN, 1 << (max(n, 1) - 1).bit_length())
+        lst = self._free.get(cap)
+        if lst:
+            self._bytes -= cap
+            return lst.pop()
+        return np.empty(cap, dtype=np.uint8)
+
+    def put(self, buf: np.ndarray) -> None:
+        cap = buf.nbytes
+        lst = self._free.setdefault(cap, [])
+        if len(lst) < self.per_class and self._bytes + cap <= self.max_bytes:
+            lst.append(buf)
+            self._bytes += cap
+
+
+class MPITransport(Transport):
+    def __init__(self, comm=None, *, dup: bool = True,
+                 pool_bytes: int = 64 << 20) -> None:
+        super().__init__()
+        MPI = _import_mpi()
+        self._MPI = MPI
+        if comm is None:
+            comm = mpi_world()
+        self._owns_comm = dup
+        self.comm = comm.Dup() if dup else comm
+        self.rank = self.comm.Get_rank()
+        self.size = self.comm.Get_size()
+        ub = self.comm.Get_attr(MPI.TAG_UB)
+        self.tag_ub = int(ub) if ub else 32767  # MPI guarantees >= 32767
+        self.thread_level = MPI.Query_thread()
+        self._lock = threading.RLock()
+        self._reqs: list = []       # MPI.Request, parallel to _bufs
+        self._bufs: list = []       # pool buffers kept alive until completion
+        self._pool = _BufferPool(pool_bytes)
+        self._status = MPI.Status()
+
+    # ------------------------------------------------------------------ send
+    def isend(self, dst: int, tag: int, header: dict,
+              tensors: Sequence[torch.Tensor] = ()) -> None:
+        self._check_open()
+        self._check_dst(dst)
+        with self._lock:
+            frame = pack(tag, header, tensors, alloc=self._pool.get)
+            mpi_tag = tag if tag <= self.tag_ub else self.tag_ub
+            req = self.comm.Isend([frame, self._MPI.BYTE], dst, mpi_tag)
+            self._reqs.append(req)
+            self._bufs.append(frame.base if frame.base is not None else frame)
+            if len(self._reqs) >= 64:
+                self._progress_sends()
+
+    def _progress_sends(self) -> None:
+        if not self._reqs:
+            return
+        done = self._MPI.Request.Testsome(self._reqs)
+        if not done:
+            return
+        done_set = set(done)
+        keep_r, keep_b = [], []
+        for i, (r, b) in enumerate(zip(self._reqs, self._bufs)):
+            if i in done_set:
+                self._pool.put(b)
+            else:
+                keep_r.append(r)
+                keep_b.append(b)
+        self._reqs, self._bufs = keep_r, keep_b
+
+    def pending_sends(self) -> int:
+        with self._lock:
+            return len(self._reqs)
+
+    # --------------------------------------------------------------- receive
+    def _progress(self, max_recv: int | None) -> None:
+        MPI = self._MPI
+        with self._lock:
+            self._progress_sends()
+            got = 0
+            st = self._status
+            while max_recv is None or got < max_recv:
+                m = self.comm.Improbe(MPI.ANY_SOURCE, MPI.ANY_TAG, st)
+                if m is None or m == MPI.MESSAGE_NULL:
+                    break
+                n = st.Get_count(MPI.BYTE)
+                src = st.Get_source()
+                mpi_tag = st.Get_tag()
+                buf = np.empty(n, dtype=np.uint8)
+                m.Recv([buf, MPI.BYTE])
+                got += 1
+                try:
+                    tag, header, tensors = unpack(buf)
+                except TransportError as e:
+                    raise TransportError(
+                        f"rank {self.rank}: bad frame from rank {src} "
+                        f"(MPI tag {mpi_tag}, {n} bytes): {e}") from None
+                if mpi_tag != min(tag, self.tag_ub):
+                    raise TransportError(
+                        f"rank {self.rank}: frame from rank {src} has tag {tag} "
+                        f"but arrived with MPI tag {mpi_tag}")
+                self._inbox.append(Message(src, tag, header, tensors))
+
+    # ----------------------------------------------------------------- close
+    def close(self, timeout: float = 10.0) -> None:
+        """Flush pending sends (up to ``timeout`` s), then free the private
+        communicator.  Unfinished sends are cancelled."""
+        if self._closed:
+            return
+        try:
+            self.flush(timeout)
+        except TransportError:
+            with self._lock:
+                for r in self._reqs:
+                    try:
+                        r.Cancel()
+                        r.Free()
+                    except Exception:
+                        pass
+                self._reqs, self._bufs = [], []
+        self._closed = True
+        if self._owns_comm:
+            try:
+                if not self._MPI.Is_finalized():
+                    self.comm.Free()
+            except Exception:
+                pass
