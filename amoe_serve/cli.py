@@ -39,6 +39,9 @@ def _resolve(args: argparse.Namespace) -> AmoeConfig:
     cfg.model.path = str(Path(cfg.model.path).expanduser().resolve())
     from amoe_serve.model import load_spec
     spec = load_spec(cfg.model.path)  # a bad checkpoint fails here, before any rank starts
+    from amoe_serve.model.attention_side import required_weight_names
+    from amoe_serve.model.checkpoint import check_checkpoint
+    check_checkpoint(cfg.model.path, spec, required_weight_names(spec))
     if cfg.deployment.mode != "local" and cfg.deployment.expert_ranks > spec.num_experts:
         raise CliError(f"--expert-ranks {cfg.deployment.expert_ranks} exceeds the model's "
                        f"{spec.num_experts} experts per block")

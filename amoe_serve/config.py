@@ -72,6 +72,9 @@ class EngineConfig:
 class RuntimeConfig:
     # "auto": MPI between processes (NCCL when ranks hold GPUs), in-process for one process.
     transport: str = "auto"
+    # "auto": each attention/expert rank takes a GPU (node-local rank modulo GPU count) when
+    # CUDA is available, else the CPU; "cpu" forces the CPU.
+    device: str = "auto"
     # Intra-op threads per rank process.
     threads_per_rank: int = 1
     # Longest sleep of an idle poll loop, in microseconds (back-off starts near zero).

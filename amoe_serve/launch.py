@@ -57,7 +57,11 @@ def launch_job(cfg: AmoeConfig, rank_args: list[str]) -> int:
         p = subprocess.Popen(cmd, env=env, start_new_session=True)
         timeout = cfg.runtime.job_timeout_s or None
         try:
-            return p.wait(timeout=timeout)
+            rc = p.wait(timeout=timeout)
+            if rc != 0:
+                print(f"[amoe-serve] the data-plane job failed (exit code {rc}): a rank died or "
+                      "reported an error (see above); no results were written", file=sys.stderr, flush=True)
+            return rc
         except subprocess.TimeoutExpired:
             print(f"[amoe-serve] the data-plane job did not finish within {timeout:.0f} s "
                   "(runtime.job_timeout_s); killed it", file=sys.stderr, flush=True)

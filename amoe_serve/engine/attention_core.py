@@ -71,7 +71,8 @@ class AttentionCore:
                  kv: PagedKVCache, allocator: BlockAllocator, eos_token_ids: tuple[int, ...]):
         self.model = model
         self.spec = model.spec
-        self.owner_BE = torch.as_tensor(owner_BE, dtype=torch.int64)
+        self.device = kv.k_LNSGd.device
+        self.owner_BE = torch.as_tensor(owner_BE, dtype=torch.int64, device=self.device)
         self.expert_ranks = expert_ranks
         self.kv = kv
         self.allocator = allocator
@@ -117,15 +118,16 @@ class AttentionCore:
         for s, n in zip(segs, lens):
             sl = slice(off, off + n)
             ctx = (h_TD[sl], w_TK[sl], None if s_TD is None else s_TD[sl])
-            self.pool.open((s.seg_id, b), n, K, h_TD.shape[1], h_TD.dtype, context=ctx)
+            self.pool.open((s.seg_id, b), n, K, h_TD.shape[1], h_TD.dtype, context=ctx, device=self.device)
             self.segments[s.seg_id] = s
             off += n
 
         # Rows r = t*K + k, sorted by (owner rank, expert) so each rank gets contiguous runs.
         T = x_TD.shape[0]
-        seg_T = torch.repeat_interleave(torch.tensor([s.seg_id for s in segs], dtype=torch.int32),
-                                        torch.tensor(lens))
-        tok_T = torch.cat([torch.arange(n, dtype=torch.int32) for n in lens])
+        dev = self.device
+        seg_T = torch.repeat_interleave(torch.tensor([s.seg_id for s in segs], dtype=torch.int32, device=dev),
+                                        torch.tensor(lens, device=dev))
+        tok_T = torch.cat([torch.arange(n, dtype=torch.int32, device=dev) for n in lens])
         expert_R = ids_TK.reshape(-1)
         owner_R = self.owner_BE[b][expert_R]
         E = self.spec.num_experts

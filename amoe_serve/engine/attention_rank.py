@@ -86,7 +86,11 @@ class AttentionRank:
 
     # ---- AEP ---------------------------------------------------------------------------------
     def run_aep(self) -> None:
+        last = time.perf_counter()
         while not self.stop:
+            now = time.perf_counter()
+            self.counters.record_queue_depths(self.queues.lengths, now - last)
+            last = now
             self._drain(0)
             self._sample()
             pick = self.scheduler.pick(self.queues.lengths)
@@ -141,7 +145,9 @@ class AttentionRank:
                              for d in self.core.attend(b, segs, all_ranks=True)]
                     self.counters.record_batch(b, 0, sum(s.num_tokens for s in segs))
                 else:  # idle data-parallel rank still takes part in the exchange
-                    empty = [torch.zeros(0, 3, dtype=torch.int32), torch.zeros(0, D, dtype=self.core.kv.dtype)]
+                    dev = self.core.device
+                    empty = [torch.zeros(0, 3, dtype=torch.int32, device=dev),
+                             torch.zeros(0, D, dtype=self.core.kv.dtype, device=dev)]
                     sends = [(r, {"b": b, "experts": [], "counts": []}, empty) for r in self.topo.experts]
                 self.t.alltoallv(Tag.DISPATCH, {dst: ({**h, "step": step}, ts) for dst, h, ts in sends})
                 while len(self._combine) < self.topo.expert_ranks:

@@ -15,7 +15,8 @@ from amoe_transport import Message, Transport
 
 class ExpertRank:
     def __init__(self, core: ExpertCore, transport: Transport, topo: Topology, hidden: int,
-                 dtype: torch.dtype, max_poll_sleep: float):
+                 dtype: torch.dtype, max_poll_sleep: float, device: str = "cpu"):
+        self.device = device
         self.core = core
         self.t = transport
         self.topo = topo
@@ -41,7 +42,11 @@ class ExpertRank:
 
     def run_aep(self) -> None:
         c = self.core.counters
+        last = time.perf_counter()
         while not self.stop:
+            now = time.perf_counter()
+            c.record_queue_depths(self.core.queues.lengths, now - last)
+            last = now
             self._drain(0)
             t0 = time.perf_counter()
             replies = self.core.step()
@@ -69,7 +74,8 @@ class ExpertRank:
                 del self._arrived[key]
                 step, b = key
                 replies = {r.dst: r for r in self.core.drain_block(b)}
-                empty = [torch.zeros(0, 3, dtype=torch.int32), torch.zeros(0, self.hidden, dtype=self.dtype)]
+                empty = [torch.zeros(0, 3, dtype=torch.int32, device=self.device),
+                         torch.zeros(0, self.hidden, dtype=self.dtype, device=self.device)]
                 self.t.alltoallv(Tag.COMBINE, {
                     dst: ({"b": b, "step": step}, replies[dst].tensors if dst in replies else empty)
                     for dst in self.topo.attention})

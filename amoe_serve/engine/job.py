@@ -54,21 +54,29 @@ def limits(cfg: AmoeConfig, spec: ModelSpec) -> Limits:
     return Limits(max_len, cfg.kv_cache.block_size, cfg.kv_cache.num_blocks, cfg.engine.max_running_requests)
 
 
-def make_attention_core(cfg: AmoeConfig, spec: ModelSpec, place: Placement) -> AttentionCore:
-    model = AttentionSide.load(cfg.model.path, torch_dtype(cfg))
-    kv = PagedKVCache(spec, cfg.kv_cache.num_blocks, cfg.kv_cache.block_size, model.dtype)
+def pick_device(cfg: AmoeConfig, local_rank: int) -> str:
+    """The device a worker rank computes on: a GPU by node-local rank when there are GPUs."""
+    if cfg.runtime.device == "cpu" or not torch.cuda.is_available():
+        return "cpu"
+    return f"cuda:{local_rank % torch.cuda.device_count()}"
+
+
+def make_attention_core(cfg: AmoeConfig, spec: ModelSpec, place: Placement, device: str = "cpu") -> AttentionCore:
+    model = AttentionSide.load(cfg.model.path, torch_dtype(cfg), device)
+    kv = PagedKVCache(spec, cfg.kv_cache.num_blocks, cfg.kv_cache.block_size, model.dtype, device)
     alloc = BlockAllocator(cfg.kv_cache.num_blocks, cfg.kv_cache.block_size)
     return AttentionCore(model, place.owner_table(), place.expert_ranks, kv, alloc, spec.eos_token_ids)
 
 
-def make_expert_core(cfg: AmoeConfig, spec: ModelSpec, pairs: list[tuple[int, int]]) -> ExpertCore:
-    experts = ExpertSide.load(cfg.model.path, spec, torch_dtype(cfg), pairs)
+def make_expert_core(cfg: AmoeConfig, spec: ModelSpec, pairs: list[tuple[int, int]],
+                     device: str = "cpu") -> ExpertCore:
+    experts = ExpertSide.load(cfg.model.path, spec, torch_dtype(cfg), pairs, device)
     s = cfg.scheduler
     sched = make_scheduler(s.policy, s.lookahead, s.decay)
     return ExpertCore(experts, pairs, spec.num_blocks, sched, s.max_expert_batch, s.group_block)
 
 
-def run_worker(cfg: AmoeConfig, transport: Transport) -> None:
+def run_worker(cfg: AmoeConfig, transport: Transport, device: str = "cpu") -> None:
     """Run an attention or expert rank until the gateway says SHUTDOWN; report counters."""
     topo = topology(cfg)
     rank = transport.rank
@@ -79,13 +87,13 @@ def run_worker(cfg: AmoeConfig, transport: Transport) -> None:
     lockstep = cfg.deployment.mode == "lockstep"
     if role == "attention":
         s = cfg.scheduler
-        r = AttentionRank(make_attention_core(cfg, spec, place), transport, topo,
+        r = AttentionRank(make_attention_core(cfg, spec, place, device), transport, topo,
                           make_scheduler(s.policy, s.lookahead, s.decay), cfg.engine.max_batch_tokens, sleep)
         r.run_lockstep() if lockstep else r.run_aep()
         counters: RankCounters = r.counters
     elif role == "expert":
-        core = make_expert_core(cfg, spec, place.pairs_of(rank - 1 - topo.attention_ranks))
-        r = ExpertRank(core, transport, topo, spec.hidden_size, core.experts.dtype, sleep)
+        core = make_expert_core(cfg, spec, place.pairs_of(rank - 1 - topo.attention_ranks), device)
+        r = ExpertRank(core, transport, topo, spec.hidden_size, core.experts.dtype, sleep, device)
         r.run_lockstep() if lockstep else r.run_aep()
         counters = core.counters
     else:

@@ -25,9 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = from_yaml(Path(args.config).read_text())
     torch.set_num_threads(cfg.runtime.threads_per_rank)
 
-    from amoe_serve.engine.job import print_fatal, report_fatal, run_worker, topology
-    from amoe_transport import TransportError
-    from amoe_transport.mpi import MPITransport, mpi_world
+    from amoe_serve.engine.job import pick_device, print_fatal, report_fatal, run_worker, topology
+    from amoe_transport import TransportError, make_transport
+    from amoe_transport.mpi import mpi_world
 
     topo = topology(cfg)
     try:
@@ -35,13 +35,20 @@ def main(argv: list[str] | None = None) -> int:
     except TransportError as e:
         print(f"[amoe-serve] {e}", file=sys.stderr, flush=True)
         return 2
-    transport = MPITransport(comm)
+    from mpi4py import MPI
+    local_rank = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
+    device = pick_device(cfg, local_rank)
+    # NCCL between GPU ranks, MPI between CPU ranks; every rank must pick the same kind.
+    kind = cfg.runtime.transport
+    if kind == "auto":
+        kind = "nccl" if device.startswith("cuda") else "mpi"
+    transport = make_transport(kind, comm, device)
     try:
         if transport.rank == 0:
             from amoe_serve.generate import gateway_generate
             gateway_generate(cfg, transport, args.input, args.output, args.stats)
         else:
-            run_worker(cfg, transport)
+            run_worker(cfg, transport, device)
     except BaseException as e:
         print_fatal(report_fatal(transport, topo, e) if transport.rank else f"[amoe-serve] gateway failed: {e}")
         comm.Abort(1)

@@ -32,7 +32,7 @@ class AttnSegment:
     block_table: list[int]  # KV blocks, already big enough for start_pos + num_tokens
 
 
-def _required_names(spec: ModelSpec) -> list[str]:
+def required_weight_names(spec: ModelSpec) -> list[str]:
     names = ["model.embed_tokens.weight", "model.norm.weight"]
     if not spec.tie_word_embeddings:
         names.append("lm_head.weight")
@@ -54,7 +54,7 @@ def _required_names(spec: ModelSpec) -> list[str]:
 
 class AttentionSide:
     def __init__(self, spec: ModelSpec, weights: dict[str, torch.Tensor], where: str = "checkpoint"):
-        missing = [n for n in _required_names(spec) if n not in weights]
+        missing = [n for n in required_weight_names(spec) if n not in weights]
         if missing:
             more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
             raise CheckpointError(f"{where}: missing tensors {missing[:5]}{more}")

@@ -136,3 +136,44 @@ def load_weights(
         except Exception as exc:  # truncated data surfaces only when a tensor is read
             raise CheckpointError(f"{file}: cannot read tensors ({exc})") from None
     return out
+
+
+def _header_names(file: Path) -> list[str]:
+    """Tensor names of a safetensors file, after checking its header and that the file holds
+    every byte the header promises (a truncated file otherwise fails only when a rank reads it)."""
+    import json as _json
+    import struct
+
+    size = file.stat().st_size
+    try:
+        with open(file, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            if n > size - 8:
+                raise ValueError("header length exceeds the file")
+            header = _json.loads(fh.read(n))
+    except (ValueError, struct.error, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{file}: not a safetensors file ({exc})") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise CheckpointError(f"{file}: truncated: the header describes {8 + n + end} bytes, the file has {size}")
+    return [k for k in header if k != "__metadata__"]
+
+
+def check_checkpoint(path: str | Path, spec: ModelSpec, required: Iterable[str]) -> None:
+    """Fail fast, before any rank starts, on a missing, truncated or incomplete checkpoint."""
+    have: set[str] = set()
+    for file in _shard_files(Path(path)):
+        for raw in _header_names(file):
+            fused = _FUSED.match(raw)
+            if fused:
+                b = int(fused.group(1))
+                ws = ("w1", "w3") if fused.group(2) == "gate_up_proj" else ("w2",)
+                have.update(expert_name(b, e, w) for e in range(spec.num_experts) for w in ws)
+            else:
+                have.add(_normalize(raw))
+    experts = [expert_name(b, e, w) for b in range(spec.num_blocks) for e in range(spec.num_experts)
+               for w in ("w1", "w3", "w2")]
+    missing = [n for n in [*required, *experts] if n not in have]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise CheckpointError(f"{path}: checkpoint is missing tensors {', '.join(missing[:3])}{more}")

@@ -1,0 +1,1 @@
+"""Load-test tooling for AMoE-serve (Locust workloads, SSE client, plotting)."""
