@@ -86,6 +86,18 @@ class RuntimeConfig:
 
 
 @dataclass
+class LinkConfig:
+    """The socket between HTTP ingress replicas and a data plane's gateway."""
+    host: str = "127.0.0.1"       # interface the gateway binds (loopback by default)
+    port: int = 0                 # 0: any free port (the gateway reports the one it got)
+    token: Optional[str] = None   # shared secret; `amoe-serve up` generates one when unset
+    model_name: str = "default"   # the name clients use for this data plane's model
+    max_queued_requests: int = 256  # waiting (not yet placed) requests before answering 429
+    max_frame_bytes: int = 1048576
+    auth_timeout_s: float = 5.0
+
+
+@dataclass
 class AmoeConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     deployment: DeploymentConfig = field(default_factory=DeploymentConfig)
@@ -93,6 +105,7 @@ class AmoeConfig:
     kv_cache: KVCacheConfig = field(default_factory=KVCacheConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    link: LinkConfig = field(default_factory=LinkConfig)
 
 
 def validate(cfg: AmoeConfig) -> AmoeConfig:

@@ -46,8 +46,15 @@ class AttentionRank:
             self._sync.setdefault(m.header["round"], []).append(m)
         elif m.tag == Tag.SHUTDOWN:
             self.stop = True
+        elif m.tag == Tag.STATS_REQUEST:
+            self.t.isend(GATEWAY_RANK, Tag.STATS, self.stats())
         else:
             raise RuntimeError(f"attention rank got unexpected message tag {m.tag} from rank {m.src}")
+
+    def stats(self) -> dict:
+        return {"rank": self.t.rank, "role": "attention", **self.counters.to_dict(),
+                "queue_now": self.queues.lengths.tolist(), "running": len(self.core.requests),
+                "kv_free_blocks": self.core.allocator.num_free}
 
     def _admit(self, h: dict) -> None:
         try:

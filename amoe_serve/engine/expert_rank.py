@@ -33,8 +33,15 @@ class ExpertRank:
                 self._arrived[(m.header["step"], m.header["b"])] += 1
         elif m.tag == Tag.SHUTDOWN:
             self.stop = True
+        elif m.tag == Tag.STATS_REQUEST:
+            self.t.isend(0, Tag.STATS, self.stats())
         else:
             raise RuntimeError(f"expert rank got unexpected message tag {m.tag} from rank {m.src}")
+
+    def stats(self) -> dict:
+        return {"rank": self.t.rank, "role": "expert", **self.core.counters.to_dict(),
+                "queue_now": self.core.queues.lengths.tolist(),
+                "experts": [list(e) for e in self.core.expert_of]}
 
     def _drain(self, timeout: float) -> None:
         for m in (self.t.wait(timeout, self.max_sleep) if timeout > 0 else self.t.poll()):

@@ -21,7 +21,7 @@ class RankFailed(RuntimeError):
 class Gateway:
     def __init__(self, transport: Transport, topo: Topology, limits: Limits,
                  max_poll_sleep: float = 0.002,
-                 on_event: Optional[Callable[[str, Optional[int], Optional[str]], None]] = None):
+                 on_event: Optional[Callable[[str, Optional[int], Optional[str], Optional[str]], None]] = None):
         self.t = transport
         self.topo = topo
         self.limits = limits
@@ -62,7 +62,7 @@ class Gateway:
                     res.error = err
                     self.adm.release(rid)
                 if self.on_event is not None:
-                    self.on_event(rid, tok, reason)
+                    self.on_event(rid, tok, reason, err)
             self._place()
         elif m.tag == Tag.STATS:
             self.stats[m.src] = m.header

@@ -6,6 +6,7 @@ Same rank code as an MPI job; used by fast tests and for debugging without mpiex
 from __future__ import annotations
 
 import threading
+from contextlib import contextmanager
 from typing import Iterable
 
 from amoe_serve.config import AmoeConfig
@@ -45,3 +46,47 @@ def run_inproc(cfg: AmoeConfig, requests: Iterable[GenerateRequest], timeout: fl
     if stuck:
         raise RuntimeError(f"ranks did not stop after SHUTDOWN: {', '.join(stuck)}")
     return gw.results, gw.stats
+
+
+@contextmanager
+def serve_inproc(cfg: AmoeConfig):
+    """A serving data plane as threads: yields the ServingGateway (its `server.address` is the
+    link's host:port). Stops every rank on exit."""
+    from amoe_serve.engine.serve_gateway import ServingGateway
+
+    topo = topology(cfg)
+    hub = InProcHub(topo.world_size)
+    errors: list[str] = []
+
+    def worker(rank: int) -> None:
+        t = hub.transport(rank)
+        try:
+            run_worker(cfg, t)
+        except BaseException as e:
+            errors.append(report_fatal(t, topo, e))
+
+    threads = [threading.Thread(target=worker, args=(r,), daemon=True, name=f"rank{r}")
+               for r in range(1, topo.world_size)]
+    for th in threads:
+        th.start()
+    g = ServingGateway(cfg, hub.transport(0), load_spec(cfg.model.path))
+
+    def gateway() -> None:
+        try:
+            g.run()
+        except BaseException as e:
+            errors.append(f"gateway: {type(e).__name__}: {e}")
+
+    gt = threading.Thread(target=gateway, daemon=True, name="gateway")
+    gt.start()
+    try:
+        yield g
+    finally:
+        g.stop = True
+        gt.join(timeout=10)
+        g.gw.shutdown(timeout=10)
+        g.server.close()
+        for th in threads:
+            th.join(timeout=10)
+    if errors:
+        raise RuntimeError("; ".join(errors))

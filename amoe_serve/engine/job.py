@@ -15,7 +15,6 @@ from typing import Optional
 import torch
 
 from amoe_serve.config import AmoeConfig
-from amoe_serve.counters import RankCounters
 from amoe_serve.engine.admission import Limits
 from amoe_serve.engine.attention_core import AttentionCore
 from amoe_serve.engine.attention_rank import AttentionRank
@@ -90,15 +89,13 @@ def run_worker(cfg: AmoeConfig, transport: Transport, device: str = "cpu") -> No
         r = AttentionRank(make_attention_core(cfg, spec, place, device), transport, topo,
                           make_scheduler(s.policy, s.lookahead, s.decay), cfg.engine.max_batch_tokens, sleep)
         r.run_lockstep() if lockstep else r.run_aep()
-        counters: RankCounters = r.counters
     elif role == "expert":
         core = make_expert_core(cfg, spec, place.pairs_of(rank - 1 - topo.attention_ranks), device)
         r = ExpertRank(core, transport, topo, spec.hidden_size, core.experts.dtype, sleep, device)
         r.run_lockstep() if lockstep else r.run_aep()
-        counters = core.counters
     else:
         raise ValueError(f"rank {rank} is the gateway, not a worker")
-    transport.isend(GATEWAY_RANK, Tag.STATS, {"rank": rank, "role": role, **counters.to_dict()})
+    transport.isend(GATEWAY_RANK, Tag.STATS, r.stats())
     transport.flush(timeout=10)
 
 

@@ -18,6 +18,7 @@ class Tag(IntEnum):
     SHUTDOWN = 7     # gateway -> all: {}
     STATS = 8        # rank -> gateway at shutdown: counters summary
     FATAL = 9        # rank -> gateway: {"rank", "role", "error"}
+    STATS_REQUEST = 10  # gateway -> worker: answer with a live STATS
 
 
 GATEWAY_RANK = 0

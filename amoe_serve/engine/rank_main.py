@@ -21,6 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--input")
     ap.add_argument("--output")
     ap.add_argument("--stats")
+    ap.add_argument("--serve", action="store_true", help="rank 0 serves the ingress link instead of a batch")
+    ap.add_argument("--address-file", help="with --serve: where the gateway writes host:port")
     args = ap.parse_args(argv)
     cfg = from_yaml(Path(args.config).read_text())
     torch.set_num_threads(cfg.runtime.threads_per_rank)
@@ -44,7 +46,10 @@ def main(argv: list[str] | None = None) -> int:
         kind = "nccl" if device.startswith("cuda") else "mpi"
     transport = make_transport(kind, comm, device)
     try:
-        if transport.rank == 0:
+        if transport.rank == 0 and args.serve:
+            from amoe_serve.engine.serve_gateway import gateway_serve
+            gateway_serve(cfg, transport, args.address_file)
+        elif transport.rank == 0:
             from amoe_serve.generate import gateway_generate
             gateway_generate(cfg, transport, args.input, args.output, args.stats)
         else:

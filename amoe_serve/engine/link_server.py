@@ -1,0 +1,170 @@
+"""The gateway's end of the ingress link: a non-blocking socket server polled from the
+gateway's own loop (one thread, so MPI stays single-threaded).
+
+Each connection must authenticate (HMAC of a server nonce with the shared token) within
+`auth_timeout` seconds; until then nothing it sends reaches the gateway. A connection that
+sends a malformed or oversize frame, or authenticates wrongly, is closed; the server and the
+other connections carry on.
+"""
+
+from __future__ import annotations
+
+import itertools
+import selectors
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+from amoe_serve import link_wire as wire
+
+
+@dataclass
+class _Conn:
+    cid: int
+    sock: socket.socket
+    reader: wire.FrameReader
+    nonce: str
+    deadline: float
+    authed: bool = False
+    out: bytearray = field(default_factory=bytearray)
+
+
+@dataclass
+class LinkEvent:
+    cid: int
+    msg: Optional[dict]  # None: the connection closed
+
+
+class LinkServer:
+    def __init__(self, host: str, port: int, token: str, hello: dict,
+                 max_frame: int = wire.MAX_FRAME_BYTES, auth_timeout: float = 5.0,
+                 max_connections: int = 256):
+        if not token:
+            raise ValueError("the link needs a shared token (link.token or AMOE_SERVE_LINK_TOKEN)")
+        self.token = token
+        self.hello = hello
+        self.max_frame = max_frame
+        self.auth_timeout = auth_timeout
+        self.max_connections = max_connections
+        self.sel = selectors.DefaultSelector()
+        self.listener = socket.create_server((host, port), reuse_port=False)
+        self.listener.setblocking(False)
+        self.sel.register(self.listener, selectors.EVENT_READ, None)
+        self.address = self.listener.getsockname()[:2]
+        self.conns: dict[int, _Conn] = {}
+        self._ids = itertools.count(1)
+        self._lost: list[int] = []  # authenticated connections that closed since the last poll
+        self.rejected = 0
+
+    # ---- polling ----------------------------------------------------------------------------
+    def poll(self, timeout: float) -> list[LinkEvent]:
+        """Wait up to `timeout` for socket activity; returns messages of authenticated peers."""
+        events: list[LinkEvent] = []
+        for key, mask in self.sel.select(timeout):
+            if key.data is None:
+                self._accept()
+                continue
+            conn: _Conn = key.data
+            if mask & selectors.EVENT_WRITE:
+                self._flush(conn, events)
+            if mask & selectors.EVENT_READ and conn.cid in self.conns:
+                self._read(conn, events)
+        now = time.monotonic()
+        for conn in [c for c in self.conns.values() if not c.authed and now > c.deadline]:
+            self._close(conn, events, "authentication timed out")
+        events.extend(LinkEvent(cid, None) for cid in self._lost)
+        self._lost.clear()
+        return events
+
+    def send(self, cid: int, obj: dict) -> bool:
+        conn = self.conns.get(cid)
+        if conn is None or not conn.authed:
+            return False
+        conn.out += wire.encode(obj)
+        self._flush(conn, None)
+        return True
+
+    def close(self) -> None:
+        for conn in list(self.conns.values()):
+            self._close(conn, None, None)
+        self.sel.unregister(self.listener)
+        self.listener.close()
+        self.sel.close()
+
+    # ---- internals --------------------------------------------------------------------------
+    def _accept(self) -> None:
+        try:
+            sock, _ = self.listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        if len(self.conns) >= self.max_connections:
+            self.rejected += 1
+            sock.close()
+            return
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn = _Conn(next(self._ids), sock, wire.FrameReader(self.max_frame), wire.new_nonce(),
+                     time.monotonic() + self.auth_timeout)
+        self.conns[conn.cid] = conn
+        self.sel.register(sock, selectors.EVENT_READ, conn)
+        conn.out += wire.encode({"type": "challenge", "nonce": conn.nonce, "version": wire.VERSION})
+        self._flush(conn, None)
+
+    def _read(self, conn: _Conn, events: list[LinkEvent]) -> None:
+        try:
+            data = conn.sock.recv(1 << 16)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._close(conn, events, None)
+            return
+        try:
+            frames = conn.reader.feed(data)
+        except wire.LinkProtocolError as e:
+            self._close(conn, events, str(e))
+            return
+        for msg in frames:
+            if conn.authed:
+                events.append(LinkEvent(conn.cid, msg))
+            elif msg.get("type") == "auth" and wire.verify(self.token, conn.nonce, msg.get("mac")):
+                conn.authed = True
+                conn.out += wire.encode({"type": "ready", **self.hello})
+                self._flush(conn, events)
+            else:
+                self.rejected += 1
+                self._close(conn, events, "authentication failed")
+                return
+
+    def _flush(self, conn: _Conn, events: Optional[list[LinkEvent]]) -> None:
+        try:
+            while conn.out:
+                n = conn.sock.send(conn.out)
+                del conn.out[:n]
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            self._close(conn, events, None)
+            return
+        want = selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.out else 0)
+        self.sel.modify(conn.sock, want, conn)
+
+    def _close(self, conn: _Conn, events: Optional[list[LinkEvent]], why: Optional[str]) -> None:
+        if self.conns.pop(conn.cid, None) is None:
+            return
+        if why:
+            print(f"[amoe-serve] gateway: closing link connection {conn.cid}: {why}", file=sys.stderr, flush=True)
+            try:  # best effort: tell the peer why
+                conn.sock.send(wire.encode({"type": "error", "error": why}))
+            except OSError:
+                pass
+        try:
+            self.sel.unregister(conn.sock)
+        except (KeyError, ValueError):
+            pass
+        conn.sock.close()
+        if conn.authed:
+            self._lost.append(conn.cid)
