@@ -113,9 +113,12 @@ def percentile(values: list[float], q: float) -> float | None:
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
+def _r3(x: float | None) -> float | None:
+    return None if x is None else round(x, 3)
+
+
 def _dist(values_ms: list[float]) -> dict[str, float | int | None]:
-    def r(x: float | None) -> float | None:
-        return None if x is None else round(x, 3)
+    r = _r3
 
     return {
         "count": len(values_ms),
@@ -210,10 +213,10 @@ class Collector:
                 "ok": b.ok,
                 "rejected_429": b.rejected,
                 "failed": b.failed,
-                "ttft_p50_ms": percentile(b.ttft, 50),
-                "ttft_p99_ms": percentile(b.ttft, 99),
-                "itl_p50_ms": percentile(b.itl, 50),
-                "itl_p99_ms": percentile(b.itl, 99),
+                "ttft_p50_ms": _r3(percentile(b.ttft, 50)),
+                "ttft_p99_ms": _r3(percentile(b.ttft, 99)),
+                "itl_p50_ms": _r3(percentile(b.itl, 50)),
+                "itl_p99_ms": _r3(percentile(b.itl, 99)),
             })
         return rows
 

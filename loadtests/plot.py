@@ -83,23 +83,26 @@ def _no_data(ax: Any, msg: str) -> None:
 
 
 def _latency_panel(ax: Any, kind: str, hist: dict[str, list], timeline: list[dict]) -> None:
+    """Per-second p50/p99 from the summary timeline (exact) if given, else Locust's history
+    (percentiles over Locust's sliding window, whole ms; needs --csv-full-history)."""
     ax.set_title(f"{kind} over time")
     ax.set_xlabel("time (s)")
     ax.set_ylabel("ms")
-    rows = hist.get(kind)
     drawn = False
-    if rows:
+    key = kind.lower()
+    for q, style in (("p50", "-"), ("p99", ":")):
+        pts = [(r["t"], r.get(f"{key}_{q}_ms")) for r in timeline if r.get(f"{key}_{q}_ms") is not None]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker=".", label=f"{q} (per second)")
+            drawn = True
+    if not drawn and hist.get(kind):
         for col, style in (("50%", "-"), ("90%", "--"), ("99%", ":")):
-            xs, ys = _series(rows, col)
+            xs, ys = _series(hist[kind], col)
+            # Locust reports 0 until its window has data: drop those leading points.
+            while ys and not ys[0]:
+                xs, ys = xs[1:], ys[1:]
             if _has_data(ys):
                 ax.plot(xs, ys, style, label=f"p{col[:-1]} (locust window)")
-                drawn = True
-    if not drawn and timeline:
-        key = kind.lower()
-        for q, style in (("p50", "-"), ("p99", ":")):
-            pts = [(r["t"], r.get(f"{key}_{q}_ms")) for r in timeline if r.get(f"{key}_{q}_ms") is not None]
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=f"{q} per second")
                 drawn = True
     if drawn:
         ax.legend(fontsize=8)
@@ -201,13 +204,14 @@ def make_plot(csv_prefix: str, output: str, summary_path: str | None = None, tit
         xs = [r["t"] for r in timeline]
         ax.bar(xs, [r["failed"] for r in timeline], width=0.8, color="tab:red", alpha=0.6, label="failed / s")
         ax.set_ylabel("failures / s")
+        ax.set_ylim(bottom=0, top=max(1, max(r["failed"] for r in timeline) * 1.1))
         ax.legend(fontsize=8, loc="upper left")
     if rows:
         xs, ys = _series(rows, "Total Failure Count")
         ax2 = ax.twinx() if timeline else ax
         ax2.plot(xs, [y or 0 for y in ys], color="darkred", label="cumulative failures")
         ax2.set_ylabel("cumulative failures")
-        ax2.set_ylim(bottom=0)
+        ax2.set_ylim(bottom=0, top=max(1.0, max((y or 0) for y in ys) * 1.1))
         ax2.legend(fontsize=8, loc="upper right")
     if not timeline and not rows:
         _no_data(ax, "no history")

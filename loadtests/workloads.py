@@ -152,7 +152,7 @@ def make_request(
         "stream": stream,
     }
     if temperature is not None:
-        body["temperature"] = temperature
+        body["temperature"] = float(temperature)  # strict servers reject an int here
     if stream and include_usage:
         body["stream_options"] = {"include_usage": True}
     return CompletionRequest(body=body, input_tokens=n_in, output_tokens=n_out)

@@ -7,6 +7,7 @@ fails with an OpenAI error body when the model is named "fail".
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -199,7 +200,15 @@ def _csv_rows(path: str) -> dict[str, dict[str, str]]:
         return {(r["Type"] or r["Name"]): r for r in csv.DictReader(f)}
 
 
+def _need(*mods: str) -> None:
+    # find_spec, not import: importing locust would gevent-monkey-patch this pytest process.
+    for m in mods:
+        if importlib.util.find_spec(m) is None:
+            pytest.skip(f"{m} not installed (pip install -e '.[loadtest]')")
+
+
 def test_locust_headless_end_to_end(stub, tmp_path):
+    _need("locust", "matplotlib")
     prefix = str(tmp_path / "out" / "short")
     summary_path = str(tmp_path / "out" / "short.json")
     cmd = [sys.executable, "-m", "locust", "-f", "loadtests/locustfile.py", "--headless",
@@ -254,3 +263,24 @@ def test_locust_headless_end_to_end(stub, tmp_path):
 
     assert plot_main(["--csv", prefix, "--output", png2]) == 0
     assert os.path.getsize(png2) > 10_000
+
+
+def test_locust_counts_server_errors_as_failures(stub, tmp_path):
+    """Non-2xx other than 429 are E2E failures carrying the OpenAI error message (closed loop)."""
+    _need("locust")
+    prefix = str(tmp_path / "fail")
+    summary_path = str(tmp_path / "fail.json")
+    cmd = [sys.executable, "-m", "locust", "-f", "loadtests/locustfile.py", "--headless",
+           "-u", "1", "-r", "1", "-t", "2s", "--host", stub.url, "--model", "fail",
+           "--csv", prefix, "--summary-json", summary_path, "--only-summary"]
+    proc = _run(cmd, timeout=40)
+    assert proc.returncode == 1, proc.stdout[-4000:]  # locust's exit code on failures
+    s = json.load(open(summary_path))
+    req = s["requests"]
+    assert req["failed"] > 0 and req["ok"] == 0
+    assert req["by_status"]["500"] == req["failed"]
+    assert s["errors"] == {"HTTP 500: engine exploded": req["failed"]}
+    assert s["arrivals"]["mode"] == "closed-loop" and s["tokens_per_s"] == 0
+    rows = _csv_rows(prefix + "_stats.csv")
+    assert int(rows["E2E"]["Failure Count"]) == req["failed"]
+    assert "engine exploded" in open(prefix + "_failures.csv").read()
