@@ -37,15 +37,21 @@ def _resolve(args: argparse.Namespace) -> AmoeConfig:
         from amoe_serve.default_model import ensure_default_model
         cfg.model.path = str(ensure_default_model())
     cfg.model.path = str(Path(cfg.model.path).expanduser().resolve())
-    from amoe_serve.model import load_spec
-    spec = load_spec(cfg.model.path)  # a bad checkpoint fails here, before any rank starts
-    from amoe_serve.model.attention_side import required_weight_names
-    from amoe_serve.model.checkpoint import check_checkpoint
-    check_checkpoint(cfg.model.path, spec, required_weight_names(spec))
+    spec = _check_model(cfg.model.path)
     if cfg.deployment.mode != "local" and cfg.deployment.expert_ranks > spec.num_experts:
         raise CliError(f"--expert-ranks {cfg.deployment.expert_ranks} exceeds the model's "
                        f"{spec.num_experts} experts per block")
     return cfg
+
+
+def _check_model(path: str):
+    """A bad checkpoint fails here, in one line, before any rank starts."""
+    from amoe_serve.model import load_spec
+    from amoe_serve.model.attention_side import required_weight_names
+    from amoe_serve.model.checkpoint import check_checkpoint
+    spec = load_spec(path)
+    check_checkpoint(path, spec, required_weight_names(spec))
+    return spec
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -54,6 +60,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
     cfg = _resolve(args)
     from amoe_serve.generate import run_generate
     return run_generate(cfg, args.input, args.output, args.stats)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    cfg = _resolve(args)
+    if args.port is not None:
+        cfg.serving.port = args.port
+    if args.host is not None:
+        cfg.serving.host = args.host
+    for extra in cfg.serving.extra_models:
+        _check_model(extra.path)
+    from amoe_serve.serving.up import up
+    return up(cfg)
 
 
 def cmd_make_default_model(args: argparse.Namespace) -> int:
@@ -77,6 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--timeout", type=float, help="kill the job after this many seconds")
     _common_model_args(g)
     g.set_defaults(func=cmd_generate)
+
+    u = sub.add_parser("up", help="serve the OpenAI API: data plane(s) + Ray Serve ingress, until Ctrl-C")
+    u.add_argument("--mode", choices=MODES)
+    u.add_argument("--attention-ranks", type=int)
+    u.add_argument("--expert-ranks", type=int)
+    u.add_argument("--host", help="HTTP interface (default serving.host, loopback)")
+    u.add_argument("--port", type=int, help="HTTP port (default serving.port, 8000)")
+    _common_model_args(u)
+    u.set_defaults(func=cmd_up, timeout=None)
 
     m = sub.add_parser("make-default-model", help="write the embedded default checkpoint and print its folder")
     m.add_argument("--output", help="folder (default: the cache folder)")

@@ -98,6 +98,72 @@ class LinkConfig:
 
 
 @dataclass
+class ExtraModel:
+    """Another model served by `amoe-serve up` beside the primary one: its own data plane."""
+    name: str = "extra"
+    path: str = ""
+    config: Optional[str] = None        # a data-plane config file (default: the primary's)
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ServingConfig:
+    # Where Ray Serve's HTTP proxy listens. Loopback by default: set "0.0.0.0" to expose it.
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # Accepted `Authorization: Bearer <key>` keys for /v1/*; empty = no authentication.
+    # /health and /metrics stay open (load balancers and Prometheus scrape them).
+    api_keys: list[str] = field(default_factory=list)
+    # Longest prompt in tokens; 0 = the model's max_model_len - 1 (room for one new token).
+    max_prompt_tokens: int = 0
+    # Largest max_tokens a request may ask for; 0 = only bounded by max_model_len.
+    max_tokens_limit: int = 4096
+    # max_tokens of a /v1/completions request that does not set it (OpenAI's default is 16).
+    default_max_tokens: int = 16
+    # Generation requests in flight per ingress replica; more are answered 429 + Retry-After.
+    max_concurrent_requests: int = 256
+    # Seconds put in the Retry-After header of 429 answers the ingress itself decides.
+    retry_after_s: float = 1.0
+    # Largest request body (Content-Length and the bytes actually read).
+    max_body_bytes: int = 4 * 1024 * 1024
+    # Wall-clock limit of one generation request (0 = none): 504, or an SSE error event.
+    request_timeout_s: float = 600.0
+    # Most text stop strings per request.
+    max_stop_strings: int = 16
+    # Ingress replicas (Ray Serve deployment); each holds its own links to the gateways.
+    num_replicas: int = 1
+    # How long a replica keeps trying to connect its links at start-up before failing.
+    connect_timeout_s: float = 60.0
+    # Ray Serve route prefix of the ingress application.
+    route_prefix: str = "/"
+    # More models, each its own data-plane job, chosen by the request's `model`.
+    extra_models: list[ExtraModel] = field(default_factory=list)
+    # CPUs given to ray.init by the launcher (0 = os.cpu_count()); the ingress replicas take 0.
+    ray_num_cpus: int = 0
+
+
+def validate_serving(cfg: ServingConfig) -> ServingConfig:
+    if not (0 < cfg.port < 65536):
+        raise ConfigError(f"serving.port={cfg.port}: expected 1..65535")
+    if any(not isinstance(k, str) or not k for k in cfg.api_keys):
+        raise ConfigError("serving.api_keys must be non-empty strings")
+    for name in ("max_prompt_tokens", "max_tokens_limit"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"serving.{name} must be >= 0 (0 = the model's limit)")
+    for name in ("default_max_tokens", "max_concurrent_requests", "max_body_bytes", "num_replicas",
+                 "max_stop_strings"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"serving.{name} must be >= 1")
+    if cfg.retry_after_s < 0 or cfg.request_timeout_s < 0 or cfg.connect_timeout_s < 0:
+        raise ConfigError("serving.retry_after_s, request_timeout_s and connect_timeout_s must be >= 0")
+    if cfg.ray_num_cpus < 0:
+        raise ConfigError("serving.ray_num_cpus must be >= 0 (0 = all CPUs)")
+    if not cfg.route_prefix.startswith("/"):
+        raise ConfigError(f"serving.route_prefix={cfg.route_prefix!r} must start with '/'")
+    return cfg
+
+
+@dataclass
 class AmoeConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     deployment: DeploymentConfig = field(default_factory=DeploymentConfig)
@@ -106,6 +172,7 @@ class AmoeConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     link: LinkConfig = field(default_factory=LinkConfig)
+    serving: ServingConfig = field(default_factory=ServingConfig)
 
 
 def validate(cfg: AmoeConfig) -> AmoeConfig:
@@ -128,6 +195,7 @@ def validate(cfg: AmoeConfig) -> AmoeConfig:
         raise ConfigError("kv_cache.block_size and kv_cache.num_blocks must be >= 1")
     if cfg.engine.max_running_requests < 1 or cfg.engine.max_batch_tokens < 1:
         raise ConfigError("engine.max_running_requests and engine.max_batch_tokens must be >= 1")
+    validate_serving(cfg.serving)
     return cfg
 
 

@@ -29,6 +29,17 @@ def mpiexec_path() -> str:
     return found
 
 
+def die_with_parent() -> None:
+    """preexec_fn: the child gets SIGTERM if the process that started it dies, even by SIGKILL,
+    so a crashed launcher never leaves a data plane behind (Linux only; a no-op elsewhere)."""
+    try:
+        import ctypes
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+
+
 def _kill_group(p: subprocess.Popen, grace: float = 3.0) -> None:
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
@@ -54,7 +65,7 @@ def launch_job(cfg: AmoeConfig, rank_args: list[str]) -> int:
         threads = str(cfg.runtime.threads_per_rank)
         env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
         # Own process group, so a time-out or Ctrl-C reaches mpiexec and every rank it started.
-        p = subprocess.Popen(cmd, env=env, start_new_session=True)
+        p = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=die_with_parent)
         timeout = cfg.runtime.job_timeout_s or None
         try:
             rc = p.wait(timeout=timeout)

@@ -13,3 +13,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("gpu") and not has_gpu:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+
+
+from tests.support import checkpoints, hf_reference  # noqa: E402,F401  (session fixtures)

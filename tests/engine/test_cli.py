@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.engine.conftest import PROMPTS, REPO, read_results, run_cli, write_requests
+from tests.support import PROMPTS, REPO, read_results, run_cli, write_requests
 
 
 @pytest.mark.mpi(ranks=4)

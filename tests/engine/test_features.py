@@ -9,7 +9,7 @@ from amoe_serve.engine.local import LocalEngine
 from amoe_serve.model import load_spec
 from amoe_serve.requests_io import GenerateRequest
 from amoe_serve.sampler import SamplingParams
-from tests.engine.conftest import PROMPTS, read_results, run_cli, write_requests
+from tests.support import PROMPTS, read_results, run_cli, write_requests
 from tests.model.hf_factory import make_checkpoint
 
 

@@ -17,7 +17,7 @@ from amoe_serve.requests_io import GenerateRequest
 from amoe_serve.sampler import SamplingParams
 from amoe_serve.serving.link_api import DataPlaneError
 from amoe_serve.serving.link_client import LinkClient
-from tests.engine.conftest import PROMPTS
+from tests.support import PROMPTS
 
 TOKEN = "s3cret-link-token"
 

@@ -1,5 +1,6 @@
-"""Shared fixtures for end-to-end tests: small odd-sized checkpoints of each architecture and
-transformers' greedy outputs for them."""
+"""Shared pieces of end-to-end tests: small odd-sized checkpoints of each architecture,
+transformers' greedy outputs for them (fixtures registered in tests/conftest.py), and helpers
+that run the `amoe-serve` CLI."""
 
 import json
 import os

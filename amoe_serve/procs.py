@@ -1,0 +1,60 @@
+"""Process-tree helpers for launchers: find and end every descendant by pid."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+
+def _ppid(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+def descendants(root: int) -> list[int]:
+    """Pids of every live process below `root` (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                children.setdefault(_ppid(int(d.name)), []).append(int(d.name))
+            except (OSError, ValueError, IndexError):
+                continue
+    out, todo = [], [root]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def terminate(pids: list[int], grace: float = 5.0) -> None:
+    """SIGTERM, wait up to `grace`, then SIGKILL whatever is left."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and any(alive(p) for p in pids):
+            time.sleep(0.1)
+
+
+def run_with_timeout(fn: Callable[[], object], timeout: float) -> bool:
+    """Run fn in a daemon thread; False if it had not returned after `timeout` seconds."""
+    th = threading.Thread(target=fn, daemon=True)
+    th.start()
+    th.join(timeout)
+    return not th.is_alive()

@@ -1,0 +1,198 @@
+"""`amoe-serve up`: data plane(s) + Ray + the Serve ingress, one command, clean teardown.
+
+Every served model gets its own MPI data-plane job (started with the venv's mpiexec, in its
+own process group). A data plane that dies is restarted with back-off on the same port and
+token, so the ingress (whose links reconnect) keeps running throughout. Ctrl-C or SIGTERM
+tears everything down: Serve, Ray, and every data-plane process group.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Optional
+
+from amoe_serve.config import AmoeConfig, load_config, to_yaml
+from amoe_serve.engine.job import topology
+from amoe_serve.launch import _kill_group, die_with_parent, mpiexec_path
+from amoe_serve.procs import descendants, run_with_timeout, terminate
+
+RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
+
+
+class UpError(RuntimeError):
+    pass
+
+
+@dataclass
+class DataPlaneProcess:
+    """One model's MPI job, restartable on the same address."""
+    name: str
+    cfg: AmoeConfig
+    workdir: Path
+    proc: Optional[subprocess.Popen] = None
+    address: Optional[tuple[str, int]] = None
+    restarts: int = 0
+    next_restart: float = 0.0
+    log: list[str] = field(default_factory=list)
+
+    @property
+    def address_file(self) -> Path:
+        return self.workdir / f"{self.name}.address"
+
+    def start(self) -> None:
+        cfg_path = self.workdir / f"{self.name}.yaml"
+        fd = os.open(cfg_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # holds the link token
+        with os.fdopen(fd, "w") as f:
+            f.write(to_yaml(self.cfg))
+        self.address_file.unlink(missing_ok=True)
+        cmd = [mpiexec_path(), "-n", str(topology(self.cfg).world_size), sys.executable, "-m",
+               "amoe_serve.engine.rank_main", "--config", str(cfg_path), "--serve",
+               "--address-file", str(self.address_file)]
+        env = dict(os.environ, OMP_NUM_THREADS=str(self.cfg.runtime.threads_per_rank))
+        self.proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=die_with_parent)
+
+    def wait_ready(self, timeout: float) -> tuple[str, int]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.address_file.exists():
+                host, port = self.address_file.read_text().strip().rsplit(":", 1)
+                self.address = (host, int(port))
+                return self.address
+            if self.proc is not None and self.proc.poll() is not None:
+                raise UpError(f"the data plane of model {self.name!r} exited with code "
+                              f"{self.proc.returncode} while starting (see its messages above)")
+            time.sleep(0.1)
+        raise UpError(f"the data plane of model {self.name!r} did not come up within {timeout:.0f} s")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            _kill_group(self.proc)
+
+
+def _model_configs(cfg: AmoeConfig) -> list[tuple[str, AmoeConfig]]:
+    """The primary model plus `serving.extra_models`, each a full data-plane config."""
+    out = [(cfg.link.model_name, cfg)]
+    for extra in cfg.serving.extra_models:
+        sub = load_config(extra.config, [f"model.path={extra.path}", *extra.overrides]) if extra.config else \
+            replace(cfg, model=replace(cfg.model, path=extra.path))
+        sub.link = replace(cfg.link, model_name=extra.name, port=0, token=None)
+        sub.serving = cfg.serving
+        out.append((extra.name, sub))
+    names = [n for n, _ in out]
+    if len(set(names)) != len(names):
+        raise UpError(f"model names must be unique, got {names}")
+    return out
+
+
+def _with_token(cfg: AmoeConfig) -> AmoeConfig:
+    token = cfg.link.token or os.environ.get("AMOE_SERVE_LINK_TOKEN") or secrets.token_hex(16)
+    return replace(cfg, link=replace(cfg.link, token=token))
+
+
+def _start_serve(cfg: AmoeConfig, planes: list[DataPlaneProcess]) -> None:
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local cluster started here
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+    from ray import serve
+
+    from amoe_serve.serving.deployment import build_serve_app
+
+    s = cfg.serving
+    ray.init(num_cpus=s.ray_num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=True,
+             configure_logging=False)
+    serve.start(http_options={"host": s.host, "port": s.port})
+    specs = [{"name": p.name, "path": p.cfg.model.path, "host": p.address[0], "port": p.address[1],
+              "token": p.cfg.link.token} for p in planes]
+    serve.run(build_serve_app(specs, s), name="amoe-serve", route_prefix="/")
+
+
+def up(cfg: AmoeConfig, ready_timeout: float = 180.0) -> int:
+    planes: list[DataPlaneProcess] = []
+    stopping = False
+
+    def on_signal(signum, frame):
+        nonlocal stopping
+        stopping = True
+
+    def trap() -> dict:
+        return {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    old = trap()
+    ray_started = False
+    with tempfile.TemporaryDirectory(prefix="amoe-up-") as tmp:
+        try:
+            for name, mcfg in _model_configs(cfg):
+                p = DataPlaneProcess(name, _with_token(mcfg), Path(tmp))
+                p.start()
+                planes.append(p)
+            for p in planes:
+                host, port = p.wait_ready(ready_timeout)
+                # Restarts must come back on the same address: pin the port the job got.
+                p.cfg = replace(p.cfg, link=replace(p.cfg.link, port=port))
+                if stopping:
+                    return 130
+            ray_started = True
+            _start_serve(cfg, planes)
+            trap()  # ray.init installs its own SIGTERM handler; teardown must stay ours
+            url = f"http://{cfg.serving.host}:{cfg.serving.port}"
+            print(f"[amoe-serve] up: {url}/v1  models: {', '.join(p.name for p in planes)}  "
+                  f"(Ctrl-C to stop)", flush=True)
+            while not stopping:
+                time.sleep(0.2)
+                _supervise(planes)
+            return 0
+        except UpError as e:
+            print(f"amoe-serve: error: {e}", file=sys.stderr, flush=True)
+            return 1
+        finally:
+            print("[amoe-serve] shutting down", file=sys.stderr, flush=True)
+            for p in planes:
+                p.stop()
+            if ray_started:
+                _stop_serve()
+            terminate(descendants(os.getpid()))  # whatever Ray left behind
+            for sig, h in old.items():
+                signal.signal(sig, h)
+
+
+def _supervise(planes: list[DataPlaneProcess]) -> None:
+    now = time.monotonic()
+    for p in planes:
+        if p.proc is None or p.proc.poll() is None:
+            continue
+        if p.next_restart == 0.0:
+            delay = RESTART_BACKOFF_S[min(p.restarts, len(RESTART_BACKOFF_S) - 1)]
+            p.next_restart = now + delay
+            print(f"[amoe-serve] data plane of model {p.name!r} exited with code {p.proc.returncode}; "
+                  f"restarting in {delay:.0f} s", file=sys.stderr, flush=True)
+        elif now >= p.next_restart:
+            p.restarts += 1
+            p.next_restart = 0.0
+            p.start()
+
+
+def _stop_serve() -> None:
+    """Graceful where possible, bounded always: Ctrl-C may already have killed Ray's daemons,
+    and then serve.shutdown() would wait forever."""
+    import ray
+    from ray import serve
+
+    def quietly(fn):
+        def run():
+            try:
+                fn()
+            except Exception as e:  # teardown goes on regardless
+                print(f"[amoe-serve] {fn.__module__}.{fn.__name__}: {e}", file=sys.stderr)
+        return run
+
+    if not run_with_timeout(quietly(serve.shutdown), 15):
+        print("[amoe-serve] Serve did not shut down in 15 s; stopping Ray", file=sys.stderr)
+    run_with_timeout(quietly(ray.shutdown), 15)

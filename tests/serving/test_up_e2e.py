@@ -1,0 +1,220 @@
+"""The whole stack as a user runs it: `amoe-serve up` (mpiexec data planes + Ray Serve ingress),
+real HTTP clients, two models, every error status provoked for real, a killed data plane that
+comes back, and a SIGTERM that leaves nothing behind."""
+
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from amoe_serve.procs import alive, descendants
+from tests.support import PROMPTS, REPO, read_results, run_cli, write_requests
+
+KEY = "test-api-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+pytestmark = [pytest.mark.mpi(ranks=4), pytest.mark.slow]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _up_process(config: Path, log: Path) -> subprocess.Popen:
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    return subprocess.Popen([sys.executable, "-m", "amoe_serve.cli", "up", "--config", str(config)], cwd=REPO,
+                            env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _wait_healthy(base: str, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"amoe-serve up exited early:\n{log.read_text()[-4000:]}"
+        try:
+            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise AssertionError(f"not healthy within {timeout} s:\n{log.read_text()[-4000:]}")
+
+
+@pytest.fixture(scope="module")
+def stack(checkpoints, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("up")
+    port = _free_port()
+    cfg = {
+        "model": {"path": str(checkpoints["mixtral"])},
+        "deployment": {"mode": "aep", "attention_ranks": 1, "expert_ranks": 2},
+        "link": {"model_name": "mix"},
+        "serving": {"port": port, "api_keys": [KEY], "max_concurrent_requests": 3, "max_tokens_limit": 512,
+                    "extra_models": [{"name": "qwen", "path": str(checkpoints["qwen2_moe"]),
+                                      "overrides": ["deployment.expert_ranks=3"]}]},
+    }
+    config = tmp / "serve.json"  # OmegaConf reads JSON as YAML
+    config.write_text(json.dumps(cfg))
+    log = tmp / "up.log"
+    proc = _up_process(config, log)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(base, proc, log)
+        yield {"base": base, "proc": proc, "log": log, "tmp": tmp}
+    finally:
+        if proc.poll() is None:
+            kids = descendants(proc.pid)
+            os.kill(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                pass
+            for pid in [proc.pid, *kids]:
+                if alive(pid):
+                    os.kill(pid, signal.SIGKILL)
+
+
+def _complete(base, body, headers=AUTH, timeout=60):
+    return httpx.post(f"{base}/v1/completions", json=body, headers=headers, timeout=timeout)
+
+
+def test_completion_equals_generate_cli(stack, checkpoints, tmp_path):
+    inp = write_requests(tmp_path / "in.jsonl")
+    out = tmp_path / "out.jsonl"
+    p = run_cli(["generate", "--model", str(checkpoints["mixtral"]), "--input", str(inp), "--output", str(out)])
+    assert p.returncode == 0, p.stderr[-2000:]
+    expected = [r["output_token_ids"] for r in read_results(out)]
+    for prompt, want in zip(PROMPTS, expected):
+        r = _complete(stack["base"], {"model": "mix", "prompt": prompt, "max_tokens": 8, "temperature": 0})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["choices"][0]["token_ids"] == want
+        assert body["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": len(want),
+                                 "total_tokens": len(prompt) + len(want)}
+
+
+def test_streaming_yields_the_same_tokens_incrementally(stack, hf_reference):
+    chunks, usage = [], None
+    with httpx.stream("POST", f"{stack['base']}/v1/completions", headers=AUTH, timeout=60,
+                      json={"model": "mix", "prompt": PROMPTS[2], "max_tokens": 8, "temperature": 0, "stream": True,
+                            "stream_options": {"include_usage": True}}) as r:
+        assert r.status_code == 200
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    for line in lines[:-1]:
+        ev = json.loads(line.removeprefix("data: "))
+        if ev.get("usage"):
+            usage = ev["usage"]
+        for ch in ev["choices"]:
+            chunks.append(ch.get("token_ids", []))
+    assert sum(chunks, []) == hf_reference["mixtral"][2]
+    assert sum(1 for c in chunks if c) >= 2  # more than one chunk carried tokens
+    assert usage["completion_tokens"] == 8 and usage["prompt_tokens"] == len(PROMPTS[2])
+
+
+def test_two_models_each_answer_their_own(stack, hf_reference):
+    for name, arch in (("mix", "mixtral"), ("qwen", "qwen2_moe")):
+        r = _complete(stack["base"], {"model": name, "prompt": PROMPTS[1], "max_tokens": 8, "temperature": 0})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["token_ids"] == hf_reference[arch][1], name
+    models = httpx.get(f"{stack['base']}/v1/models", headers=AUTH).json()
+    assert sorted(m["id"] for m in models["data"]) == ["mix", "qwen"]
+
+
+def test_error_statuses_in_openai_shape(stack):
+    base = stack["base"]
+    cases = [
+        (_complete(base, {"model": "mix", "prompt": [1, 2]}, headers={}), 401),
+        (_complete(base, {"model": "mix", "prompt": [1, 2]}, headers={"Authorization": "Bearer wrong"}), 401),
+        (_complete(base, {"model": "nope", "prompt": [1, 2]}), 404),
+        (_complete(base, {"model": "mix", "prompt": [1, 2], "max_tokens": 100000}), 400),
+        (_complete(base, {"model": "mix", "prompt": [1, 99999]}), 400),
+        (_complete(base, {"model": "mix", "prompt": [1, 2], "max_tokens": "many"}), 422),
+        (httpx.post(f"{base}/v1/completions", content=b"{not json", headers={**AUTH, "content-type": "application/json"}), 422),
+    ]
+    for r, status in cases:
+        assert r.status_code == status, (status, r.text)
+        err = r.json()["error"]
+        assert isinstance(err["message"], str) and err["message"] and "type" in err
+
+
+def test_overload_gets_429_with_retry_after(stack):
+    async def main():
+        async with httpx.AsyncClient(base_url=stack["base"], headers=AUTH, timeout=120) as c:
+            body = {"model": "mix", "prompt": PROMPTS[0], "max_tokens": 240, "ignore_eos": True}
+            return await asyncio.gather(*[c.post("/v1/completions", json=body) for _ in range(8)])
+    rs = asyncio.run(main())
+    codes = sorted(r.status_code for r in rs)
+    assert codes.count(200) >= 3 and codes.count(429) >= 1, codes
+    assert all(r.headers.get("retry-after") for r in rs if r.status_code == 429)
+    assert all(len(r.json()["choices"][0]["token_ids"]) == 240 for r in rs if r.status_code == 200)
+
+
+def _gateway_running(base: str, model: str) -> float:
+    text = httpx.get(f"{base}/metrics", timeout=30).text
+    m = re.search(rf'amoe_gateway_running_requests{{model="{model}"}} ([0-9.e+-]+)', text)
+    return float(m.group(1)) if m else -1.0
+
+
+def test_client_disconnect_cancels_in_the_data_plane(stack):
+    base = stack["base"]
+    with httpx.stream("POST", f"{base}/v1/completions", headers=AUTH, timeout=60,
+                      json={"model": "mix", "prompt": PROMPTS[0], "max_tokens": 240, "ignore_eos": True,
+                            "stream": True}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                break  # one token arrived: hang up
+    assert _gateway_running(base, "mix") >= 0
+    deadline = time.monotonic() + 20
+    while _gateway_running(base, "mix") != 0 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _gateway_running(base, "mix") == 0
+
+
+def test_dead_data_plane_gives_503_then_comes_back(stack):
+    base = stack["base"]
+    ranks = [p for p in descendants(stack["proc"].pid)
+             if b"rank_main" in Path(f"/proc/{p}/cmdline").read_bytes() and b"qwen" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    assert ranks, "no qwen data-plane processes found"
+    os.kill(ranks[-1], signal.SIGKILL)
+    t0 = time.monotonic()
+    seen_503 = False
+    while time.monotonic() - t0 < 20:
+        r = _complete(base, {"model": "qwen", "prompt": PROMPTS[0], "max_tokens": 4}, timeout=30)
+        if r.status_code == 503:
+            seen_503 = True
+            assert r.json()["error"]["message"]
+            break
+        time.sleep(0.2)
+    assert seen_503
+    ok = _complete(base, {"model": "mix", "prompt": PROMPTS[0], "max_tokens": 4})
+    assert ok.status_code == 200  # the other model is unaffected
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # restarted with back-off on the same address
+        r = _complete(base, {"model": "qwen", "prompt": PROMPTS[0], "max_tokens": 4}, timeout=30)
+        if r.status_code == 200:
+            break
+        time.sleep(1)
+    assert r.status_code == 200, r.text
+    assert "restarting" in stack["log"].read_text()
+
+
+def test_sigterm_tears_everything_down(stack):
+    """Runs last in this module: stops the stack and checks for orphans."""
+    proc = stack["proc"]
+    kids = descendants(proc.pid)
+    assert kids
+    t0 = time.monotonic()
+    os.kill(proc.pid, signal.SIGTERM)
+    proc.wait(90)
+    left = [p for p in kids if alive(p)]
+    assert not left, f"left behind: {left}"
+    assert time.monotonic() - t0 < 90
