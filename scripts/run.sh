@@ -1,10 +1,8 @@
 #!/usr/bin/env bash
-# Install, then generate from a few prompts on the embedded default model with AEP over MPI.
+# Install, then serve the OpenAI API on the embedded default model: an MPI data plane (AEP,
+# 1 attention + 2 expert ranks) behind a Ray Serve ingress at http://127.0.0.1:8000/v1.
+# Ctrl-C stops everything. Extra arguments go to `amoe-serve up` (e.g. --port 9000).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
-export PATH="$PWD/.venv/bin:$PATH"
-in=${1:-examples/requests.jsonl}
-out=${2:-out/results.jsonl}
-amoe-serve generate --input "$in" --output "$out" --config configs/local.yaml
-cat "$out"
+exec .venv/bin/amoe-serve up --config configs/local.yaml "$@"

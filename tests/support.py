@@ -17,7 +17,7 @@ from tests.model.hf_factory import load_hf, make_checkpoint
 ARCHS = ["mixtral", "qwen2_moe", "olmoe"]
 PROMPTS = [[5, 17, 42], [7, 8, 9, 10, 11, 12, 13], [200, 3, 150, 99, 1, 250, 31, 77, 64, 2, 18, 101], [33, 44, 55, 66, 77]]
 MAX_NEW = 8
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -16,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from amoe_serve.default_model import ensure_default_model
 from amoe_serve.procs import alive, descendants
 from tests.support import PROMPTS, REPO, read_results, run_cli, write_requests
 
@@ -53,8 +55,15 @@ def _wait_healthy(base: str, proc: subprocess.Popen, log: Path, timeout: float =
 def stack(checkpoints, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("up")
     port = _free_port()
+    # The served copy gets the default model's byte-level tokenizer (ids < 259 fit its vocab of
+    # 300), so text prompts work too; token ids are the same either way.
+    mix = tmp / "mixtral"
+    shutil.copytree(checkpoints["mixtral"], mix)
+    default = ensure_default_model(tmp / "cache")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(default / f, mix / f)
     cfg = {
-        "model": {"path": str(checkpoints["mixtral"])},
+        "model": {"path": str(mix)},
         "deployment": {"mode": "aep", "attention_ranks": 1, "expert_ranks": 2},
         "link": {"model_name": "mix"},
         "serving": {"port": port, "api_keys": [KEY], "max_concurrent_requests": 3, "max_tokens_limit": 512,
@@ -205,6 +214,29 @@ def test_dead_data_plane_gives_503_then_comes_back(stack):
         time.sleep(1)
     assert r.status_code == 200, r.text
     assert "restarting" in stack["log"].read_text()
+
+
+def test_locust_short_workload_against_the_stack(stack):
+    """The documented headless Locust run, shortened: streams the paper's short workload."""
+    tmp = stack["tmp"]
+    locust = Path(sys.executable).parent / "locust"
+    cmd = [str(locust), "-f", "loadtests/locustfile.py", "--headless", "-u", "4", "-r", "4", "-t", "8s",
+           "--host", stack["base"], "--workload", "short", "--rate", "2", "--model", "mix", "--api-key", KEY,
+           "--csv", str(tmp / "short"), "--summary-json", str(tmp / "short.json"), "--only-summary"]
+    p = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         start_new_session=True)
+    try:
+        out, _ = p.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, _ = p.communicate()
+    assert p.returncode == 0, out[-3000:]
+    summary = json.loads((tmp / "short.json").read_text())
+    assert summary["requests"]["failed"] == 0
+    assert summary["requests"]["ok"] >= 3 and summary["output_tokens"] > 0
+    plot = subprocess.run([sys.executable, "-m", "loadtests.plot", "--csv", str(tmp / "short"), "--summary-json",
+                           str(tmp / "short.json"), "--output", str(tmp / "short.png")], cwd=REPO, timeout=120)
+    assert plot.returncode == 0 and (tmp / "short.png").stat().st_size > 10_000
 
 
 def test_sigterm_tears_everything_down(stack):
