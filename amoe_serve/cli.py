@@ -74,9 +74,41 @@ def cmd_up(args: argparse.Namespace) -> int:
     return up(cfg)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from amoe_serve.bench.config import load_bench_config
+    from amoe_serve.bench.run import run_bench
+    from amoe_serve.default_model import default_cache_root
+    cfg = load_bench_config(args.config, args.overrides)
+    if cfg.model.path:
+        _check_model(cfg.model.path)
+    run_bench(cfg, Path(args.output), default_cache_root())
+    print(f"[amoe-serve] bench results: {Path(args.output) / 'results.json'}, plot: {Path(args.output) / 'bench.png'}")
+    return 0
+
+
 def cmd_make_default_model(args: argparse.Namespace) -> int:
     from amoe_serve.default_model import ensure_default_model
     print(ensure_default_model(Path(args.output) if args.output else None))
+    return 0
+
+
+def cmd_sim(args: argparse.Namespace) -> int:
+    """Cluster simulator (amoe_serve.sim): AEP vs lockstep at scale, or calibrate the local table."""
+    if args.calibrate:
+        from amoe_serve.sim.calibrate import calibrate
+        out = args.calibrate
+        t = calibrate(out, quick=args.quick)
+        print(f"wrote {out}: expert_points={len(t.expert_points)} attention_fit={t.attention_fit} cores={t.cores}")
+        return 0
+    if not args.output:
+        raise CliError("sim: --output DIR is required (or --calibrate FILE)")
+    from amoe_serve.sim.config import load_sim_config
+    from amoe_serve.sim.run import run_and_write
+    bad = [o for o in args.overrides if "=" not in o]
+    if bad:
+        raise CliError(f"override {bad[0]!r} is not KEY=VALUE")
+    cfg = load_sim_config(args.config, list(args.overrides))
+    run_and_write(cfg, args.output)
     return 0
 
 
@@ -104,6 +136,23 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--port", type=int, help="HTTP port (default serving.port, 8000)")
     _common_model_args(u)
     u.set_defaults(func=cmd_up, timeout=None)
+
+    bn = sub.add_parser("bench", help="AEP vs lockstep vs transformers on one checkpoint, in one run")
+    bn.add_argument("--config", help="bench YAML, e.g. configs/bench/paper-short.yaml")
+    bn.add_argument("--output", required=True, help="folder for results.json, results.md and bench.png")
+    bn.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. num_requests=16 systems=[aep]")
+    bn.set_defaults(func=cmd_bench)
+
+    from amoe_serve.serving.attach import add_ingress_parser
+    add_ingress_parser(sub)  # `amoe-serve ingress`: Serve in front of running gateways (e.g. srun)
+
+    sm = sub.add_parser("sim", help="discrete-event cluster simulator: AEP vs lockstep, results.json + plots")
+    sm.add_argument("--config", help="simulator YAML, e.g. configs/sim/paper-16gpu.yaml")
+    sm.add_argument("--output", help="folder for results.json, summary.json and the plots")
+    sm.add_argument("--calibrate", metavar="FILE", help="measure this machine and write a local device table")
+    sm.add_argument("--quick", action="store_true", help="with --calibrate: fewer repetitions")
+    sm.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. cluster.gpus=[8] run.policies=[mtfs]")
+    sm.set_defaults(func=cmd_sim)
 
     m = sub.add_parser("make-default-model", help="write the embedded default checkpoint and print its folder")
     m.add_argument("--output", help="folder (default: the cache folder)")

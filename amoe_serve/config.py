@@ -49,6 +49,24 @@ class SchedulerConfig:
     max_expert_batch: int = 512
     # Run all ready queues of the picked block as one grouped step on expert ranks.
     group_block: bool = True
+    # Attention ranks (AEP): a wave's queue at block b waits for the wave's segments still at
+    # the experts (at block 0: for the whole wave to come back, so new requests join it) rather
+    # than run a fragment; this many ms is the most it waits.
+    attention_max_wait_ms: float = 1000.0
+    # Attention ranks (AEP): requests are split into this many waves that move through the
+    # blocks independently (μ-queue slot = wave), so attention of one wave overlaps the expert
+    # work of another. Lockstep always runs one.
+    attention_waves: int = 2
+
+
+@dataclass
+class RoutingConfig:
+    """Which experts tokens go to. "model": the checkpoint's router (serving). "exponential":
+    the AMoE paper's benchmark skew, p(expert) ~ exp(-rate * popularity rank), per block."""
+    mode: str = "model"
+    rate: float = 1.0
+    top_k: int = 0  # 0: the model's top-k
+    seed: int = 0
 
 
 @dataclass
@@ -168,6 +186,7 @@ class AmoeConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     deployment: DeploymentConfig = field(default_factory=DeploymentConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
     kv_cache: KVCacheConfig = field(default_factory=KVCacheConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
@@ -187,8 +206,14 @@ def validate(cfg: AmoeConfig) -> AmoeConfig:
     if cfg.scheduler.policy not in POLICIES:
         raise ConfigError(
             f"scheduler.policy={cfg.scheduler.policy!r}: expected one of {', '.join(POLICIES)}")
+    if cfg.scheduler.attention_waves < 1 or cfg.scheduler.attention_max_wait_ms < 0:
+        raise ConfigError("scheduler.attention_waves must be >= 1 and attention_max_wait_ms >= 0")
     if cfg.scheduler.lookahead < 0 or not (0.0 < cfg.scheduler.decay <= 1.0):
         raise ConfigError("scheduler.lookahead must be >= 0 and 0 < scheduler.decay <= 1")
+    if cfg.routing.mode not in ("model", "exponential"):
+        raise ConfigError(f"routing.mode={cfg.routing.mode!r}: expected 'model' or 'exponential'")
+    if cfg.routing.rate < 0 or cfg.routing.top_k < 0:
+        raise ConfigError("routing.rate and routing.top_k must be >= 0")
     if cfg.model.dtype not in DTYPES:
         raise ConfigError(f"model.dtype={cfg.model.dtype!r}: expected one of {', '.join(DTYPES)}")
     if cfg.kv_cache.block_size < 1 or cfg.kv_cache.num_blocks < 1:

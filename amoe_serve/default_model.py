@@ -76,9 +76,8 @@ def _tokenizer_json() -> str:
     return tok.to_str()
 
 
-def _weights() -> dict[str, torch.Tensor]:
-    c = CONFIG
-    gen = torch.Generator().manual_seed(SEED)
+def _weights(c: dict, seed: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
     D, F, V = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
     H, G, d = c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]
 
@@ -108,14 +107,16 @@ def _weights() -> dict[str, torch.Tensor]:
     return {k: v.contiguous() for k, v in w.items()}
 
 
-def write_default_model(out_dir: Path) -> Path:
-    """Write all files into out_dir (created if needed); not atomic, see ensure_default_model."""
+def write_default_model(out_dir: Path, config: Optional[dict] = None, seed: int = SEED) -> Path:
+    """Write all files into out_dir (created if needed); not atomic, see ensure_default_model.
+    `config` overrides keys of the default Mixtral config (the bench model is written this way)."""
+    cfg = {**CONFIG, **(config or {})}
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(_weights(), str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    (out_dir / "config.json").write_text(json.dumps(CONFIG, indent=2))
+    save_file(_weights(cfg, seed), str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))
     gen_cfg = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "do_sample": False}
     (out_dir / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2))
     (out_dir / "tokenizer.json").write_text(_tokenizer_json())
@@ -125,7 +126,7 @@ def write_default_model(out_dir: Path) -> Path:
         "eos_token": "</s>",
         "pad_token": "<pad>",
         "add_bos_token": True,
-        "model_max_length": CONFIG["max_position_embeddings"],
+        "model_max_length": cfg["max_position_embeddings"],
     }
     (out_dir / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2))
     return out_dir

@@ -16,6 +16,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from amoe_serve.engine.skew import ExponentialSkew
 from amoe_serve.kv.allocator import BlockAllocator
 from amoe_serve.kv.cache import PagedKVCache
 from amoe_serve.model import AttentionSide, AttnSegment
@@ -32,6 +33,7 @@ class RequestState:
     output: list[int] = field(default_factory=list)
     num_cached: int = 0  # tokens whose K/V are in the cache
     cancelled: bool = False
+    wave: int = 0  # AEP micro-wave (the attention μ-queue slot) the request travels in
 
 
 @dataclass
@@ -68,9 +70,12 @@ class Dispatch:
 
 class AttentionCore:
     def __init__(self, model: AttentionSide, owner_BE: np.ndarray, expert_ranks: int,
-                 kv: PagedKVCache, allocator: BlockAllocator, eos_token_ids: tuple[int, ...]):
+                 kv: PagedKVCache, allocator: BlockAllocator, eos_token_ids: tuple[int, ...],
+                 skew: Optional[ExponentialSkew] = None):
         self.model = model
         self.spec = model.spec
+        self.skew = skew
+        self.top_k = skew.top_k if skew is not None else model.spec.top_k
         self.device = kv.k_LNSGd.device
         self.owner_BE = torch.as_tensor(owner_BE, dtype=torch.int64, device=self.device)
         self.expert_ranks = expert_ranks
@@ -84,12 +89,12 @@ class AttentionCore:
         self.segments: dict[int, Segment] = {}  # in the pool, waiting for expert outputs
 
     # ---- requests ---------------------------------------------------------------------
-    def admit(self, rid: str, prompt: list[int], params: SamplingParams) -> Segment:
+    def admit(self, rid: str, prompt: list[int], params: SamplingParams, wave: int = 0) -> Segment:
         """Reserve KV for the whole request up front (no preemption needed) and embed the prompt."""
         if rid in self.requests:
             raise ValueError(f"request id {rid!r} is already running")
         self.allocator.allocate(rid, len(prompt) + params.max_tokens)
-        req = RequestState(rid, list(prompt), params, make_generator(params.seed))
+        req = RequestState(rid, list(prompt), params, make_generator(params.seed), wave=wave)
         self.requests[rid] = req
         x_TD = self.model.embed(torch.tensor(prompt, dtype=torch.long))
         return Segment(next(self._seg_ids), req, 0, x_TD, 0)
@@ -105,12 +110,15 @@ class AttentionCore:
 
     # ---- one block of attention on a batch of segments ---------------------------------
     def attend(self, b: int, segs: list[Segment], all_ranks: bool = False) -> list[Dispatch]:
-        K = self.spec.top_k
+        K = self.top_k
         x_TD = segs[0].x_TD if len(segs) == 1 else torch.cat([s.x_TD for s in segs])
         attn = [AttnSegment(s.start_pos, s.num_tokens, self.allocator.table(s.req.id)) for s in segs]
         h_TD = self.model.attention(b, x_TD, attn, self.kv)
         y_TD = self.model.moe_input(b, h_TD)
-        ids_TK, w_TK = self.model.route(b, y_TD)
+        if self.skew is None:
+            ids_TK, w_TK = self.model.route(b, y_TD)
+        else:
+            ids_TK, w_TK = self.skew.route(b, y_TD.shape[0], y_TD.dtype, y_TD.device)
         s_TD = self.model.shared_expert(b, y_TD)
 
         lens = [s.num_tokens for s in segs]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
 
 from amoe_serve.counters import RankCounters
@@ -17,7 +18,7 @@ from amoe_transport import Message, Transport
 
 class AttentionRank:
     def __init__(self, core: AttentionCore, transport: Transport, topo: Topology, scheduler,
-                 max_batch_tokens: int, max_poll_sleep: float):
+                 max_batch_tokens: int, max_poll_sleep: float, max_wait_s: float = 0.05, waves: int = 1):
         self.core = core
         self.t = transport
         self.topo = topo
@@ -25,8 +26,15 @@ class AttentionRank:
         self.max_batch_tokens = max_batch_tokens
         self.max_sleep = max_poll_sleep
         self.num_blocks = core.spec.num_blocks
-        self.queues = MuQueues(self.num_blocks, 1)
-        self.counters = RankCounters(self.num_blocks, 1)
+        self.waves = waves
+        self.queues = MuQueues(self.num_blocks, waves)  # slot = wave
+        # Segments at the experts whose next stop is (block b, wave w) (block 0: back as the
+        # next decode token), and when each queue last became non-empty.
+        self.incoming_BW = np.zeros((self.num_blocks, waves), dtype=np.int64)
+        self.since_BW = np.zeros((self.num_blocks, waves))
+        self.in_flight_W = np.zeros(waves, dtype=np.int64)  # segments between block 0 and sampling
+        self.max_wait_s = max_wait_s
+        self.counters = RankCounters(self.num_blocks, waves)
         self.to_sample: list[Segment] = []
         self.stop = False
         self._sync: dict[int, list[Message]] = {}    # lockstep round -> peers' STEP_SYNC
@@ -35,7 +43,11 @@ class AttentionRank:
     # ---- messages --------------------------------------------------------------------------
     def handle(self, m: Message) -> None:
         if m.tag == Tag.COMBINE and "step" not in m.header:
-            self._advance(self.core.deliver(m.header["b"], m.tensors[0], m.tensors[1]))
+            done = self.core.deliver(m.header["b"], m.tensors[0], m.tensors[1])
+            nxt = (m.header["b"] + 1) % self.num_blocks
+            for s in done:
+                self.incoming_BW[nxt, s.req.wave] -= 1
+            self._advance(done)
         elif m.tag == Tag.COMBINE:
             self._combine.append(m)
         elif m.tag == Tag.REQUEST:
@@ -59,16 +71,37 @@ class AttentionRank:
     def _admit(self, h: dict) -> None:
         try:
             params = SamplingParams.from_dict(h["params"])
-            seg = self.core.admit(h["id"], h["prompt_token_ids"], params)
+            load = np.bincount([r.wave for r in self.core.requests.values()], minlength=self.waves)
+            seg = self.core.admit(h["id"], h["prompt_token_ids"], params, int(np.argmin(load)))
         except (ValueError, RuntimeError) as e:
             self._emit([TokenEvent(h["id"], None, "error", str(e))])
             return
-        self.queues.push(0, 0, seg, seg.num_tokens)
+        self._push(0, seg)
+
+    def _push(self, b: int, seg: Segment) -> None:
+        w = seg.req.wave
+        if self.queues.lengths[b, w] == 0:
+            self.since_BW[b, w] = time.perf_counter()
+        self.queues.push(b, w, seg, seg.num_tokens)
+
+    def _ready(self) -> np.ndarray:
+        """Queue lengths with blocks masked out that should wait for the rest of their wave:
+        a wave split by the order of expert replies is put back together before it runs."""
+        Q = self.queues.lengths
+        expect_BW = self.incoming_BW.copy()
+        expect_BW[0] = self.in_flight_W
+        waiting = (expect_BW > 0) & (Q < self.max_batch_tokens)
+        if waiting.any():
+            waiting &= (time.perf_counter() - self.since_BW) < self.max_wait_s
+            if waiting.any():
+                Q = Q.copy()
+                Q[waiting] = 0
+        return Q
 
     def _advance(self, segs: list[Segment]) -> None:
         for s in segs:
             if s.block < self.num_blocks:
-                self.queues.push(s.block, 0, s, s.num_tokens)
+                self._push(s.block, s)
             else:
                 self.to_sample.append(s)
 
@@ -76,9 +109,10 @@ class AttentionRank:
         if not self.to_sample:
             return
         segs, self.to_sample = self.to_sample, []
+        np.subtract.at(self.in_flight_W, [s.req.wave for s in segs], 1)
         events, new = self.core.sample(segs)
         for s in new:
-            self.queues.push(0, 0, s, 1)
+            self._push(0, s)
         self._emit(events)
 
     def _emit(self, events: list[TokenEvent]) -> None:
@@ -100,19 +134,22 @@ class AttentionRank:
             last = now
             self._drain(0)
             self._sample()
-            pick = self.scheduler.pick(self.queues.lengths)
+            pick = self.scheduler.pick(self._ready())
             if pick is None:
                 t0 = time.perf_counter()
-                self._drain(self.max_sleep * 25)
+                self._drain(self.max_sleep * 25 if not self.queues.total() else self.max_sleep)
                 self.counters.record_idle(time.perf_counter() - t0)
                 continue
             t0 = time.perf_counter()
-            b = pick[0]
-            segs = self.queues.pop(b, 0, self.max_batch_tokens)
+            b, w = pick
+            segs = self.queues.pop(b, w, self.max_batch_tokens)
             n = sum(s.num_tokens for s in segs)
             for d in self.core.attend(b, segs):
                 self.t.isend(self.topo.expert_rank(d.dst_index), Tag.DISPATCH, d.header, d.tensors)
-            self.counters.record_batch(b, 0, n)
+            self.incoming_BW[(b + 1) % self.num_blocks, w] += len(segs)
+            if b == 0:
+                self.in_flight_W[w] += len(segs)
+            self.counters.record_batch(b, w, n)
             self.counters.record_busy(time.perf_counter() - t0)
         self.t.flush(timeout=10)
 

@@ -23,6 +23,7 @@ from amoe_serve.engine.expert_rank import ExpertRank
 from amoe_serve.engine.gateway import Gateway
 from amoe_serve.engine.placement import Placement
 from amoe_serve.engine.protocol import GATEWAY_RANK, Tag
+from amoe_serve.engine.skew import ExponentialSkew
 from amoe_serve.engine.topology import Topology
 from amoe_serve.kv.allocator import BlockAllocator
 from amoe_serve.kv.cache import PagedKVCache
@@ -60,11 +61,17 @@ def pick_device(cfg: AmoeConfig, local_rank: int) -> str:
     return f"cuda:{local_rank % torch.cuda.device_count()}"
 
 
-def make_attention_core(cfg: AmoeConfig, spec: ModelSpec, place: Placement, device: str = "cpu") -> AttentionCore:
+def make_attention_core(cfg: AmoeConfig, spec: ModelSpec, place: Placement, device: str = "cpu",
+                        rank: int = 0) -> AttentionCore:
     model = AttentionSide.load(cfg.model.path, torch_dtype(cfg), device)
     kv = PagedKVCache(spec, cfg.kv_cache.num_blocks, cfg.kv_cache.block_size, model.dtype, device)
     alloc = BlockAllocator(cfg.kv_cache.num_blocks, cfg.kv_cache.block_size)
-    return AttentionCore(model, place.owner_table(), place.expert_ranks, kv, alloc, spec.eos_token_ids)
+    r = cfg.routing
+    skew = None
+    if r.mode == "exponential":
+        # Seeded by rank too: data-parallel attention ranks must not draw identical sequences.
+        skew = ExponentialSkew(spec.num_blocks, spec.num_experts, r.top_k or spec.top_k, r.rate, r.seed + rank)
+    return AttentionCore(model, place.owner_table(), place.expert_ranks, kv, alloc, spec.eos_token_ids, skew)
 
 
 def make_expert_core(cfg: AmoeConfig, spec: ModelSpec, pairs: list[tuple[int, int]],
@@ -86,8 +93,9 @@ def run_worker(cfg: AmoeConfig, transport: Transport, device: str = "cpu") -> No
     lockstep = cfg.deployment.mode == "lockstep"
     if role == "attention":
         s = cfg.scheduler
-        r = AttentionRank(make_attention_core(cfg, spec, place, device), transport, topo,
-                          make_scheduler(s.policy, s.lookahead, s.decay), cfg.engine.max_batch_tokens, sleep)
+        r = AttentionRank(make_attention_core(cfg, spec, place, device, rank), transport, topo,
+                          make_scheduler(s.policy, s.lookahead, s.decay), cfg.engine.max_batch_tokens, sleep,
+                          s.attention_max_wait_ms * 1e-3, 1 if lockstep else s.attention_waves)
         r.run_lockstep() if lockstep else r.run_aep()
     elif role == "expert":
         core = make_expert_core(cfg, spec, place.pairs_of(rank - 1 - topo.attention_ranks), device)

@@ -1,0 +1,1 @@
+"""`amoe-serve bench`: AEP vs lockstep vs transformers on one checkpoint, in one run."""

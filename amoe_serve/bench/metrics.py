@@ -1,0 +1,46 @@
+"""Turns traces and rank counters into the records of results.json."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def pct(xs: list[float], q: float) -> float | None:
+    return float(np.percentile(xs, q)) if xs else None
+
+
+def latency_fields(traces) -> dict:
+    ttft = [(t.token_s[0] - t.submit_s) * 1e3 for t in traces if t.token_s]
+    itl = [(b - a) * 1e3 for t in traces for a, b in zip(t.token_s, t.token_s[1:])]
+    return {"ttft_ms_p50": pct(ttft, 50), "ttft_ms_p99": pct(ttft, 99),
+            "itl_ms_p50": pct(itl, 50), "itl_ms_p99": pct(itl, 99)}
+
+
+def rank_fields(stats: dict) -> dict:
+    ranks = stats.get("ranks", {}).values()
+    experts = [r for r in ranks if r.get("role") == "expert"]
+    attn = [r for r in ranks if r.get("role") == "attention"]
+    tok = sum(r.get("total_tokens", 0) for r in experts)
+    bat = sum(r.get("total_batches", 0) for r in experts)
+    hist: dict[str, int] = {}
+    for r in experts:
+        for k, v in r.get("batch_hist", {}).items():
+            hist[k] = hist.get(k, 0) + v
+    # tokens per global expert: expert ranks report tokens per (block, local slot) and which
+    # global expert each slot is.
+    per_expert: dict[int, int] = {}
+    for r in experts:
+        for b, row in enumerate(r.get("tokens_per_layer", [])):
+            for s, n in enumerate(row):
+                ids = r.get("experts", [])
+                if b < len(ids) and s < len(ids[b]):
+                    per_expert[ids[b][s]] = per_expert.get(ids[b][s], 0) + n
+    busy = [r.get("idle_fraction") for r in [*attn, *experts] if r.get("idle_fraction") is not None]
+    a_tok = sum(r.get("total_tokens", 0) for r in attn)
+    a_bat = sum(r.get("total_batches", 0) for r in attn)
+    return {"mean_expert_batch": tok / bat if bat else None,
+            "mean_attention_batch": a_tok / a_bat if a_bat else None,
+            "idle_fraction": float(np.mean(busy)) if busy else None,
+            "expert_rows": tok, "attention_tokens": a_tok,
+            "expert_batch_hist": hist, "tokens_per_expert": {str(k): v for k, v in sorted(per_expert.items())},
+            "rank_idle": {str(r["rank"]): r.get("idle_fraction") for r in [*attn, *experts] if "rank" in r}}

@@ -1,0 +1,80 @@
+"""Plots and a Markdown table of results.json, so a person can look instead of read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+COLORS = {"aep": "tab:blue", "lockstep": "tab:orange", "hf-transformers": "tab:green"}
+
+
+def ratio_table(records: list[dict]) -> str:
+    rows = ["| workload | rate (req/s) | system | tokens/s | vs lockstep | ITL p50 ms | ITL p99 ms | TTFT p50 ms | mean expert batch | idle | roofline |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    f = lambda x, p=1: "-" if x is None else f"{x:.{p}f}"
+    for r in records:
+        base = next((b for b in records if b["system"] == "lockstep" and b["workload"] == r["workload"]
+                     and b["request_rate"] == r["request_rate"]), None)
+        if base is None and r["system"] == "hf-transformers":  # hf runs offline only
+            base = next((b for b in records if b["system"] == "lockstep" and b["workload"] == r["workload"]
+                         and b["request_rate"] == 0), None)
+        rel = r["output_tokens_per_s"] / base["output_tokens_per_s"] if base else None
+        rows.append(f"| {r['workload']} | {r['request_rate'] or 'offline'} | {r['system']} | "
+                    f"{f(r['output_tokens_per_s'])} | {f(rel, 2)}x | {f(r.get('itl_ms_p50'))} | "
+                    f"{f(r.get('itl_ms_p99'))} | {f(r.get('ttft_ms_p50'))} | {f(r.get('mean_expert_batch'))} | "
+                    f"{f(r.get('idle_fraction'), 2)} | {f(r.get('roofline_fraction'), 3)} |")
+    return "\n".join(rows) + "\n"
+
+
+def write_report(records: list[dict], out: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    (out / "results.md").write_text(ratio_table(records))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    ax = axes[0]
+    for system in COLORS:
+        pts = [(r["itl_ms_p50"], r["output_tokens_per_s"]) for r in records
+               if r["system"] == system and r.get("itl_ms_p50") is not None]
+        if pts:
+            xs, ys = zip(*sorted(pts))
+            ax.plot(xs, ys, "o-", color=COLORS[system], label=system)
+        elif system == "hf-transformers":
+            for r in records:
+                if r["system"] == system:
+                    ax.axhline(r["output_tokens_per_s"], color=COLORS[system], ls="--", label=f"{system} (offline)")
+    ax.set_xlabel("inter-token latency p50 (ms)")
+    ax.set_ylabel("output tokens/s")
+    ax.set_title("throughput vs latency")
+    ax.legend()
+    ax = axes[1]
+    for system in ("aep", "lockstep"):
+        hist: dict[int, int] = {}
+        for r in records:
+            if r["system"] == system:
+                for k, v in (r.get("expert_batch_hist") or {}).items():
+                    hist[int(k)] = hist.get(int(k), 0) + v
+        if hist:
+            ks = sorted(hist)
+            ax.bar([str(k) for k in ks], [hist[k] for k in ks], alpha=0.6, color=COLORS[system], label=system)
+    ax.set_xlabel("executed expert batch (rows, power-of-two bucket)")
+    ax.set_ylabel("batches")
+    ax.set_title("expert batch sizes")
+    ax.legend()
+    ax = axes[2]
+    for i, system in enumerate(("aep", "lockstep")):
+        load: dict[int, int] = {}
+        for r in records:
+            if r["system"] == system:
+                for k, v in (r.get("tokens_per_expert") or {}).items():
+                    load[int(k)] = load.get(int(k), 0) + v
+        if load:
+            ks = sorted(load)
+            ax.bar([k + (i - 0.5) * 0.4 for k in ks], [load[k] for k in ks], width=0.4, color=COLORS[system], label=system)
+    ax.set_xlabel("expert")
+    ax.set_ylabel("rows (all blocks)")
+    ax.set_title("per-expert load")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "bench.png", dpi=110)
+    plt.close(fig)

@@ -1,0 +1,108 @@
+"""Orchestrates a benchmark: every system, workload and rate on the same checkpoint, ranks,
+cores and dtype, one after another in one run; results as JSON records and plots."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from amoe_serve.bench.config import BenchConfig
+from amoe_serve.bench.driver import run_point
+from amoe_serve.bench.metrics import latency_fields, rank_fields
+from amoe_serve.bench.roofline import best_gemm_flops, run_flops
+from amoe_serve.bench.workloads import make_requests
+from amoe_serve.config import AmoeConfig, load_config
+
+
+def bench_model_path(cfg: BenchConfig, cache: Path) -> str:
+    if cfg.model.path:
+        return cfg.model.path
+    from amoe_serve.default_model import write_default_model
+    m = cfg.model
+    name = (f"bench-d{m.hidden_size}-f{m.intermediate_size}-b{m.num_blocks}-e{m.num_experts}-k{m.top_k}"
+            f"-h{m.num_heads}x{m.head_dim}-g{m.num_kv_heads}-v{m.vocab_size}-s{m.seed}")
+    out = cache / name
+    if not (out / "config.json").exists():
+        print(f"[bench] writing the bench model to {out}", file=sys.stderr, flush=True)
+        tmp = cache / (name + ".tmp")
+        write_default_model(tmp, {"hidden_size": m.hidden_size, "intermediate_size": m.intermediate_size,
+                                  "num_hidden_layers": m.num_blocks, "num_local_experts": m.num_experts,
+                                  "num_experts_per_tok": m.top_k, "num_attention_heads": m.num_heads,
+                                  "num_key_value_heads": m.num_kv_heads, "head_dim": m.head_dim,
+                                  "vocab_size": m.vocab_size}, seed=m.seed)
+        tmp.rename(out)
+    return str(out)
+
+
+def dataplane_config(cfg: BenchConfig, system: str, path: str) -> AmoeConfig:
+    r = cfg.routing
+    over = [f"model.path={path}", f"deployment.mode={system}",
+            f"deployment.attention_ranks={cfg.attention_ranks}", f"deployment.expert_ranks={cfg.expert_ranks}",
+            f"routing.mode={r.mode}", f"routing.rate={r.rate}", f"routing.top_k={r.top_k}", f"routing.seed={r.seed}",
+            "runtime.device=cpu", *cfg.dataplane, *(cfg.aep if system == "aep" else cfg.lockstep)]
+    return load_config(None, over)
+
+
+def run_bench(cfg: BenchConfig, output: Path, cache: Path) -> list[dict]:
+    from amoe_serve.bench.report import write_report
+    from amoe_serve.model import load_spec
+
+    output.mkdir(parents=True, exist_ok=True)
+    path = bench_model_path(cfg, cache)
+    spec = load_spec(path)
+    gemm = best_gemm_flops(spec.hidden_size, spec.expert_intermediate_size)
+    print(f"[bench] best single-core GEMM rate for [512x{spec.hidden_size}]x[{spec.hidden_size}x"
+          f"{spec.expert_intermediate_size}]: {gemm / 1e9:.1f} GFLOP/s", file=sys.stderr, flush=True)
+    records: list[dict] = []
+    for workload in cfg.workloads:
+        for rate in cfg.request_rates:
+            reqs = make_requests(workload, cfg.num_requests, rate, spec.vocab_size, cfg.seed)
+            n_in = sum(len(r.prompt_token_ids) for r in reqs)
+            n_out = sum(r.max_tokens for r in reqs)
+            mean_ctx = sum(len(r.prompt_token_ids) + r.max_tokens / 2 for r in reqs) / len(reqs)
+            for system in cfg.systems:
+                label = f"{system} {workload} rate={rate or 'offline'}"
+                rec = {"system": system, "workload": workload, "request_rate": rate,
+                       "num_requests": len(reqs), "input_tokens": n_in}
+                t0 = time.perf_counter()
+                if system == "hf-transformers":
+                    if rate > 0:
+                        continue  # generate has no continuous batching: offline only
+                    from amoe_serve.bench.hf_baseline import hf_threads, run_hf
+                    threads = hf_threads()
+                    h = run_hf(path, reqs, cfg.hf_batch_size, threads)
+                    wall, cores = h["wall_s"], threads
+                    rec.update(output_tokens=h["output_tokens"], hf_batch_size=cfg.hf_batch_size,
+                               ttft_ms_p50=None, ttft_ms_p99=None, itl_ms_p50=None, itl_ms_p99=None,
+                               mean_expert_batch=None, idle_fraction=None)
+                    # HF runs every token through every block with the model's own router (top-k of the model).
+                    flops = run_flops(spec, (n_in + n_out) * spec.num_blocks,
+                                      (n_in + n_out) * spec.num_blocks * spec.top_k, n_out, mean_ctx)
+                else:
+                    dp = dataplane_config(cfg, system, path)
+                    p = run_point(dp, reqs, label, cfg.point_timeout_s)
+                    failed = [t.error for t in p.traces if t.error]
+                    wall = p.wall_s
+                    got = sum(len(t.token_s) for t in p.traces)
+                    rec.update(output_tokens=got, failed_requests=len(failed), errors=failed[:3],
+                               **latency_fields(p.traces), **rank_fields(p.stats))
+                    cores = min(len(__import__("os").sched_getaffinity(0)),
+                                dp.deployment.attention_ranks + dp.deployment.expert_ranks)
+                    flops = run_flops(spec, rec["attention_tokens"], rec["expert_rows"], got, mean_ctx)
+                rec["wall_s"] = wall
+                rec["output_tokens_per_s"] = rec["output_tokens"] / wall if wall > 0 else None
+                rec["roofline_fraction"] = flops / wall / (gemm * cores) if wall > 0 else None
+                rec["cores"] = cores
+                rec["bench_seconds"] = time.perf_counter() - t0
+                records.append(rec)
+                print(f"[bench] {label}: {rec['output_tokens_per_s']:.1f} tok/s, "
+                      f"ITL p50 {rec.get('itl_ms_p50') or float('nan'):.1f} ms, "
+                      f"expert batch {rec.get('mean_expert_batch') or float('nan'):.1f}", file=sys.stderr, flush=True)
+                (output / "results.json").write_text(json.dumps(records, indent=1))
+    meta = {"config": asdict(cfg), "model_path": path, "gemm_flops_per_core": gemm}
+    (output / "bench_meta.json").write_text(json.dumps(meta, indent=1, default=str))
+    write_report(records, output)
+    return records
