@@ -1,5 +1,31 @@
-"""amoe_kernels: MoE operators (PyTorch reference today; Triton on CUDA later) behind one dispatcher."""
+"""amoe_kernels: MoE and decode-attention operators behind one dispatcher.
 
-from .dispatch import combine_slots, expert_ffn, grouped_expert_ffn, permute, topk_gating, unpermute_combine
+Triton kernels on CUDA tensors, pure-PyTorch references otherwise (see dispatch.py);
+launch parameters live in configs/*.json (see tuning.py); `python -m amoe_kernels.bench`.
+"""
 
-__all__ = ["combine_slots", "expert_ffn", "grouped_expert_ffn", "permute", "topk_gating", "unpermute_combine"]
+from .dispatch import (
+    backend_for,
+    combine_slots,
+    expert_ffn,
+    grouped_expert_ffn,
+    paged_decode_attention,
+    permute,
+    permute_tokens,
+    route,
+    topk_gating,
+    unpermute_combine,
+)
+
+__all__ = [
+    "backend_for",
+    "combine_slots",
+    "expert_ffn",
+    "grouped_expert_ffn",
+    "paged_decode_attention",
+    "permute",
+    "permute_tokens",
+    "route",
+    "topk_gating",
+    "unpermute_combine",
+]

@@ -35,7 +35,7 @@ def expert_ffn(x_TD, w1_FD, w3_FD, w2_DF) -> None:
         _fail(op, f"dtypes differ: x {x_TD.dtype}, w1 {w1_FD.dtype}, w3 {w3_FD.dtype}, w2 {w2_DF.dtype}")
 
 
-def grouped_expert_ffn(x_TD, counts_G, w1_GFD, w3_GFD, w2_GDF) -> None:
+def grouped_expert_ffn(x_TD, counts_G, w1_GFD, w3_GFD, w2_GDF, experts=None) -> None:
     op = "grouped_expert_ffn"
     _dims(op, "x_TD", x_TD, 2)
     for n, t in (("w1_GFD", w1_GFD), ("w3_GFD", w3_GFD), ("w2_GDF", w2_GDF)):
@@ -45,7 +45,12 @@ def grouped_expert_ffn(x_TD, counts_G, w1_GFD, w3_GFD, w2_GDF) -> None:
     if w1_GFD.shape != (G, F, D) or w3_GFD.shape != (G, F, D) or w2_GDF.shape != (G, D, F):
         _fail(op, f"weights w1 {tuple(w1_GFD.shape)}, w3 {tuple(w3_GFD.shape)}, w2 {tuple(w2_GDF.shape)} "
                   f"do not match x {tuple(x_TD.shape)}: expected w1/w3 [G, F, {D}], w2 [G, {D}, F]")
-    if len(counts_G) != G:
+    if experts is not None:
+        if len(experts) != len(counts_G):
+            _fail(op, f"{len(counts_G)} counts for {len(experts)} experts")
+        if any(not 0 <= int(e) < G for e in experts):
+            _fail(op, f"experts {list(experts)} must index the {G} stacked weights")
+    elif len(counts_G) != G:
         _fail(op, f"{len(counts_G)} counts for {G} experts")
     if any(int(c) < 0 for c in counts_G) or sum(int(c) for c in counts_G) != T:
         _fail(op, f"counts {list(counts_G)} must be >= 0 and sum to T={T}")
@@ -85,3 +90,73 @@ def unpermute_combine(out_sorted_RD, order_R, w_TK) -> None:
     _dims(op, "w_TK", w_TK, 2)
     if out_sorted_RD.shape[0] != order_R.shape[0] or order_R.shape[0] != w_TK.numel():
         _fail(op, f"R mismatch: out {out_sorted_RD.shape[0]}, order {order_R.shape[0]}, T*K {w_TK.numel()}")
+
+
+SCORINGS = ("softmax", "sigmoid")
+
+
+def scoring(op: str, name: str) -> None:
+    if name not in SCORINGS:
+        _fail(op, f"scoring {name!r} is not supported (use one of {SCORINGS})")
+
+
+def route(logits_TE, k, num_experts) -> None:
+    topk_gating(logits_TE, k)
+    if num_experts != logits_TE.shape[1]:
+        _fail("route", f"num_experts={num_experts} but logits have {logits_TE.shape[1]} columns")
+
+
+def permute_tokens(x_TD, order_R, k) -> None:
+    op = "permute_tokens"
+    _dims(op, "x_TD", x_TD, 2)
+    _dims(op, "order_R", order_R, 1)
+    if order_R.dtype not in (torch.int64, torch.int32):
+        _fail(op, f"order_R must be int64/int32, got {order_R.dtype}")
+    if k < 1 or order_R.shape[0] != x_TD.shape[0] * k:
+        _fail(op, f"order_R has {order_R.shape[0]} rows, expected T*k = {x_TD.shape[0]}*{k}")
+
+
+def paged_decode_attention(q_BHd, k_NSGd, v_NSGd, block_tables, seq_lens) -> None:
+    """block_tables / seq_lens: host lists (values checked) or tensors (shapes checked only, so a
+    CUDA call does not synchronise)."""
+    op = "paged_decode_attention"
+    _dims(op, "q_BHd", q_BHd, 3)
+    _dims(op, "k_NSGd", k_NSGd, 4)
+    _dims(op, "v_NSGd", v_NSGd, 4)
+    for n, t in (("q_BHd", q_BHd), ("k_NSGd", k_NSGd), ("v_NSGd", v_NSGd)):
+        _float(op, n, t)
+    B, H, d = q_BHd.shape
+    N, S, G, dk = k_NSGd.shape
+    if tuple(v_NSGd.shape) != tuple(k_NSGd.shape):
+        _fail(op, f"k cache {tuple(k_NSGd.shape)} and v cache {tuple(v_NSGd.shape)} differ")
+    if k_NSGd.dtype != v_NSGd.dtype:
+        _fail(op, f"k/v cache dtypes differ: {k_NSGd.dtype} vs {v_NSGd.dtype}")
+    if dk != d:
+        _fail(op, f"head dim: q has {d}, cache has {dk}")
+    if G == 0 or H % G:
+        _fail(op, f"{H} query heads are not a multiple of {G} kv heads")
+    if q_BHd.device != k_NSGd.device or k_NSGd.device != v_NSGd.device:
+        _fail(op, f"q on {q_BHd.device}, caches on {k_NSGd.device}/{v_NSGd.device}")
+    if isinstance(block_tables, torch.Tensor):
+        _dims(op, "block_tables", block_tables, 2)
+        if block_tables.dtype not in (torch.int32, torch.int64) or block_tables.shape[0] != B:
+            _fail(op, f"block_tables must be int32/int64 [B={B}, M], got {block_tables.dtype} {tuple(block_tables.shape)}")
+        max_len = block_tables.shape[1] * S
+    else:
+        if len(block_tables) != B:
+            _fail(op, f"{len(block_tables)} block tables for {B} sequences")
+        for tbl in block_tables:
+            if any(not 0 <= int(x) < N for x in tbl):
+                _fail(op, f"block ids must be in [0, {N}), got {list(tbl)}")
+        max_len = None
+    if isinstance(seq_lens, torch.Tensor):
+        _dims(op, "seq_lens", seq_lens, 1)
+        if seq_lens.dtype not in (torch.int32, torch.int64) or seq_lens.shape[0] != B:
+            _fail(op, f"seq_lens must be int32/int64 [B={B}], got {seq_lens.dtype} {tuple(seq_lens.shape)}")
+    else:
+        if len(seq_lens) != B:
+            _fail(op, f"{len(seq_lens)} seq_lens for {B} sequences")
+        for b, L in enumerate(seq_lens):
+            cap = max_len if max_len is not None else len(block_tables[b]) * S
+            if not 1 <= int(L) <= cap:
+                _fail(op, f"seq_lens[{b}]={int(L)} must be in [1, {cap}] ({cap // S} blocks of {S})")

@@ -1,50 +1,162 @@
 """Operator entry points: validate shapes, then pick a backend.
 
-Today every op runs the PyTorch reference; a Triton backend for CUDA tensors plugs in here.
+Rule: Triton when the tensors are on CUDA and triton imports; the PyTorch reference otherwise
+(CPU tensors always get the reference, bit-identical to before the kernels existed).
+`backend="triton"` forces the kernels (tests run them on CPU tensors under TRITON_INTERPRET=1),
+`backend="reference"` forces the reference. The environment variable AMOE_KERNELS_BACKEND
+(auto | reference | triton) sets the default for calls that pass no backend.
 """
 
 from __future__ import annotations
+
+import functools
+import importlib
+import os
+from types import ModuleType
 
 import torch
 
 from . import checks, reference
 
-
-def backend_for(t: torch.Tensor) -> str:
-    return "reference"
+BACKENDS = ("auto", "reference", "triton")
 
 
-def expert_ffn(x_TD, w1_FD, w3_FD, w2_DF):
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def _module(name: str) -> ModuleType:
+    return importlib.import_module(f"amoe_kernels.{name}")
+
+
+def backend_for(t: torch.Tensor, backend: str | None = None) -> str:
+    """'triton' or 'reference' for an op whose main tensor is t."""
+    choice = backend or os.environ.get("AMOE_KERNELS_BACKEND", "auto") or "auto"
+    if choice not in BACKENDS:
+        raise ValueError(f"backend {choice!r} is not one of {BACKENDS}")
+    if choice == "reference":
+        return "reference"
+    if choice == "triton":
+        if not triton_available():
+            raise RuntimeError("backend='triton' was requested but triton does not import")
+        if t.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 (set before importing triton)")
+        if t.device.type != "cuda" and t.dtype == torch.bfloat16:
+            raise RuntimeError("the Triton interpreter does not support bfloat16; use fp32/fp16 on CPU")
+        return "triton"
+    return "triton" if t.is_cuda and triton_available() else "reference"
+
+
+def expert_ffn(x_TD, w1_FD, w3_FD, w2_DF, backend: str | None = None):
     checks.expert_ffn(x_TD, w1_FD, w3_FD, w2_DF)
+    if backend_for(x_TD, backend) == "triton":
+        return _module("triton_moe").grouped_expert_ffn(x_TD, [x_TD.shape[0]], w1_FD[None], w3_FD[None], w2_DF[None])
     return reference.expert_ffn(x_TD, w1_FD, w3_FD, w2_DF)
 
 
-def grouped_expert_ffn(x_TD, counts_G, w1_GFD, w3_GFD, w2_GDF):
+def grouped_expert_ffn(x_TD, counts_G, w1_GFD, w3_GFD, w2_GDF, experts=None, backend: str | None = None):
+    """Rows of x sorted by expert (counts_G[g] rows for expert g, in order); one launch per GEMM.
+    experts (optional): group g uses stacked weight row experts[g] (no copy of the stacks)."""
     counts_G = [int(c) for c in counts_G]
-    checks.grouped_expert_ffn(x_TD, counts_G, w1_GFD, w3_GFD, w2_GDF)
-    return reference.grouped_expert_ffn(x_TD, counts_G, w1_GFD, w3_GFD, w2_GDF)
+    experts = None if experts is None else [int(e) for e in experts]
+    checks.grouped_expert_ffn(x_TD, counts_G, w1_GFD, w3_GFD, w2_GDF, experts)
+    if backend_for(x_TD, backend) == "triton":
+        return _module("triton_moe").grouped_expert_ffn(x_TD, counts_G, w1_GFD, w3_GFD, w2_GDF, experts=experts)
+    return reference.grouped_expert_ffn(x_TD, counts_G, w1_GFD, w3_GFD, w2_GDF, experts)
 
 
-def topk_gating(logits_TE, k: int, renormalize: bool, scoring: str = "softmax", weight_dtype=None):
-    if scoring != "softmax":
-        raise ValueError(f"topk_gating: scoring {scoring!r} is not supported (only 'softmax')")
+def topk_gating(logits_TE, k: int, renormalize: bool, scoring: str = "softmax", weight_dtype=None,
+                backend: str | None = None):
+    """(w_TK, ids_TK): scores = softmax or sigmoid of the logits in fp32, top-k in descending
+    order, optional renormalisation over the k weights, weights cast to weight_dtype (fp32 if None)."""
+    checks.scoring("topk_gating", scoring)
     checks.topk_gating(logits_TE, k)
-    return reference.topk_gating(logits_TE, k, renormalize, weight_dtype)
+    if backend_for(logits_TE, backend) == "triton":
+        return _module("triton_moe").topk_gating(logits_TE, k, renormalize, weight_dtype, scoring)
+    return reference.topk_gating(logits_TE, k, renormalize, weight_dtype, scoring)
 
 
-def permute(ids_TK, num_experts: int | None = None):
-    """num_experts=None infers max id + 1 (pass it explicitly to get a fixed-length counts_E)."""
+def route(logits_TE, k: int, renormalize: bool, num_experts: int | None = None, scoring: str = "softmax",
+          weight_dtype=None, backend: str | None = None):
+    """topk_gating plus dispatch metadata in one call (one kernel on Triton):
+    (w_TK, ids_TK, order_R, counts_E), order_R/counts_E as returned by permute(ids_TK)."""
+    num_experts = logits_TE.shape[1] if num_experts is None else num_experts
+    checks.scoring("route", scoring)
+    checks.route(logits_TE, k, num_experts)
+    if backend_for(logits_TE, backend) == "triton":
+        return _module("triton_moe").route(logits_TE, k, renormalize, num_experts, weight_dtype, scoring)
+    return reference.route(logits_TE, k, renormalize, num_experts, weight_dtype, scoring)
+
+
+def permute(ids_TK, num_experts: int | None = None, backend: str | None = None):
+    """(order_R, counts_E): stable sort of the flat (token, slot) rows by expert.
+    num_experts=None infers max id + 1 (pass it explicitly to get a fixed-length counts_E)."""
     if num_experts is None:
         num_experts = int(ids_TK.max()) + 1 if ids_TK.numel() else 0
     checks.permute(ids_TK, num_experts)
+    if backend_for(ids_TK, backend) == "triton":
+        return _module("triton_moe").permute(ids_TK, num_experts)
     return reference.permute(ids_TK, num_experts)
 
 
-def combine_slots(out_TKD, w_TK):
+def permute_tokens(x_TD, order_R, k: int, backend: str | None = None):
+    """Gather token rows into expert order: x_TD[order_R // k] ([T*k, D])."""
+    checks.permute_tokens(x_TD, order_R, k)
+    if backend_for(x_TD, backend) == "triton":
+        return _module("triton_moe").permute_tokens(x_TD, order_R, k)
+    return reference.permute_tokens(x_TD, order_R, k)
+
+
+def combine_slots(out_TKD, w_TK, backend: str | None = None):
     checks.combine_slots(out_TKD, w_TK)
+    if backend_for(out_TKD, backend) == "triton":
+        return _module("triton_moe").combine_slots(out_TKD, w_TK)
     return reference.combine_slots(out_TKD, w_TK)
 
 
-def unpermute_combine(out_sorted_RD, order_R, w_TK):
+def unpermute_combine(out_sorted_RD, order_R, w_TK, backend: str | None = None):
     checks.unpermute_combine(out_sorted_RD, order_R, w_TK)
+    if backend_for(out_sorted_RD, backend) == "triton":
+        return _module("triton_moe").unpermute_combine(out_sorted_RD, order_R, w_TK)
     return reference.unpermute_combine(out_sorted_RD, order_R, w_TK)
+
+
+def _padded_tables(block_tables, device) -> torch.Tensor:
+    if isinstance(block_tables, torch.Tensor):
+        return block_tables.to(device)
+    M = max((len(t) for t in block_tables), default=0)
+    bt = torch.zeros(len(block_tables), max(M, 1), dtype=torch.int32)
+    for i, t in enumerate(block_tables):
+        if len(t):
+            bt[i, : len(t)] = torch.as_tensor(list(t), dtype=torch.int32)
+    return bt.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else bt
+
+
+def paged_decode_attention(q_BHd, k_NSGd, v_NSGd, block_tables, seq_lens, scale: float,
+                           backend: str | None = None):
+    """Decode attention: one query per sequence at position seq_lens[b]-1 (its K/V already in the
+    cache) over positions 0..seq_lens[b]-1, read through block_tables ([B, M] tensor or lists of
+    block ids). GQA/MQA via H = G * rep. Returns [B, H*d] in q's dtype."""
+    checks.paged_decode_attention(q_BHd, k_NSGd, v_NSGd, block_tables, seq_lens)
+    if backend_for(q_BHd, backend) == "triton":
+        dev = q_BHd.device
+        max_len = None
+        if isinstance(seq_lens, torch.Tensor):
+            lens = seq_lens.to(dev)
+        else:
+            max_len = max((int(x) for x in seq_lens), default=0)
+            lens = torch.tensor([int(x) for x in seq_lens], dtype=torch.int32)
+            lens = lens.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else lens
+        mod = _module("triton_attention")
+        return mod.paged_decode_attention(q_BHd, k_NSGd, v_NSGd, _padded_tables(block_tables, dev), lens, scale, max_len)
+    if isinstance(block_tables, torch.Tensor):
+        block_tables = block_tables.tolist()
+    if isinstance(seq_lens, torch.Tensor):
+        seq_lens = seq_lens.tolist()
+    return reference.paged_decode_attention(q_BHd, k_NSGd, v_NSGd, block_tables, seq_lens, scale)

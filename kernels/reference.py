@@ -1,7 +1,8 @@
 """Pure-PyTorch reference MoE operators (no shape checks: see `amoe_kernels.checks`).
 
 Legend: T=tokens, D=hidden, F=expert ffn, E=experts, K=top-k slots, G=experts in a group,
-R=T*K routed rows.
+R=T*K routed rows; attention: B=sequences, H=heads, G=kv heads, d=head dim, N=KV blocks,
+S=block size, M=blocks per table, L=context length.
 """
 
 from __future__ import annotations
@@ -21,25 +22,36 @@ def grouped_expert_ffn(
     w1_GFD: torch.Tensor,
     w3_GFD: torch.Tensor,
     w2_GDF: torch.Tensor,
+    experts: list[int] | None = None,
 ) -> torch.Tensor:
-    """Rows are sorted by expert: the first counts[0] rows go to expert 0 of the group, etc."""
+    """Rows are sorted by expert: the first counts[0] rows go to expert 0 of the group, etc.
+    experts (optional): the i-th group of rows uses stacked weights row experts[i] (a subset of a
+    larger stack, without copying it)."""
     y_TD = torch.empty_like(x_TD)
     start = 0
     for g, n in enumerate(counts_G):
         if n:
-            y_TD[start : start + n] = expert_ffn(x_TD[start : start + n], w1_GFD[g], w3_GFD[g], w2_GDF[g])
+            e = g if experts is None else experts[g]
+            y_TD[start : start + n] = expert_ffn(x_TD[start : start + n], w1_GFD[e], w3_GFD[e], w2_GDF[e])
         start += n
     return y_TD
 
 
 def topk_gating(
-    logits_TE: torch.Tensor, k: int, renormalize: bool, weight_dtype: torch.dtype | None = None
+    logits_TE: torch.Tensor,
+    k: int,
+    renormalize: bool,
+    weight_dtype: torch.dtype | None = None,
+    scoring: str = "softmax",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """HF routing: softmax in fp32, top-k, optional renormalization, then cast.
+    """HF routing: softmax (or sigmoid) in fp32, top-k, optional renormalization, then cast.
 
     weight_dtype=None keeps fp32 (Mixtral); Qwen2-MoE / OLMoE pass the logits dtype.
     """
-    probs_TE = torch.softmax(logits_TE, dim=-1, dtype=torch.float32)
+    if scoring == "sigmoid":
+        probs_TE = torch.sigmoid(logits_TE.float())
+    else:
+        probs_TE = torch.softmax(logits_TE, dim=-1, dtype=torch.float32)
     w_TK, ids_TK = torch.topk(probs_TE, k, dim=-1)
     if renormalize:
         w_TK = w_TK / w_TK.sum(dim=-1, keepdim=True)
@@ -57,6 +69,25 @@ def permute(ids_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch
     order_R = torch.sort(ids_R, stable=True).indices
     counts_E = torch.bincount(ids_R, minlength=num_experts)
     return order_R, counts_E
+
+
+def route(
+    logits_TE: torch.Tensor,
+    k: int,
+    renormalize: bool,
+    num_experts: int,
+    weight_dtype: torch.dtype | None = None,
+    scoring: str = "softmax",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gating plus dispatch metadata: (w_TK, ids_TK, order_R, counts_E)."""
+    w_TK, ids_TK = topk_gating(logits_TE, k, renormalize, weight_dtype, scoring)
+    order_R, counts_E = permute(ids_TK, num_experts)
+    return w_TK, ids_TK, order_R, counts_E
+
+
+def permute_tokens(x_TD: torch.Tensor, order_R: torch.Tensor, k: int) -> torch.Tensor:
+    """Gather token rows into expert order: row i of the result is token order_R[i] // k."""
+    return x_TD[order_R // k]
 
 
 def unpermute_combine(
@@ -81,3 +112,52 @@ def combine_slots(out_TKD: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:
     for k in range(1, p_TKD.shape[1]):
         acc_TD = acc_TD + p_TKD[:, k].float()
     return acc_TD.to(out_TKD.dtype)
+
+
+def gqa_attention(q_nHd: torch.Tensor, k_LGd: torch.Tensor, v_LGd: torch.Tensor, start_pos: int, scale: float):
+    """Causal GQA attention of n new tokens at positions start_pos.. over L keys; returns [n, H*d].
+
+    The same ops, in the same order, as `amoe_serve.model.attention.causal_gqa_attention`
+    (HF eager numerics: scores in activation dtype, softmax in fp32, cast back, then @ V), so the
+    CPU path is bit-identical whichever of the two the data plane calls.
+    """
+    n, H, d = q_nHd.shape
+    L, G, _ = k_LGd.shape
+    rep = H // G
+    k_HLd = k_LGd.permute(1, 0, 2).repeat_interleave(rep, dim=0)
+    v_HLd = v_LGd.permute(1, 0, 2).repeat_interleave(rep, dim=0)
+    q_Hnd = q_nHd.transpose(0, 1)
+    s_HnL = torch.matmul(q_Hnd, k_HLd.transpose(1, 2)) * scale
+    q_pos = torch.arange(start_pos, start_pos + n, device=q_nHd.device)
+    k_pos = torch.arange(L, device=q_nHd.device)
+    future_nL = k_pos[None, :] > q_pos[:, None]
+    s_HnL = s_HnL.masked_fill(future_nL[None], float("-inf"))
+    p_HnL = torch.softmax(s_HnL, dim=-1, dtype=torch.float32).to(q_nHd.dtype)
+    o_Hnd = torch.matmul(p_HnL, v_HLd)
+    return o_Hnd.transpose(0, 1).reshape(n, H * d)
+
+
+def paged_decode_attention(
+    q_BHd: torch.Tensor,
+    k_NSGd: torch.Tensor,
+    v_NSGd: torch.Tensor,
+    block_tables: list[list[int]],
+    seq_lens: list[int],
+    scale: float,
+) -> torch.Tensor:
+    """One query token per sequence over its paged KV context (the query is the last of seq_lens[b]
+    positions, whose K/V are already written). Position p of sequence b lives in block
+    block_tables[b][p // S], row p % S. Returns [B, H*d] in q's dtype."""
+    B, H, d = q_BHd.shape
+    N, S, G, _ = k_NSGd.shape
+    k_XGd, v_XGd = k_NSGd.reshape(N * S, G, d), v_NSGd.reshape(N * S, G, d)
+    out = torch.empty(B, H * d, dtype=q_BHd.dtype, device=q_BHd.device)
+    for b in range(B):
+        L = int(seq_lens[b])
+        pos = torch.arange(L)
+        table = torch.as_tensor(list(block_tables[b]), dtype=torch.int64)
+        slots_L = (table[pos // S] * S + pos % S).to(k_NSGd.device)
+        out[b : b + 1] = gqa_attention(
+            q_BHd[b : b + 1], k_XGd[slots_L].to(q_BHd.dtype), v_XGd[slots_L].to(q_BHd.dtype), L - 1, scale
+        )
+    return out

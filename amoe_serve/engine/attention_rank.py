@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import torch
 
 from amoe_serve.counters import RankCounters
@@ -13,6 +12,7 @@ from amoe_serve.engine.protocol import GATEWAY_RANK, Tag
 from amoe_serve.engine.topology import Topology
 from amoe_serve.sampler import SamplingParams
 from amoe_serve.sched.queues import MuQueues
+from amoe_serve.sched.waves import WaveGate
 from amoe_transport import Message, Transport
 
 
@@ -28,12 +28,7 @@ class AttentionRank:
         self.num_blocks = core.spec.num_blocks
         self.waves = waves
         self.queues = MuQueues(self.num_blocks, waves)  # slot = wave
-        # Segments at the experts whose next stop is (block b, wave w) (block 0: back as the
-        # next decode token), and when each queue last became non-empty.
-        self.incoming_BW = np.zeros((self.num_blocks, waves), dtype=np.int64)
-        self.since_BW = np.zeros((self.num_blocks, waves))
-        self.in_flight_W = np.zeros(waves, dtype=np.int64)  # segments between block 0 and sampling
-        self.max_wait_s = max_wait_s
+        self.gate = WaveGate(self.num_blocks, waves, max_batch_tokens, max_wait_s)
         self.counters = RankCounters(self.num_blocks, waves)
         self.to_sample: list[Segment] = []
         self.stop = False
@@ -44,9 +39,7 @@ class AttentionRank:
     def handle(self, m: Message) -> None:
         if m.tag == Tag.COMBINE and "step" not in m.header:
             done = self.core.deliver(m.header["b"], m.tensors[0], m.tensors[1])
-            nxt = (m.header["b"] + 1) % self.num_blocks
-            for s in done:
-                self.incoming_BW[nxt, s.req.wave] -= 1
+            self.gate.returned(m.header["b"], [s.req.wave for s in done])
             self._advance(done)
         elif m.tag == Tag.COMBINE:
             self._combine.append(m)
@@ -71,8 +64,8 @@ class AttentionRank:
     def _admit(self, h: dict) -> None:
         try:
             params = SamplingParams.from_dict(h["params"])
-            load = np.bincount([r.wave for r in self.core.requests.values()], minlength=self.waves)
-            seg = self.core.admit(h["id"], h["prompt_token_ids"], params, int(np.argmin(load)))
+            wave = self.gate.pick_wave([r.wave for r in self.core.requests.values()])
+            seg = self.core.admit(h["id"], h["prompt_token_ids"], params, wave)
         except (ValueError, RuntimeError) as e:
             self._emit([TokenEvent(h["id"], None, "error", str(e))])
             return
@@ -80,23 +73,8 @@ class AttentionRank:
 
     def _push(self, b: int, seg: Segment) -> None:
         w = seg.req.wave
-        if self.queues.lengths[b, w] == 0:
-            self.since_BW[b, w] = time.perf_counter()
+        self.gate.queued(b, w, self.queues.lengths[b, w] == 0, time.perf_counter())
         self.queues.push(b, w, seg, seg.num_tokens)
-
-    def _ready(self) -> np.ndarray:
-        """Queue lengths with blocks masked out that should wait for the rest of their wave:
-        a wave split by the order of expert replies is put back together before it runs."""
-        Q = self.queues.lengths
-        expect_BW = self.incoming_BW.copy()
-        expect_BW[0] = self.in_flight_W
-        waiting = (expect_BW > 0) & (Q < self.max_batch_tokens)
-        if waiting.any():
-            waiting &= (time.perf_counter() - self.since_BW) < self.max_wait_s
-            if waiting.any():
-                Q = Q.copy()
-                Q[waiting] = 0
-        return Q
 
     def _advance(self, segs: list[Segment]) -> None:
         for s in segs:
@@ -109,7 +87,7 @@ class AttentionRank:
         if not self.to_sample:
             return
         segs, self.to_sample = self.to_sample, []
-        np.subtract.at(self.in_flight_W, [s.req.wave for s in segs], 1)
+        self.gate.sampled([s.req.wave for s in segs])
         events, new = self.core.sample(segs)
         for s in new:
             self._push(0, s)
@@ -134,7 +112,7 @@ class AttentionRank:
             last = now
             self._drain(0)
             self._sample()
-            pick = self.scheduler.pick(self._ready())
+            pick = self.scheduler.pick(self.gate.ready(self.queues.lengths, time.perf_counter()))
             if pick is None:
                 t0 = time.perf_counter()
                 self._drain(self.max_sleep * 25 if not self.queues.total() else self.max_sleep)
@@ -146,9 +124,7 @@ class AttentionRank:
             n = sum(s.num_tokens for s in segs)
             for d in self.core.attend(b, segs):
                 self.t.isend(self.topo.expert_rank(d.dst_index), Tag.DISPATCH, d.header, d.tensors)
-            self.incoming_BW[(b + 1) % self.num_blocks, w] += len(segs)
-            if b == 0:
-                self.in_flight_W[w] += len(segs)
+            self.gate.dispatched(b, w, len(segs))
             self.counters.record_batch(b, w, n)
             self.counters.record_busy(time.perf_counter() - t0)
         self.t.flush(timeout=10)

@@ -123,14 +123,24 @@ class AttentionSide:
         k_TGd = apply_rope(k_TX.view(T, G, d), cos, sin)
         v_TGd = v_TX.view(T, G, d)
 
-        o_TX = torch.empty(T, H * d, dtype=x_TD.dtype, device=x_TD.device)
-        start = 0
-        for g in segments:
-            end = start + g.num_tokens
-            kv.write(b, g.block_table, g.start_pos, k_TGd[start:end], v_TGd[start:end])
-            k_LGd, v_LGd = kv.gather(b, g.block_table, g.start_pos + g.num_tokens)
-            o_TX[start:end] = causal_gqa_attention(q_THd[start:end], k_LGd.to(x_TD.dtype), v_LGd.to(x_TD.dtype), g.start_pos, self.scale)
-            start = end
+        if segments and all(g.num_tokens == 1 for g in segments):
+            # Decode batch: one paged-attention call through the dispatcher (Triton on CUDA;
+            # on CPU the reference, bit-identical to the per-segment loop below).
+            for i, g in enumerate(segments):
+                kv.write(b, g.block_table, g.start_pos, k_TGd[i : i + 1], v_TGd[i : i + 1])
+            o_TX = K.paged_decode_attention(
+                q_THd, kv.k_LNSGd[b], kv.v_LNSGd[b], [g.block_table for g in segments],
+                [g.start_pos + 1 for g in segments], self.scale,
+            )
+        else:
+            o_TX = torch.empty(T, H * d, dtype=x_TD.dtype, device=x_TD.device)
+            start = 0
+            for g in segments:
+                end = start + g.num_tokens
+                kv.write(b, g.block_table, g.start_pos, k_TGd[start:end], v_TGd[start:end])
+                k_LGd, v_LGd = kv.gather(b, g.block_table, g.start_pos + g.num_tokens)
+                o_TX[start:end] = causal_gqa_attention(q_THd[start:end], k_LGd.to(x_TD.dtype), v_LGd.to(x_TD.dtype), g.start_pos, self.scale)
+                start = end
         o_bias = self._p(b, "self_attn.o_proj.bias") if s.o_bias else None
         return x_TD + Fn.linear(o_TX, self._p(b, "self_attn.o_proj.weight"), o_bias)
 

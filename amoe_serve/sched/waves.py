@@ -1,0 +1,57 @@
+"""Wave bookkeeping of an AEP attention rank, as pure logic (the clock is passed in), so the
+real rank loop and the cluster simulator share it.
+
+Requests on an attention rank travel in W micro-waves (the μ-queue slot is the wave): while the
+experts work on one wave, attention runs another. Expert replies come back in pieces, so a
+rank that ran whatever had landed would split each wave at every block until batches were a
+token or two. The gate keeps waves whole: queue (b, w) is ready only when none of wave w's
+segments are still on their way to it (for block 0: when the whole wave is back, so newly
+admitted requests join it), when it holds a full batch, or when it has waited max_wait.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class WaveGate:
+    def __init__(self, num_blocks: int, waves: int, max_batch_tokens: int, max_wait_s: float):
+        self.NB, self.W = num_blocks, waves
+        self.max_batch_tokens = max_batch_tokens
+        self.max_wait_s = max_wait_s
+        self.incoming_BW = np.zeros((num_blocks, waves), dtype=np.int64)  # next stop (b, w)
+        self.in_flight_W = np.zeros(waves, dtype=np.int64)  # between block 0 and sampling
+        self.since_BW = np.zeros((num_blocks, waves))
+
+    def pick_wave(self, running_waves: list[int]) -> int:
+        """The least-loaded wave for a new request."""
+        return int(np.argmin(np.bincount(running_waves, minlength=self.W)))
+
+    def queued(self, b: int, w: int, was_empty: bool, now: float) -> None:
+        if was_empty:
+            self.since_BW[b, w] = now
+
+    def dispatched(self, b: int, w: int, num_segments: int) -> None:
+        """Attention of block b ran for num_segments segments of wave w; they are at the experts."""
+        self.incoming_BW[(b + 1) % self.NB, w] += num_segments
+        if b == 0:
+            self.in_flight_W[w] += num_segments
+
+    def returned(self, b: int, waves: list[int]) -> None:
+        """Segments (their waves) completed block b's expert outputs."""
+        np.subtract.at(self.incoming_BW[(b + 1) % self.NB], waves, 1)
+
+    def sampled(self, waves: list[int]) -> None:
+        np.subtract.at(self.in_flight_W, waves, 1)
+
+    def ready(self, Q_BW: np.ndarray, now: float) -> np.ndarray:
+        """Q with the queues that should keep waiting masked to 0 (a copy only when needed)."""
+        expect_BW = self.incoming_BW.copy()
+        expect_BW[0] = self.in_flight_W
+        waiting = (expect_BW > 0) & (Q_BW < self.max_batch_tokens)
+        if waiting.any():
+            waiting &= (now - self.since_BW) < self.max_wait_s
+            if waiting.any():
+                Q_BW = Q_BW.copy()
+                Q_BW[waiting] = 0
+        return Q_BW

@@ -1,0 +1,166 @@
+"""Structured (OmegaConf) configuration of the cluster simulator (`amoe-serve sim`).
+
+Plain data only; `load_sim_config` merges schema defaults, a YAML file and dotlist overrides,
+then validates.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import OmegaConf
+
+from amoe_serve.config import ConfigError
+
+SYSTEMS = ("aep", "lockstep")
+ARRIVALS = ("offline", "poisson")
+# Workload presets from the paper (uniform lengths): (input lo, hi), (output lo, hi).
+WORKLOADS = {
+    "short": ((30, 70), (70, 130)),
+    "medium": ((50, 150), (50, 250)),
+    "reasonable": ((100, 300), (100, 500)),
+}
+
+
+@dataclass
+class SimModelConfig:
+    """Shape of the served model (defaults: Mixtral 8x7B with MQA, as in the AMoE paper)."""
+    name: str = "mixtral-8x7b"
+    hidden: int = 4096
+    ffn: int = 14336
+    num_blocks: int = 32
+    num_experts: int = 8
+    top_k: int = 1
+    num_heads: int = 32
+    num_kv_heads: int = 1        # the paper replaced GQA by MQA
+    head_dim: int = 128
+    vocab: int = 32000
+    dtype_bytes: int = 2         # bf16
+
+
+@dataclass
+class SimClusterConfig:
+    # Cluster sizes to simulate (one set of records per size).
+    gpus: list[int] = field(default_factory=lambda: [8, 16])
+    # AEP: fraction of the GPUs that run attention (the rest run experts). 0.5 = the paper's 4+4.
+    attention_fraction: float = 0.5
+    # Device table: "a100" | "h100" | "local", or a YAML file with a table (e.g. a calibration).
+    device: str = "a100"
+    # Override the table's GPUs per node (0 = keep the table's value).
+    gpus_per_node: int = 0
+    # Override the table's core limit (0 = keep; the local table limits concurrent compute).
+    cores: int = 0
+
+
+@dataclass
+class SimWorkloadConfig:
+    name: str = "short"                      # short | medium | reasonable (sets lengths if empty)
+    input_len: list[int] = field(default_factory=list)    # [lo, hi] uniform; empty = preset
+    output_len: list[int] = field(default_factory=list)   # [lo, hi] uniform; empty = preset
+    arrival: str = "offline"                 # offline: all requests at t=0 | poisson
+    # Poisson: requests per second per GPU of the cluster (a list sweeps load).
+    request_rates: list[float] = field(default_factory=lambda: [1.0])
+    num_requests: int = 4000                 # offline backlog / poisson cap
+    duration_s: float = 3.0                  # simulated seconds (0 = until every request finishes)
+    warmup_s: float = 0.5                    # excluded from throughput / latency statistics
+    # Routing: expert rank i (0 = hottest) has probability ~ exp(-skew_rate * i); 0 = uniform.
+    skew_rate: float = 0.5
+    # Draw which expert is hottest independently per block (else the same ranking everywhere).
+    hot_expert_per_block: bool = True
+    # Offline steady state: requests placed at t=0 start mid-generation (uniform progress, KV
+    # already filled, no prefill), so the run does not begin with one synchronized prefill wave
+    # that makes every request finish at once. Same for every system.
+    warm_start: bool = True
+    seed: int = 0
+
+
+@dataclass
+class SimSystemsConfig:
+    systems: list[str] = field(default_factory=lambda: ["aep", "lockstep"])
+    policies: list[str] = field(default_factory=lambda: ["defrag"])   # AEP policies compared
+    lookahead: int = 3
+    decay: float = 0.8
+    # Continuous batching limits, identical for both systems, per attention rank (DP replica).
+    max_running_requests: int = 160
+    max_batch_tokens: int = 2048
+    max_expert_batch: int = 512
+    group_block: bool = True
+    # Lockstep's own knob, tuned for its best throughput: running requests per DP rank.
+    # Every value is simulated; the record with the best tokens/s is reported as lockstep.
+    lockstep_max_running: list[int] = field(default_factory=lambda: [64, 128, 160, 256, 384, 512])
+    # AEP's batch-limit sweep (same idea; empty = only max_running_requests).
+    aep_max_running: list[int] = field(default_factory=list)
+    # Lockstep layout: "colocated" = every GPU runs DP attention and EP experts (SGLang/vLLM);
+    # "split" = the same attention/expert ranks as AEP with a per-block barrier (this repo's mode).
+    lockstep_layout: str = "colocated"
+    # Lockstep's duration/warmup are multiplied by this (its tokens come in iteration bursts).
+    lockstep_window_scale: float = 4.0
+
+
+@dataclass
+class SimConfig:
+    model: SimModelConfig = field(default_factory=SimModelConfig)
+    cluster: SimClusterConfig = field(default_factory=SimClusterConfig)
+    workload: SimWorkloadConfig = field(default_factory=SimWorkloadConfig)
+    run: SimSystemsConfig = field(default_factory=SimSystemsConfig)
+
+
+def validate_sim(cfg: SimConfig) -> SimConfig:
+    m, c, w, r = cfg.model, cfg.cluster, cfg.workload, cfg.run
+    for name in ("hidden", "ffn", "num_blocks", "num_experts", "top_k", "num_heads", "num_kv_heads",
+                 "head_dim", "dtype_bytes"):
+        if getattr(m, name) < 1:
+            raise ConfigError(f"model.{name} must be >= 1")
+    if m.top_k > m.num_experts:
+        raise ConfigError("model.top_k must be <= model.num_experts")
+    if not c.gpus or any(g < 2 for g in c.gpus):
+        raise ConfigError("cluster.gpus must list sizes >= 2")
+    if not (0.0 < c.attention_fraction < 1.0):
+        raise ConfigError("cluster.attention_fraction must be in (0, 1)")
+    if w.arrival not in ARRIVALS:
+        raise ConfigError(f"workload.arrival={w.arrival!r}: expected one of {', '.join(ARRIVALS)}")
+    if not w.input_len and w.name not in WORKLOADS:
+        raise ConfigError(f"workload.name={w.name!r}: expected one of {', '.join(WORKLOADS)} "
+                          "or explicit input_len/output_len")
+    for name in ("input_len", "output_len"):
+        v = getattr(w, name)
+        if v and (len(v) != 2 or v[0] < 1 or v[1] < v[0]):
+            raise ConfigError(f"workload.{name} must be [lo, hi] with 1 <= lo <= hi")
+    if w.num_requests < 1 or w.duration_s < 0 or w.warmup_s < 0 or w.skew_rate < 0:
+        raise ConfigError("workload.num_requests >= 1, duration_s/warmup_s/skew_rate >= 0")
+    if w.duration_s and w.warmup_s >= w.duration_s:
+        raise ConfigError("workload.warmup_s must be < duration_s")
+    if any(s not in SYSTEMS for s in r.systems) or not r.systems:
+        raise ConfigError(f"run.systems: expected a non-empty subset of {', '.join(SYSTEMS)}")
+    from amoe_serve.sched.policies import POLICIES
+    if any(p not in POLICIES for p in r.policies) or not r.policies:
+        raise ConfigError(f"run.policies: expected a non-empty subset of {', '.join(POLICIES)}")
+    if r.lockstep_layout not in ("colocated", "split"):
+        raise ConfigError("run.lockstep_layout must be colocated or split")
+    if min([r.max_running_requests, r.max_batch_tokens, r.max_expert_batch, *r.lockstep_max_running,
+            *r.aep_max_running]) < 1:
+        raise ConfigError("run batch limits must be >= 1")
+    return cfg
+
+
+def lengths(w: SimWorkloadConfig) -> tuple[tuple[int, int], tuple[int, int]]:
+    pin, pout = WORKLOADS.get(w.name, ((1, 1), (1, 1)))
+    return (tuple(w.input_len) if w.input_len else pin), (tuple(w.output_len) if w.output_len else pout)
+
+
+def load_sim_config(path: str | Path | None = None, overrides: list[str] | None = None) -> SimConfig:
+    merged = OmegaConf.structured(SimConfig)
+    try:
+        if path is not None:
+            p = Path(path)
+            if not p.is_file():
+                raise ConfigError(f"config file not found: {p}")
+            merged = OmegaConf.merge(merged, OmegaConf.load(p))
+        if overrides:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+    except ConfigError:
+        raise
+    except Exception as e:
+        raise ConfigError(f"invalid simulator configuration: {e}".splitlines()[0]) from None
+    return validate_sim(OmegaConf.to_object(merged))  # type: ignore[arg-type]

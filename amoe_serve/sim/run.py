@@ -1,0 +1,250 @@
+"""`amoe-serve sim`: run the configured cluster sizes and systems, write results and plots."""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from amoe_serve.config import ConfigError
+
+from .config import SimConfig, lengths
+from .cost import CostModel, DeviceTable, load_table
+from .engine import SimParams, make_workload, simulate_aep, simulate_lockstep
+
+
+def split_gpus(gpus: int, attention_fraction: float) -> tuple[int, int]:
+    a = max(1, min(gpus - 1, int(round(gpus * attention_fraction))))
+    return a, gpus - a
+
+
+def _table(cfg: SimConfig) -> DeviceTable:
+    t = load_table(cfg.cluster.device)
+    if cfg.cluster.gpus_per_node:
+        t.gpus_per_node = cfg.cluster.gpus_per_node
+    if cfg.cluster.cores:
+        t.cores = cfg.cluster.cores
+    return t
+
+
+def _params(cfg: SimConfig, max_running: int, policy: str, kv_tokens: float) -> SimParams:
+    m, w, r = cfg.model, cfg.workload, cfg.run
+    return SimParams(num_blocks=m.num_blocks, num_experts=m.num_experts, top_k=m.top_k,
+                     max_running=max_running, max_batch_tokens=r.max_batch_tokens,
+                     max_expert_batch=r.max_expert_batch, group_block=r.group_block, policy=policy,
+                     lookahead=r.lookahead, decay=r.decay, skew_rate=w.skew_rate,
+                     hot_per_block=w.hot_expert_per_block, seed=w.seed, duration_s=w.duration_s,
+                     warmup_s=w.warmup_s, kv_tokens=kv_tokens,
+                     warm_start=w.warm_start and w.arrival == "offline")
+
+
+def _kv_tokens(cost: CostModel, table: DeviceTable, experts_per_gpu: float, attention: bool) -> float:
+    free = table.memory_bytes - cost.expert_weight_bytes(experts_per_gpu)
+    if attention:
+        free -= cost.attention_weight_bytes()
+    if free <= 0:
+        raise ConfigError(f"model weights do not fit in {table.name} memory ({table.memory_bytes / 1e9:.0f} GB)")
+    return 0.9 * free / cost.kv_bytes_per_token()
+
+
+def run_one(cfg: SimConfig, system: str, gpus: int, *, policy: str = "defrag", max_running: int,
+            rate_per_gpu: float | None = None, table: DeviceTable | None = None) -> dict:
+    """Simulate one (system, cluster size, batch limit, load) point; returns a result record."""
+    table = table or _table(cfg)
+    cost = CostModel(table, cfg.model)
+    w = cfg.workload
+    pin, pout = lengths(w)
+    rate = (rate_per_gpu or 1.0) * gpus
+    wl = make_workload(w.num_requests, pin, pout, w.arrival, rate, w.seed)
+    E = cfg.model.num_experts
+    layout = cfg.run.lockstep_layout
+    t0 = time.perf_counter()
+    if system == "aep" or layout == "split":
+        A, X = split_gpus(gpus, cfg.cluster.attention_fraction)
+    else:
+        A = X = gpus
+    if system == "aep":
+        kv = _kv_tokens(cost, table, 0, True)
+        p = _params(cfg, max_running, policy, kv)
+        st = simulate_aep(cost, wl, p, A, X, table.cores, table.gpus_per_node)
+    else:
+        colocated = layout == "colocated"
+        kv = _kv_tokens(cost, table, max(E / X, 1) if colocated else 0, True)
+        p = _params(cfg, max_running, "-", kv)
+        # Lockstep emits tokens in whole-iteration bursts; it is cheap to simulate, so a longer
+        # window keeps its throughput estimate from being quantized to whole iterations.
+        p.duration_s *= cfg.run.lockstep_window_scale
+        p.warmup_s *= cfg.run.lockstep_window_scale
+        st = simulate_lockstep(cost, wl, p, A, X, colocated, table.cores, table.gpus_per_node)
+        policy = "lockstep"
+    rec = {
+        "gpus": gpus, "attention_gpus": A, "expert_gpus": X, "system": system, "policy": policy,
+        "layout": "disaggregated" if system == "aep" else layout,
+        "workload": w.name, "arrival": w.arrival,
+        "request_rate": rate if w.arrival == "poisson" else None,
+        "max_running_requests": max_running, "device": table.name,
+        "top_k": cfg.model.top_k, "num_experts": E, "skew_rate": w.skew_rate,
+    }
+    rec.update(st.summary())
+    rec["expert_load_share"] = [round(float(x), 4) for x in
+                                (st.expert_rows.sum(axis=0) / max(st.expert_rows.sum(), 1))]
+    rec["wall_s"] = round(time.perf_counter() - t0, 3)
+    return rec
+
+
+def run_sim(cfg: SimConfig, log=print) -> tuple[list[dict], dict]:
+    """All records and a summary (best record per (gpus, system[, policy]) and the ratios)."""
+    table = _table(cfg)
+    r, w = cfg.run, cfg.workload
+    records: list[dict] = []
+    rates = w.request_rates if w.arrival == "poisson" else [None]
+    for g in cfg.cluster.gpus:
+        for rate in rates:
+            if "aep" in r.systems:
+                for pol in r.policies:
+                    for mr in (r.aep_max_running or [r.max_running_requests]):
+                        rec = run_one(cfg, "aep", g, policy=pol, max_running=mr, rate_per_gpu=rate, table=table)
+                        records.append(rec)
+                        log(_line(rec))
+            if "lockstep" in r.systems:
+                sweep = r.lockstep_max_running if w.arrival == "offline" else [r.max_running_requests]
+                for mr in sweep:
+                    rec = run_one(cfg, "lockstep", g, max_running=mr, rate_per_gpu=rate, table=table)
+                    records.append(rec)
+                    log(_line(rec))
+    summary = summarize(records)
+    summary["device_table"] = table.to_dict()
+    return records, summary
+
+
+def _line(rec: dict) -> str:
+    rate = f" rate={rec['request_rate']:.0f}/s" if rec["request_rate"] else ""
+    return (f"{rec['gpus']:3d} GPUs {rec['system']:8s} {rec['policy']:8s} max_running={rec['max_running_requests']:4d}"
+            f"{rate}: {rec['tokens_per_s']:9.0f} tok/s  itl p50 {rec['itl_ms_p50']:7.2f} ms  "
+            f"expert batch {rec['mean_expert_batch']:6.1f}  idle {rec['idle_fraction']:.2f}  ({rec['wall_s']:.1f}s)")
+
+
+def summarize(records: list[dict]) -> dict:
+    best: dict = {}
+    for rec in records:
+        key = (rec["gpus"], rec["system"], rec["request_rate"])
+        if key not in best or rec["tokens_per_s"] > best[key]["tokens_per_s"]:
+            best[key] = rec
+    for rec in records:
+        rec["best"] = best[(rec["gpus"], rec["system"], rec["request_rate"])] is rec
+    out: dict = {"best": [], "aep_over_lockstep": {}, "scaling": {}}
+    for (g, sysname, rate), rec in sorted(best.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] or 0)):
+        out["best"].append({k: rec[k] for k in ("gpus", "system", "policy", "request_rate", "max_running_requests",
+                                                 "tokens_per_s", "itl_ms_p50", "mean_expert_batch", "idle_fraction")})
+        if sysname == "aep" and (g, "lockstep", rate) in best:
+            lk = best[(g, "lockstep", rate)]["tokens_per_s"]
+            key = str(g) if rate is None else f"{g}@{rate:g}"
+            out["aep_over_lockstep"][key] = rec["tokens_per_s"] / lk if lk else math.inf
+    for sysname in ("aep", "lockstep"):
+        pts = sorted((g, rec["tokens_per_s"]) for (g, s, rate), rec in best.items() if s == sysname and rate is None)
+        if len(pts) > 1:
+            out["scaling"][sysname] = {f"{a[0]}->{b[0]}": b[1] / a[1] for a, b in zip(pts, pts[1:]) if a[1]}
+    return out
+
+
+def write_plots(records: list[dict], out: Path) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    paths = []
+    best = [r for r in records if r.get("best") and r["request_rate"] is None]
+    if best:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for sysname, marker in (("aep", "o"), ("lockstep", "s")):
+            pts = sorted((r["gpus"], r["tokens_per_s"]) for r in best if r["system"] == sysname)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=sysname)
+        ax.set_xlabel("GPUs")
+        ax.set_ylabel("output tokens/s (best batch limit)")
+        ax.set_title("Simulated throughput vs cluster size")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        p = out / "scaling.png"
+        fig.savefig(p, dpi=100)
+        plt.close(fig)
+        paths.append(p)
+    loaded = [r for r in records if r["request_rate"] is not None]
+    if loaded:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for key in sorted({(r["gpus"], r["system"], r["policy"]) for r in loaded}):
+            pts = sorted((r["tokens_per_s"], r["itl_ms_p50"]) for r in loaded if (r["gpus"], r["system"], r["policy"]) == key)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{key[1]} {key[2]} {key[0]} GPUs")
+        ax.set_xlabel("output tokens/s")
+        ax.set_ylabel("ITL p50 (ms)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        p = out / "itl_vs_throughput.png"
+        fig.savefig(p, dpi=100)
+        plt.close(fig)
+        paths.append(p)
+    return paths
+
+
+def run_and_write(cfg: SimConfig, output: str | Path, log=print) -> dict:
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    records, summary = run_sim(cfg, log)
+    summary["wall_s"] = round(time.perf_counter() - t0, 2)
+    from omegaconf import OmegaConf
+    summary["config"] = OmegaConf.to_container(OmegaConf.structured(cfg))
+    (out / "results.json").write_text(json.dumps(records, indent=1, default=_json_default))
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=_json_default))
+    plots = write_plots(records, out)
+    log(f"AEP/lockstep: " + ", ".join(f"{k}: {v:.2f}x" for k, v in summary["aep_over_lockstep"].items()))
+    for s, d in summary["scaling"].items():
+        log(f"scaling {s}: " + ", ".join(f"{k}: {v:.2f}x" for k, v in d.items()))
+    log(f"wrote {out / 'results.json'}, {out / 'summary.json'}" + "".join(f", {p}" for p in plots))
+    return summary
+
+
+def _json_default(o):
+    if isinstance(o, float) and (math.isnan(o) or math.isinf(o)):
+        return None
+    if hasattr(o, "item"):
+        return o.item()
+    raise TypeError(type(o))
+
+
+def predict_local_ratio(table: DeviceTable | str = "local", *, hidden: int = 1024, ffn: int = 2816,
+                        num_blocks: int = 4, num_experts: int = 8, top_k: int = 2, num_heads: int = 16,
+                        num_kv_heads: int = 4, head_dim: int = 64, vocab: int = 259,
+                        attention_ranks: int = 1, expert_ranks: int = 2, cores: int | None = None,
+                        num_requests: int = 64, input_len=(30, 70), output_len=(70, 130),
+                        max_running: int = 64, max_batch_tokens: int = 2048, max_expert_batch: int = 512,
+                        policy: str = "defrag", skew_rate: float = 0.0, seed: int = 0,
+                        dtype_bytes: int = 4) -> dict:
+    """Simulated local AEP / lockstep ratio for the real local deployment (split layout).
+
+    The real lockstep mode uses the same attention/expert ranks as AEP with a per-block barrier,
+    so both are simulated disaggregated; `cores` (default: the table's) limits how many ranks
+    compute at once. Offline: all requests at t=0, run to completion; throughput = output
+    tokens / makespan, which is what `amoe-serve generate` measures.
+    """
+    from .config import SimModelConfig
+    if isinstance(table, str):
+        table = load_table(table)
+    if cores is not None:
+        table.cores = cores
+    model = SimModelConfig(name="local", hidden=hidden, ffn=ffn, num_blocks=num_blocks,
+                           num_experts=num_experts, top_k=top_k, num_heads=num_heads,
+                           num_kv_heads=num_kv_heads, head_dim=head_dim, vocab=vocab, dtype_bytes=dtype_bytes)
+    cost = CostModel(table, model)
+    wl = make_workload(num_requests, input_len, output_len, "offline", 1.0, seed)
+    p = SimParams(num_blocks=num_blocks, num_experts=num_experts, top_k=top_k, max_running=max_running,
+                  max_batch_tokens=max_batch_tokens, max_expert_batch=max_expert_batch, policy=policy,
+                  skew_rate=skew_rate, seed=seed, hot_per_block=True)
+    aep = simulate_aep(cost, wl, p, attention_ranks, expert_ranks, table.cores, table.gpus_per_node).summary()
+    lk = simulate_lockstep(cost, wl, p, attention_ranks, expert_ranks, False, table.cores,
+                           table.gpus_per_node).summary()
+    return {"aep_tokens_per_s": aep["tokens_per_s"], "lockstep_tokens_per_s": lk["tokens_per_s"],
+            "ratio": aep["tokens_per_s"] / lk["tokens_per_s"], "aep": aep, "lockstep": lk,
+            "table": asdict(table) if not isinstance(table, dict) else table}

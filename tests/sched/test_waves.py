@@ -1,0 +1,36 @@
+import numpy as np
+
+from amoe_serve.sched.waves import WaveGate
+
+
+def test_a_wave_split_by_reply_order_waits_to_be_whole():
+    g = WaveGate(num_blocks=3, waves=2, max_batch_tokens=100, max_wait_s=1.0)
+    g.dispatched(0, 0, 4)            # wave 0: 4 segments at the experts for block 0
+    g.returned(0, [0, 0])            # two came back: block 1 of wave 0 holds 2 of 4
+    Q = np.array([[0, 3], [2, 0], [0, 0]])
+    g.queued(1, 0, True, now=0.0)
+    g.queued(0, 1, True, now=0.0)
+    r = g.ready(Q, now=0.01)
+    assert r[1, 0] == 0              # waits for the other two
+    assert r[0, 1] == 3              # wave 1 has nothing in flight: ready
+    g.returned(0, [0, 0])
+    assert g.ready(Q, now=0.02)[1, 0] == 2
+    assert Q[1, 0] == 2              # the caller's matrix is never modified
+
+
+def test_block_zero_waits_for_the_whole_wave_and_the_valve_opens():
+    g = WaveGate(num_blocks=2, waves=1, max_batch_tokens=100, max_wait_s=0.5)
+    g.dispatched(0, 0, 3)            # 3 segments left block 0
+    g.queued(0, 0, True, now=0.0)    # a new request waits at block 0
+    Q = np.array([[5], [0]])
+    assert g.ready(Q, 0.1)[0, 0] == 0
+    assert g.ready(Q, 0.6)[0, 0] == 5  # waited past max_wait
+    g.sampled([0, 0, 0])
+    assert g.ready(Q, 0.2)[0, 0] == 5
+    assert g.ready(np.array([[100], [0]]), 0.0)[0, 0] == 100  # a full batch never waits
+
+
+def test_new_requests_go_to_the_lightest_wave():
+    g = WaveGate(4, 3, 64, 1.0)
+    assert g.pick_wave([0, 0, 1, 2, 2]) == 1
+    assert g.pick_wave([]) == 0
