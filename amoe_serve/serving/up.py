@@ -98,19 +98,29 @@ def _with_token(cfg: AmoeConfig) -> AmoeConfig:
 
 
 def _start_serve(cfg: AmoeConfig, planes: list[DataPlaneProcess]) -> None:
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local cluster started here
+    specs = [{"name": p.name, "path": p.cfg.model.path, "host": p.address[0], "port": p.address[1],
+              "token": p.cfg.link.token} for p in planes]
+    start_serve_app(cfg.serving, specs)
+
+
+def start_serve_app(s, specs: list[dict], ray_address: Optional[str] = None) -> None:
+    """ray.init (a private local Ray, or `ray_address` of a running cluster), then the Serve
+    ingress in front of the gateways in `specs` ({name, path, host, port, token}).
+    Shared by `amoe-serve up` and `amoe-serve ingress` (serving/attach.py)."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private cluster (local, or the job's)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
     from ray import serve
 
     from amoe_serve.serving.deployment import build_serve_app
 
-    s = cfg.serving
-    ray.init(num_cpus=s.ray_num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=True,
-             configure_logging=False)
-    serve.start(http_options={"host": s.host, "port": s.port})
-    specs = [{"name": p.name, "path": p.cfg.model.path, "host": p.address[0], "port": p.address[1],
-              "token": p.cfg.link.token} for p in planes]
+    if ray_address:
+        ray.init(address=ray_address, log_to_driver=True, configure_logging=False)
+    else:
+        ray.init(num_cpus=s.ray_num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=True,
+                 configure_logging=False)
+    # One HTTP proxy, on this (the head) node: the address printed is the one to use.
+    serve.start(proxy_location="HeadOnly", http_options={"host": s.host, "port": s.port})
     serve.run(build_serve_app(specs, s), name="amoe-serve", route_prefix="/")
 
 

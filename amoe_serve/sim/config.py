@@ -91,6 +91,12 @@ class SimSystemsConfig:
     lockstep_max_running: list[int] = field(default_factory=lambda: [64, 128, 160, 256, 384, 512])
     # AEP's batch-limit sweep (same idea; empty = only max_running_requests).
     aep_max_running: list[int] = field(default_factory=list)
+    # AEP attention micro-waves (amoe_serve.sched.waves.WaveGate), as the real config's
+    # scheduler.attention_waves / attention_max_wait_ms (waves 1 + max_wait 0 = no gate).
+    attention_waves: int = 2
+    attention_max_wait_ms: float = 1000.0
+    # AEP's wave sweep, part of its own tuning (empty = only attention_waves).
+    aep_waves: list[int] = field(default_factory=list)
     # Lockstep layout: "colocated" = every GPU runs DP attention and EP experts (SGLang/vLLM);
     # "split" = the same attention/expert ranks as AEP with a per-block barrier (this repo's mode).
     lockstep_layout: str = "colocated"
@@ -138,6 +144,8 @@ def validate_sim(cfg: SimConfig) -> SimConfig:
         raise ConfigError(f"run.policies: expected a non-empty subset of {', '.join(POLICIES)}")
     if r.lockstep_layout not in ("colocated", "split"):
         raise ConfigError("run.lockstep_layout must be colocated or split")
+    if min([r.attention_waves, *r.aep_waves]) < 1 or r.attention_max_wait_ms < 0:
+        raise ConfigError("run.attention_waves / aep_waves must be >= 1 and attention_max_wait_ms >= 0")
     if min([r.max_running_requests, r.max_batch_tokens, r.max_expert_batch, *r.lockstep_max_running,
             *r.aep_max_running]) < 1:
         raise ConfigError("run batch limits must be >= 1")

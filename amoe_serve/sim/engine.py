@@ -6,10 +6,12 @@ seed fixes every result. Shared pieces: `Router` (seeded exponential skew over e
 a CPU machine), `Gateway` (requests, placement on the attention rank with the fewest running
 requests, i.e. the most free KV), `Stats` (token times -> throughput / ITL / TTFT).
 
-AEP (`simulate_aep`): attention ranks (DP, sticky requests) each own a MuQueues(NB, 1);
-expert ranks own MuQueues(NB, experts per rank); every rank, when idle, asks its scheduler from
-`amoe_serve.sched.policies.make_scheduler` which queue to run -- the same classes the real ranks
-use. No barriers anywhere.
+AEP (`simulate_aep`): attention ranks (DP, sticky requests) each own a MuQueues(NB, W) whose slot
+is the request's micro-wave, gated by `amoe_serve.sched.waves.WaveGate` exactly as the real
+attention rank does (the sim clock is its `now`; a wake-up event stands in for the real rank's
+polling when a gated queue's max_wait expires); expert ranks own MuQueues(NB, experts per rank);
+every rank, when idle, asks its scheduler from `amoe_serve.sched.policies.make_scheduler` which
+queue to run -- the same classes the real ranks use. No barriers anywhere.
 
 Lockstep (`simulate_lockstep`): every block of every iteration is a barrier step whose time is
 max_r attention + all-to-all dispatch + max_r experts + all-to-all combine.
@@ -24,6 +26,7 @@ import numpy as np
 
 from amoe_serve.sched.policies import make_scheduler, pick_block_group
 from amoe_serve.sched.queues import MuQueues
+from amoe_serve.sched.waves import WaveGate
 
 from .cost import CostModel
 
@@ -196,6 +199,10 @@ class SimParams:
     warmup_s: float = 0.0
     kv_tokens: float = math.inf  # KV capacity per attention rank in tokens (reserved up front)
     warm_start: bool = False
+    # AEP attention micro-waves (WaveGate), as SchedulerConfig.attention_waves /
+    # attention_max_wait_ms; waves=1 with max_wait 0 disables the gate (run whatever landed).
+    attention_waves: int = 2
+    attention_max_wait_s: float = 1.0
 
 
 class Stats:
@@ -312,23 +319,40 @@ class Gateway:
 # AEP
 # ---------------------------------------------------------------------------------------------
 class _AepAttn:
+    """An AEP attention rank: the real rank's loop (AttentionRank.run_aep) as events."""
+
     def __init__(self, sim: "AepSim", idx: int, gpu: int) -> None:
         p = sim.p
         self.sim, self.idx, self.gpu = sim, idx, gpu
-        self.q = MuQueues(p.num_blocks, 1)
+        self.W = max(1, p.attention_waves)
+        self.q = MuQueues(p.num_blocks, self.W)          # slot = wave
+        self.gate = WaveGate(p.num_blocks, self.W, p.max_batch_tokens, p.attention_max_wait_s)
         self.sched = make_scheduler(p.policy, p.lookahead, p.decay)
         self.busy = False
         self.pending: dict[int, int] = {}
+        self.wave: dict[int, int] = {}                   # running request -> its wave
+        self.wake_at = math.inf                          # pending max_wait wake-up
+
+    def admit(self, req: int, n: int) -> None:
+        w = self.gate.pick_wave(list(self.wave.values()))
+        self.wave[req] = w
+        self.push(0, w, req, n)
+
+    def push(self, b: int, w: int, req: int, n: int) -> None:
+        self.gate.queued(b, w, self.q.lengths[b, w] == 0, self.sim.loop.now)
+        self.q.push(b, w, (req, n), n)
 
     def kick(self) -> None:
         if self.busy:
             return
-        pick = self.sched.pick(self.q.lengths)
-        if pick is None:
-            return
-        b = pick[0]
-        segs = self.q.pop(b, 0, self.sim.p.max_batch_tokens)
         sim = self.sim
+        now = sim.loop.now
+        pick = self.sched.pick(self.gate.ready(self.q.lengths, now))
+        if pick is None:
+            self._arm_wake(now)
+            return
+        b, w = pick
+        segs = self.q.pop(b, w, sim.p.max_batch_tokens)
         toks = sum(s[1] for s in segs)
         ctx = 0.0
         for req, n in segs:
@@ -339,12 +363,30 @@ class _AepAttn:
         sim.stats.attn_batch_tokens += toks
         self.busy = True
         sim.stats.busy[self.gpu] += t
-        sim.cores.run(t, self.done, b, segs)
+        sim.cores.run(t, self.done, b, w, segs)
 
-    def done(self, b: int, segs: list) -> None:
+    def _arm_wake(self, now: float) -> None:
+        """Gated queues hold tokens: wake when the oldest one's max_wait runs out (the real
+        rank notices on its next poll)."""
+        held = self.q.lengths > 0
+        if not held.any():
+            return
+        t = float(self.gate.since_BW[held].min()) + self.gate.max_wait_s
+        t = max(t, now) + 1e-9
+        if t < self.wake_at:
+            self.wake_at = t
+            self.sim.loop.at(t, self._wake, t)
+
+    def _wake(self, t: float) -> None:
+        if t == self.wake_at:
+            self.wake_at = math.inf
+        self.kick()
+
+    def done(self, b: int, w: int, segs: list) -> None:
         sim = self.sim
         self.busy = False
         now = sim.loop.now
+        self.gate.dispatched(b, w, len(segs))
         counts = sim.router.counts(b, [n for _, n in segs])   # [S, E]
         per_rank = sim.experts_per_rank
         row_bytes = sim.cost.row_bytes()
@@ -366,24 +408,36 @@ class _AepAttn:
         sim = self.sim
         now = sim.loop.now
         nb = sim.p.num_blocks
+        done = []
         for req, cnt in items:
             left = self.pending[req] - cnt
             if left:
                 self.pending[req] = left
                 continue
             del self.pending[req]
-            n = sim.seg_tokens[req]
-            if b + 1 < nb:
-                self.q.push(b + 1, 0, (req, n), n)
-                continue
-            # Last block: sample; the next decode token re-enters block 0.
-            sim.ctx[req] += n
+            done.append(req)
+        if not done:
+            return
+        self.gate.returned(b, [self.wave[req] for req in done])
+        if b + 1 < nb:
+            for req in done:
+                self.push(b + 1, self.wave[req], req, int(sim.seg_tokens[req]))
+            self.kick()
+            return
+        # Last block: sample; the next decode token re-enters block 0.
+        self.gate.sampled([self.wave[req] for req in done])
+        finished = False
+        for req in done:
+            sim.ctx[req] += sim.seg_tokens[req]
             if sim.stats.emit(req, now):
+                del self.wave[req]
                 sim.gateway.finish(req, self.idx)
-                sim.admit()
+                finished = True
             else:
                 sim.seg_tokens[req] = 1
-                self.q.push(0, 0, (req, 1), 1)
+                self.push(0, self.wave[req], req, 1)
+        if finished:
+            sim.admit()
         self.kick()
 
 
@@ -483,7 +537,7 @@ class AepSim:
                     self.ctx[req] = n + g - 1
                     n = self.seg_tokens[req] = 1
             a = self.attn[rank]
-            a.q.push(0, 0, (req, n), n)
+            a.admit(req, n)
             a.kick()
         nxt = self.gateway.next_arrival()
         if nxt is not None and nxt > self.loop.now and nxt not in self._scheduled:
@@ -496,6 +550,9 @@ class AepSim:
         self.loop.at(0.0, self.admit)
         self.loop.run(self.p.duration_s or None)
         self.stats.end = self.loop.now
+        if self.stats.emits and not np.isnan(self.stats.done_at).any():
+            # Every request finished: stale max_wait wake-ups left in the heap are not work.
+            self.stats.end = min(self.stats.end, self.stats.emits[-1])
         return self.stats
 
 

@@ -28,7 +28,8 @@ def _table(cfg: SimConfig) -> DeviceTable:
     return t
 
 
-def _params(cfg: SimConfig, max_running: int, policy: str, kv_tokens: float) -> SimParams:
+def _params(cfg: SimConfig, max_running: int, policy: str, kv_tokens: float,
+            waves: int | None = None) -> SimParams:
     m, w, r = cfg.model, cfg.workload, cfg.run
     return SimParams(num_blocks=m.num_blocks, num_experts=m.num_experts, top_k=m.top_k,
                      max_running=max_running, max_batch_tokens=r.max_batch_tokens,
@@ -36,7 +37,9 @@ def _params(cfg: SimConfig, max_running: int, policy: str, kv_tokens: float) -> 
                      lookahead=r.lookahead, decay=r.decay, skew_rate=w.skew_rate,
                      hot_per_block=w.hot_expert_per_block, seed=w.seed, duration_s=w.duration_s,
                      warmup_s=w.warmup_s, kv_tokens=kv_tokens,
-                     warm_start=w.warm_start and w.arrival == "offline")
+                     warm_start=w.warm_start and w.arrival == "offline",
+                     attention_waves=r.attention_waves if waves is None else waves,
+                     attention_max_wait_s=r.attention_max_wait_ms * 1e-3)
 
 
 def _kv_tokens(cost: CostModel, table: DeviceTable, experts_per_gpu: float, attention: bool) -> float:
@@ -49,7 +52,8 @@ def _kv_tokens(cost: CostModel, table: DeviceTable, experts_per_gpu: float, atte
 
 
 def run_one(cfg: SimConfig, system: str, gpus: int, *, policy: str = "defrag", max_running: int,
-            rate_per_gpu: float | None = None, table: DeviceTable | None = None) -> dict:
+            rate_per_gpu: float | None = None, table: DeviceTable | None = None,
+            waves: int | None = None) -> dict:
     """Simulate one (system, cluster size, batch limit, load) point; returns a result record."""
     table = table or _table(cfg)
     cost = CostModel(table, cfg.model)
@@ -66,7 +70,8 @@ def run_one(cfg: SimConfig, system: str, gpus: int, *, policy: str = "defrag", m
         A = X = gpus
     if system == "aep":
         kv = _kv_tokens(cost, table, 0, True)
-        p = _params(cfg, max_running, policy, kv)
+        p = _params(cfg, max_running, policy, kv, waves)
+        waves = p.attention_waves
         st = simulate_aep(cost, wl, p, A, X, table.cores, table.gpus_per_node)
     else:
         colocated = layout == "colocated"
@@ -78,12 +83,13 @@ def run_one(cfg: SimConfig, system: str, gpus: int, *, policy: str = "defrag", m
         p.warmup_s *= cfg.run.lockstep_window_scale
         st = simulate_lockstep(cost, wl, p, A, X, colocated, table.cores, table.gpus_per_node)
         policy = "lockstep"
+        waves = None
     rec = {
         "gpus": gpus, "attention_gpus": A, "expert_gpus": X, "system": system, "policy": policy,
         "layout": "disaggregated" if system == "aep" else layout,
         "workload": w.name, "arrival": w.arrival,
         "request_rate": rate if w.arrival == "poisson" else None,
-        "max_running_requests": max_running, "device": table.name,
+        "max_running_requests": max_running, "attention_waves": waves, "device": table.name,
         "top_k": cfg.model.top_k, "num_experts": E, "skew_rate": w.skew_rate,
     }
     rec.update(st.summary())
@@ -104,9 +110,11 @@ def run_sim(cfg: SimConfig, log=print) -> tuple[list[dict], dict]:
             if "aep" in r.systems:
                 for pol in r.policies:
                     for mr in (r.aep_max_running or [r.max_running_requests]):
-                        rec = run_one(cfg, "aep", g, policy=pol, max_running=mr, rate_per_gpu=rate, table=table)
-                        records.append(rec)
-                        log(_line(rec))
+                        for wv in (r.aep_waves or [r.attention_waves]):
+                            rec = run_one(cfg, "aep", g, policy=pol, max_running=mr, rate_per_gpu=rate,
+                                          table=table, waves=wv)
+                            records.append(rec)
+                            log(_line(rec))
             if "lockstep" in r.systems:
                 sweep = r.lockstep_max_running if w.arrival == "offline" else [r.max_running_requests]
                 for mr in sweep:
@@ -120,9 +128,11 @@ def run_sim(cfg: SimConfig, log=print) -> tuple[list[dict], dict]:
 
 def _line(rec: dict) -> str:
     rate = f" rate={rec['request_rate']:.0f}/s" if rec["request_rate"] else ""
+    waves = f" waves={rec['attention_waves']}" if rec.get("attention_waves") else " " * 8
     return (f"{rec['gpus']:3d} GPUs {rec['system']:8s} {rec['policy']:8s} max_running={rec['max_running_requests']:4d}"
-            f"{rate}: {rec['tokens_per_s']:9.0f} tok/s  itl p50 {rec['itl_ms_p50']:7.2f} ms  "
-            f"expert batch {rec['mean_expert_batch']:6.1f}  idle {rec['idle_fraction']:.2f}  ({rec['wall_s']:.1f}s)")
+            f"{waves}{rate}: {rec['tokens_per_s']:9.0f} tok/s  itl p50 {rec['itl_ms_p50']:7.2f} ms  "
+            f"attn batch {rec['mean_attention_batch']:6.1f}  expert batch {rec['mean_expert_batch']:6.1f}  "
+            f"idle {rec['idle_fraction']:.2f}  ({rec['wall_s']:.1f}s)")
 
 
 def summarize(records: list[dict]) -> dict:
@@ -136,7 +146,8 @@ def summarize(records: list[dict]) -> dict:
     out: dict = {"best": [], "aep_over_lockstep": {}, "scaling": {}}
     for (g, sysname, rate), rec in sorted(best.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] or 0)):
         out["best"].append({k: rec[k] for k in ("gpus", "system", "policy", "request_rate", "max_running_requests",
-                                                 "tokens_per_s", "itl_ms_p50", "mean_expert_batch", "idle_fraction")})
+                                                 "attention_waves", "tokens_per_s", "itl_ms_p50",
+                                                 "mean_attention_batch", "mean_expert_batch", "idle_fraction")})
         if sysname == "aep" and (g, "lockstep", rate) in best:
             lk = best[(g, "lockstep", rate)]["tokens_per_s"]
             key = str(g) if rate is None else f"{g}@{rate:g}"
@@ -221,7 +232,8 @@ def predict_local_ratio(table: DeviceTable | str = "local", *, hidden: int = 102
                         num_requests: int = 64, input_len=(30, 70), output_len=(70, 130),
                         max_running: int = 64, max_batch_tokens: int = 2048, max_expert_batch: int = 512,
                         policy: str = "defrag", skew_rate: float = 0.0, seed: int = 0,
-                        dtype_bytes: int = 4) -> dict:
+                        dtype_bytes: int = 4, attention_waves: int = 2,
+                        attention_max_wait_ms: float = 1000.0) -> dict:
     """Simulated local AEP / lockstep ratio for the real local deployment (split layout).
 
     The real lockstep mode uses the same attention/expert ranks as AEP with a per-block barrier,
@@ -241,7 +253,8 @@ def predict_local_ratio(table: DeviceTable | str = "local", *, hidden: int = 102
     wl = make_workload(num_requests, input_len, output_len, "offline", 1.0, seed)
     p = SimParams(num_blocks=num_blocks, num_experts=num_experts, top_k=top_k, max_running=max_running,
                   max_batch_tokens=max_batch_tokens, max_expert_batch=max_expert_batch, policy=policy,
-                  skew_rate=skew_rate, seed=seed, hot_per_block=True)
+                  skew_rate=skew_rate, seed=seed, hot_per_block=True, attention_waves=attention_waves,
+                  attention_max_wait_s=attention_max_wait_ms * 1e-3)
     aep = simulate_aep(cost, wl, p, attention_ranks, expert_ranks, table.cores, table.gpus_per_node).summary()
     lk = simulate_lockstep(cost, wl, p, attention_ranks, expert_ranks, False, table.cores,
                            table.gpus_per_node).summary()

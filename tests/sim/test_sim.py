@@ -69,12 +69,16 @@ def test_same_seed_same_results():
     assert c != a
 
 
-@pytest.mark.parametrize("system", ["aep", "lockstep-colocated", "lockstep-split"])
+@pytest.mark.parametrize("system", ["aep", "aep-nogate", "aep-w4", "lockstep-colocated", "lockstep-split"])
 def test_conservation(system):
     cm = CostModel(TABLES["a100"], TINY)
     wl = make_workload(40, (3, 12), (2, 9), "offline", 1.0, seed=2)
     p = _params()
-    if system == "aep":
+    if system == "aep-nogate":
+        p = _params(attention_waves=1, attention_max_wait_s=0.0)
+    elif system == "aep-w4":
+        p = _params(attention_waves=4)
+    if system.startswith("aep"):
         sim = AepSim(cm, wl, p, 2, 2)
     else:
         sim = LockstepSim(cm, wl, p, 2 if "split" in system else 4, 2 if "split" in system else 4,
@@ -86,6 +90,40 @@ def test_conservation(system):
     tokens = int(wl.prompt.sum() + (wl.output - 1).sum())
     assert np.all(st.expert_rows.sum(axis=1) == tokens * p.top_k)
     assert st.expert_rows.sum() == tokens * p.top_k * p.num_blocks
+    if system.startswith("aep"):   # the wave gate's bookkeeping drains with the work
+        for a in sim.attn:
+            assert not a.gate.incoming_BW.any() and not a.gate.in_flight_W.any()
+            assert a.q.total() == 0 and not a.pending and not a.wave
+
+
+def test_wave_gate_keeps_attention_batches_whole():
+    """The sim's AEP attention ranks use sched.waves.WaveGate like the real rank: with 2 waves
+    attention runs whole waves instead of whatever expert replies have landed."""
+    from amoe_serve.sched.waves import WaveGate
+    cm = CostModel(TABLES["a100"], TINY)
+    wl = make_workload(64, (3, 12), (20, 40), "offline", 1.0, seed=2)
+    base = dict(max_running=32, max_batch_tokens=512)
+    off = AepSim(cm, wl, _params(attention_waves=1, attention_max_wait_s=0.0, **base), 2, 2)
+    on = AepSim(cm, wl, _params(attention_waves=2, attention_max_wait_s=1.0, **base), 2, 2)
+    assert isinstance(on.attn[0].gate, WaveGate) and on.attn[0].q.lengths.shape == (4, 2)
+    s_off, s_on = off.run().summary(), on.run().summary()
+    assert s_on["mean_attention_batch"] > 1.2 * s_off["mean_attention_batch"]
+    assert s_on["mean_expert_batch"] > s_off["mean_expert_batch"]
+    assert s_on["requests_done"] == s_off["requests_done"] == 64
+    # max_wait is a safety valve, not the clock: nothing here should wait out a whole second
+    assert s_on["simulated_seconds"] < 0.5
+
+
+def test_max_wait_releases_a_held_queue():
+    """A queue held for a wave that never comes back is released after max_wait (the sim clock)."""
+    cm = CostModel(TABLES["a100"], TINY)
+    wl = make_workload(2, (2, 2), (3, 3), "offline", 1.0, seed=0)
+    sim = AepSim(cm, wl, _params(attention_waves=1, attention_max_wait_s=0.25), 1, 2)
+    a = sim.attn[0]
+    a.gate.incoming_BW[1, 0] += 1      # a phantom segment of wave 0 that never returns to block 1
+    st = sim.run()
+    assert st.summary()["requests_done"] == 2
+    assert st.summary()["simulated_seconds"] >= 0.25   # block 1 waited out max_wait once
 
 
 def test_makespan_on_limited_cores():
@@ -155,6 +193,22 @@ def test_cli_writes_results_and_plot(tmp_path):
     assert (tmp_path / "scaling.png").stat().st_size > 1000
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert set(summary["aep_over_lockstep"]) == {"4", "8"}
+    assert {r["attention_waves"] for r in recs if r["system"] == "aep"} == {2}   # real config default
+    assert {r["attention_waves"] for r in recs if r["system"] == "lockstep"} == {None}
+
+
+def test_aep_waves_sweep_is_part_of_aep_tuning():
+    from amoe_serve.sim.run import run_sim
+    cfg = load_sim_config("configs/sim/tiny.yaml", ["cluster.gpus=[4]", "run.aep_waves=[1,2,4]",
+                                                    "run.systems=[aep]"])
+    assert cfg.run.attention_waves == 2 and cfg.run.attention_max_wait_ms == 1000.0
+    recs, summary = run_sim(cfg, log=lambda *_: None)
+    assert sorted(r["attention_waves"] for r in recs) == [1, 2, 4]
+    best = max(recs, key=lambda r: r["tokens_per_s"])
+    assert summary["best"][0]["attention_waves"] == best["attention_waves"]
+    from amoe_serve.config import ConfigError
+    with pytest.raises(ConfigError):
+        load_sim_config("configs/sim/tiny.yaml", ["run.aep_waves=[0]"])
 
 
 def test_cli_poisson_sweep_plot(tmp_path):
