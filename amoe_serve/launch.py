@@ -13,6 +13,7 @@ from pathlib import Path
 
 from amoe_serve.config import AmoeConfig, to_yaml
 from amoe_serve.engine.job import topology
+from amoe_serve.procs import clean_orphaned_mpi_shm
 
 
 class LaunchError(RuntimeError):
@@ -68,16 +69,23 @@ def launch_job(cfg: AmoeConfig, rank_args: list[str]) -> int:
         p = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=die_with_parent)
         timeout = cfg.runtime.job_timeout_s or None
         try:
-            rc = p.wait(timeout=timeout)
-            if rc != 0:
-                print(f"[amoe-serve] the data-plane job failed (exit code {rc}): a rank died or "
-                      "reported an error (see above); no results were written", file=sys.stderr, flush=True)
-            return rc
-        except subprocess.TimeoutExpired:
-            print(f"[amoe-serve] the data-plane job did not finish within {timeout:.0f} s "
-                  "(runtime.job_timeout_s); killed it", file=sys.stderr, flush=True)
-            _kill_group(p)
-            return 124
-        except BaseException:
-            _kill_group(p)
-            raise
+            return _wait(p, timeout)
+        finally:
+            clean_orphaned_mpi_shm()  # a killed job leaves its MPICH segments behind
+
+
+def _wait(p: subprocess.Popen, timeout) -> int:
+    try:
+        rc = p.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        print(f"[amoe-serve] the data-plane job did not finish within {timeout:.0f} s "
+              "(runtime.job_timeout_s); killed it", file=sys.stderr, flush=True)
+        _kill_group(p)
+        return 124
+    except BaseException:
+        _kill_group(p)
+        raise
+    if rc != 0:
+        print(f"[amoe-serve] the data-plane job failed (exit code {rc}): a rank died or "
+              "reported an error (see above); no results were written", file=sys.stderr, flush=True)
+    return rc

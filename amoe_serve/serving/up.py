@@ -22,7 +22,7 @@ from typing import Optional
 from amoe_serve.config import AmoeConfig, load_config, to_yaml
 from amoe_serve.engine.job import topology
 from amoe_serve.launch import _kill_group, die_with_parent, mpiexec_path
-from amoe_serve.procs import descendants, run_with_timeout, terminate
+from amoe_serve.procs import clean_orphaned_mpi_shm, descendants, run_with_timeout, terminate
 
 RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
 
@@ -75,6 +75,7 @@ class DataPlaneProcess:
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             _kill_group(self.proc)
+        clean_orphaned_mpi_shm()
 
 
 def _model_configs(cfg: AmoeConfig) -> list[tuple[str, AmoeConfig]]:
@@ -179,6 +180,7 @@ def _supervise(planes: list[DataPlaneProcess]) -> None:
         if p.proc is None or p.proc.poll() is None:
             continue
         if p.next_restart == 0.0:
+            clean_orphaned_mpi_shm()
             delay = RESTART_BACKOFF_S[min(p.restarts, len(RESTART_BACKOFF_S) - 1)]
             p.next_restart = now + delay
             print(f"[amoe-serve] data plane of model {p.name!r} exited with code {p.proc.returncode}; "

@@ -148,6 +148,9 @@ def test_killed_rank_ends_the_job_promptly(checkpoints, tmp_path, victim):
     leftover = [d for d in Path("/proc").iterdir() if d.name.isdigit() and int(d.name) in pids.values()]
     assert not leftover, "rank processes left behind"
     assert not (tmp_path / "o.jsonl").exists()
+    from amoe_serve.procs import _mapped_shm
+    live = _mapped_shm()
+    assert not [f for f in Path("/dev/shm").glob("mpich_shm_*") if f.name not in live], "MPI segments leaked"
 
 
 def test_default_model_with_no_arguments(tmp_path):
@@ -162,3 +165,17 @@ def test_default_model_with_no_arguments(tmp_path):
     assert [len(r["output_token_ids"]) for r in res] == [6, 4] or all(r["finish_reason"] == "stop" for r in res)
     assert all(isinstance(r["text"], str) for r in res)
     assert (tmp_path / "cache" / "default-model-v1" / "config.json").is_file()
+
+
+def test_orphaned_mpi_segments_are_cleaned_and_live_ones_kept(tmp_path):
+    import mmap
+
+    from amoe_serve.procs import clean_orphaned_mpi_shm
+    shm = Path("/dev/shm")
+    orphan, live = shm / "mpich_shm_test_orphan_0", shm / "mpich_shm_test_live_0"
+    for f in (orphan, live):
+        f.write_bytes(b"\0" * 4096)
+    with open(live, "r+b") as fh, mmap.mmap(fh.fileno(), 4096):
+        assert clean_orphaned_mpi_shm() >= 1
+        assert not orphan.exists() and live.exists()
+    live.unlink()
