@@ -57,6 +57,8 @@ class SchedulerConfig:
     # blocks independently (μ-queue slot = wave), so attention of one wave overlaps the expert
     # work of another. Lockstep always runs one.
     attention_waves: int = 2
+    # A further wave opens only once every active wave would hold this many requests.
+    min_wave_requests: int = 16
 
 
 @dataclass
@@ -206,8 +208,8 @@ def validate(cfg: AmoeConfig) -> AmoeConfig:
     if cfg.scheduler.policy not in POLICIES:
         raise ConfigError(
             f"scheduler.policy={cfg.scheduler.policy!r}: expected one of {', '.join(POLICIES)}")
-    if cfg.scheduler.attention_waves < 1 or cfg.scheduler.attention_max_wait_ms < 0:
-        raise ConfigError("scheduler.attention_waves must be >= 1 and attention_max_wait_ms >= 0")
+    if cfg.scheduler.attention_waves < 1 or cfg.scheduler.attention_max_wait_ms < 0 or cfg.scheduler.min_wave_requests < 1:
+        raise ConfigError("scheduler.attention_waves and min_wave_requests must be >= 1, attention_max_wait_ms >= 0")
     if cfg.scheduler.lookahead < 0 or not (0.0 < cfg.scheduler.decay <= 1.0):
         raise ConfigError("scheduler.lookahead must be >= 0 and 0 < scheduler.decay <= 1")
     if cfg.routing.mode not in ("model", "exponential"):

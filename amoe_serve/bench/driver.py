@@ -47,7 +47,6 @@ async def _progress(label: str, traces: list[RequestTrace], total_tokens: int, t
     while not done.is_set():
         await asyncio.sleep(1.0)
         got = sum(len(t.token_s) for t in traces)
-        fin = sum(1 for t in traces if t.error or (t.token_s and t.submit_s))
         el = time.perf_counter() - t0
         print(f"\r[bench] {label}: {got}/{total_tokens} tokens, {el:5.1f} s, {got / max(el, 1e-9):7.1f} tok/s ",
               end="", file=sys.stderr, flush=True)

@@ -4,6 +4,7 @@ cores and dtype, one after another in one run; results as JSON records and plots
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from dataclasses import asdict
@@ -89,7 +90,7 @@ def run_bench(cfg: BenchConfig, output: Path, cache: Path) -> list[dict]:
                     got = sum(len(t.token_s) for t in p.traces)
                     rec.update(output_tokens=got, failed_requests=len(failed), errors=failed[:3],
                                **latency_fields(p.traces), **rank_fields(p.stats))
-                    cores = min(len(__import__("os").sched_getaffinity(0)),
+                    cores = min(len(os.sched_getaffinity(0)),
                                 dp.deployment.attention_ranks + dp.deployment.expert_ranks)
                     flops = run_flops(spec, rec["attention_tokens"], rec["expert_rows"], got, mean_ctx)
                 rec["wall_s"] = wall

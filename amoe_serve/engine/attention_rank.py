@@ -18,7 +18,8 @@ from amoe_transport import Message, Transport
 
 class AttentionRank:
     def __init__(self, core: AttentionCore, transport: Transport, topo: Topology, scheduler,
-                 max_batch_tokens: int, max_poll_sleep: float, max_wait_s: float = 0.05, waves: int = 1):
+                 max_batch_tokens: int, max_poll_sleep: float, max_wait_s: float = 0.05, waves: int = 1,
+                 min_wave_requests: int = 1):
         self.core = core
         self.t = transport
         self.topo = topo
@@ -28,7 +29,7 @@ class AttentionRank:
         self.num_blocks = core.spec.num_blocks
         self.waves = waves
         self.queues = MuQueues(self.num_blocks, waves)  # slot = wave
-        self.gate = WaveGate(self.num_blocks, waves, max_batch_tokens, max_wait_s)
+        self.gate = WaveGate(self.num_blocks, waves, max_batch_tokens, max_wait_s, min_wave_requests)
         self.counters = RankCounters(self.num_blocks, waves)
         self.to_sample: list[Segment] = []
         self.stop = False
@@ -64,7 +65,7 @@ class AttentionRank:
     def _admit(self, h: dict) -> None:
         try:
             params = SamplingParams.from_dict(h["params"])
-            wave = self.gate.pick_wave([r.wave for r in self.core.requests.values()])
+            wave = self.gate.pick_wave([r.wave for r in self.core.requests.values()]) if self.gate else 0
             seg = self.core.admit(h["id"], h["prompt_token_ids"], params, wave)
         except (ValueError, RuntimeError) as e:
             self._emit([TokenEvent(h["id"], None, "error", str(e))])
@@ -73,7 +74,8 @@ class AttentionRank:
 
     def _push(self, b: int, seg: Segment) -> None:
         w = seg.req.wave
-        self.gate.queued(b, w, self.queues.lengths[b, w] == 0, time.perf_counter())
+        if self.gate is not None:
+            self.gate.queued(b, w, self.queues.lengths[b, w] == 0, time.perf_counter())
         self.queues.push(b, w, seg, seg.num_tokens)
 
     def _advance(self, segs: list[Segment]) -> None:
@@ -87,7 +89,8 @@ class AttentionRank:
         if not self.to_sample:
             return
         segs, self.to_sample = self.to_sample, []
-        self.gate.sampled([s.req.wave for s in segs])
+        if self.gate is not None:
+            self.gate.sampled([s.req.wave for s in segs])
         events, new = self.core.sample(segs)
         for s in new:
             self._push(0, s)
@@ -144,6 +147,7 @@ class AttentionRank:
         return mine + sum(m.header["tokens"] for m in got), stop or any(m.header["stop"] for m in got)
 
     def run_lockstep(self) -> None:
+        self.gate = None  # the barrier keeps the one wave whole
         step = rnd = 0
         D = self.core.spec.hidden_size
         while True:

@@ -95,7 +95,8 @@ def run_worker(cfg: AmoeConfig, transport: Transport, device: str = "cpu") -> No
         s = cfg.scheduler
         r = AttentionRank(make_attention_core(cfg, spec, place, device, rank), transport, topo,
                           make_scheduler(s.policy, s.lookahead, s.decay), cfg.engine.max_batch_tokens, sleep,
-                          s.attention_max_wait_ms * 1e-3, 1 if lockstep else s.attention_waves)
+                          s.attention_max_wait_ms * 1e-3, 1 if lockstep else s.attention_waves,
+                          s.min_wave_requests)
         r.run_lockstep() if lockstep else r.run_aep()
     elif role == "expert":
         core = make_expert_core(cfg, spec, place.pairs_of(rank - 1 - topo.attention_ranks), device)

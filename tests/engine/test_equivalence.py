@@ -54,3 +54,17 @@ def test_mpi_generate_matches_transformers(arch, mode, ranks, checkpoints, hf_re
     assert [r["id"] for r in res] == [f"r{i}" for i in range(len(PROMPTS))]
     assert [r["output_token_ids"] for r in res] == hf_reference[arch]
     assert all(r["finish_reason"] in ("length", "stop") for r in res)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("waves", [2, 3])
+def test_aep_micro_waves_match_transformers(arch, waves, checkpoints, hf_reference):
+    """Requests spread over several waves (one request per wave is enough to open one)."""
+    cfg = load_config(overrides=[f"model.path={checkpoints[arch]}", "deployment.mode=aep",
+                                 f"scheduler.attention_waves={waves}", "scheduler.min_wave_requests=1",
+                                 "deployment.attention_ranks=1", "deployment.expert_ranks=3"])
+    results, stats = run_inproc(cfg, _requests(), timeout=120)
+    assert _outputs(results) == hf_reference[arch]
+    attn = [s for s in stats.values() if s["role"] == "attention"][0]
+    used = [w for w in range(waves) if sum(row[w] for row in attn["tokens_per_layer"]) > 0]
+    assert used == list(range(waves))  # every wave carried tokens

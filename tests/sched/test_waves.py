@@ -34,3 +34,10 @@ def test_new_requests_go_to_the_lightest_wave():
     g = WaveGate(4, 3, 64, 1.0)
     assert g.pick_wave([0, 0, 1, 2, 2]) == 1
     assert g.pick_wave([]) == 0
+
+
+def test_waves_open_only_when_the_load_fills_them():
+    g = WaveGate(4, 2, 64, 1.0, min_wave_requests=4)
+    assert [g.pick_wave([0] * n) for n in (0, 2, 6)] == [0, 0, 0]  # fewer than 2 x 4 requests: one wave
+    assert g.pick_wave([0] * 7) == 1                                  # the 8th request opens wave 1
+    assert g.pick_wave([0] * 5 + [1] * 3) == 1
