@@ -226,23 +226,28 @@ def validate(cfg: AmoeConfig) -> AmoeConfig:
     return cfg
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> AmoeConfig:
-    """Schema defaults, then the YAML file, then dotlist overrides (``scheduler.policy=mtfs``)."""
-    merged = OmegaConf.structured(AmoeConfig)
+def merge_structured(schema: type, path: str | Path | None, overrides: list[str] | None, what: str):
+    """Schema defaults, then the YAML file, then dotlist overrides, as a dataclass instance;
+    any problem becomes a one-line ConfigError naming `what`."""
+    merged = OmegaConf.structured(schema)
     try:
         if path is not None:
             p = Path(path)
             if not p.is_file():
-                raise ConfigError(f"config file not found: {p}")
+                raise ConfigError(f"{what} file not found: {p}")
             merged = OmegaConf.merge(merged, OmegaConf.load(p))
         if overrides:
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        return OmegaConf.to_object(merged)
     except ConfigError:
         raise
     except Exception as e:  # OmegaConf's validation errors are precise but verbose
-        raise ConfigError(f"invalid configuration: {e}".splitlines()[0]) from None
-    cfg: AmoeConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    return validate(cfg)
+        raise ConfigError(f"invalid {what}: {e}".splitlines()[0]) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> AmoeConfig:
+    """Schema defaults, then the YAML file, then dotlist overrides (``scheduler.policy=mtfs``)."""
+    return validate(merge_structured(AmoeConfig, path, overrides, "configuration"))
 
 
 def to_yaml(cfg: AmoeConfig) -> str:

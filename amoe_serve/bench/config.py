@@ -6,9 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from omegaconf import OmegaConf
-
-from amoe_serve.config import ConfigError, RoutingConfig
+from amoe_serve.config import ConfigError, RoutingConfig, merge_structured
 
 SYSTEMS = ("aep", "lockstep", "hf-transformers")
 
@@ -53,19 +51,7 @@ class BenchConfig:
 
 
 def load_bench_config(path: str | Path | None, overrides: list[str] | None = None) -> BenchConfig:
-    merged = OmegaConf.structured(BenchConfig)
-    try:
-        if path is not None:
-            if not Path(path).is_file():
-                raise ConfigError(f"bench config not found: {path}")
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
-        if overrides:
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
-    except ConfigError:
-        raise
-    except Exception as e:
-        raise ConfigError(f"invalid bench configuration: {e}".splitlines()[0]) from None
-    cfg: BenchConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    cfg: BenchConfig = merge_structured(BenchConfig, path, overrides, "bench configuration")
     bad = [s for s in cfg.systems if s not in SYSTEMS]
     if bad:
         raise ConfigError(f"bench systems {bad}: expected some of {', '.join(SYSTEMS)}")

@@ -16,8 +16,9 @@ from amoe_serve.requests_io import GenerateRequest, GenerateResult
 from amoe_transport import InProcHub
 
 
-def run_inproc(cfg: AmoeConfig, requests: Iterable[GenerateRequest], timeout: float = 300.0
-               ) -> tuple[dict[str, GenerateResult], dict[int, dict]]:
+def _start_workers(cfg: AmoeConfig) -> tuple[InProcHub, list[threading.Thread], list[str]]:
+    """Every attention and expert rank as a thread; errors are reported to the gateway (rank 0)
+    and collected in the returned list."""
     topo = topology(cfg)
     hub = InProcHub(topo.world_size)
     errors: list[str] = []
@@ -33,6 +34,12 @@ def run_inproc(cfg: AmoeConfig, requests: Iterable[GenerateRequest], timeout: fl
                for r in range(1, topo.world_size)]
     for th in threads:
         th.start()
+    return hub, threads, errors
+
+
+def run_inproc(cfg: AmoeConfig, requests: Iterable[GenerateRequest], timeout: float = 300.0
+               ) -> tuple[dict[str, GenerateResult], dict[int, dict]]:
+    hub, threads, errors = _start_workers(cfg)
     gw = make_gateway(cfg, hub.transport(0), load_spec(cfg.model.path))
     try:
         gw.run(requests, timeout=timeout)
@@ -54,21 +61,7 @@ def serve_inproc(cfg: AmoeConfig):
     link's host:port). Stops every rank on exit."""
     from amoe_serve.engine.serve_gateway import ServingGateway
 
-    topo = topology(cfg)
-    hub = InProcHub(topo.world_size)
-    errors: list[str] = []
-
-    def worker(rank: int) -> None:
-        t = hub.transport(rank)
-        try:
-            run_worker(cfg, t)
-        except BaseException as e:
-            errors.append(report_fatal(t, topo, e))
-
-    threads = [threading.Thread(target=worker, args=(r,), daemon=True, name=f"rank{r}")
-               for r in range(1, topo.world_size)]
-    for th in threads:
-        th.start()
+    hub, threads, errors = _start_workers(cfg)
     g = ServingGateway(cfg, hub.transport(0), load_spec(cfg.model.path))
 
     def gateway() -> None:

@@ -9,9 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from omegaconf import OmegaConf
-
-from amoe_serve.config import ConfigError
+from amoe_serve.config import ConfigError, merge_structured
 
 SYSTEMS = ("aep", "lockstep")
 ARRIVALS = ("offline", "poisson")
@@ -158,17 +156,4 @@ def lengths(w: SimWorkloadConfig) -> tuple[tuple[int, int], tuple[int, int]]:
 
 
 def load_sim_config(path: str | Path | None = None, overrides: list[str] | None = None) -> SimConfig:
-    merged = OmegaConf.structured(SimConfig)
-    try:
-        if path is not None:
-            p = Path(path)
-            if not p.is_file():
-                raise ConfigError(f"config file not found: {p}")
-            merged = OmegaConf.merge(merged, OmegaConf.load(p))
-        if overrides:
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
-    except ConfigError:
-        raise
-    except Exception as e:
-        raise ConfigError(f"invalid simulator configuration: {e}".splitlines()[0]) from None
-    return validate_sim(OmegaConf.to_object(merged))  # type: ignore[arg-type]
+    return validate_sim(merge_structured(SimConfig, path, overrides, "simulator configuration"))
