@@ -226,7 +226,7 @@ def test_locust_short_workload_against_the_stack(stack):
     """The documented headless Locust run, shortened: streams the paper's short workload."""
     tmp = stack["tmp"]
     locust = Path(sys.executable).parent / "locust"
-    cmd = [str(locust), "-f", "loadtests/locustfile.py", "--headless", "-u", "4", "-r", "4", "-t", "30s",
+    cmd = [str(locust), "-f", "loadtests/locustfile.py", "--headless", "-u", "4", "-r", "4", "-t", "32s",
            "--host", stack["base"], "--workload", "short", "--rate", "2", "--model", "mix", "--api-key", KEY,
            "--csv", str(tmp / "short"), "--summary-json", str(tmp / "short.json"), "--only-summary"]
     p = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
