@@ -41,7 +41,7 @@ def die_with_parent() -> None:
         pass
 
 
-def _kill_group(p: subprocess.Popen, grace: float = 3.0) -> None:
+def kill_group(p: subprocess.Popen, grace: float = 3.0) -> None:
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(p.pid, sig)
@@ -80,10 +80,10 @@ def _wait(p: subprocess.Popen, timeout) -> int:
     except subprocess.TimeoutExpired:
         print(f"[amoe-serve] the data-plane job did not finish within {timeout:.0f} s "
               "(runtime.job_timeout_s); killed it", file=sys.stderr, flush=True)
-        _kill_group(p)
+        kill_group(p)
         return 124
     except BaseException:
-        _kill_group(p)
+        kill_group(p)
         raise
     if rc != 0:
         print(f"[amoe-serve] the data-plane job failed (exit code {rc}): a rank died or "

@@ -116,11 +116,8 @@ def combine_slots(out_TKD: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:
 
 def gqa_attention(q_nHd: torch.Tensor, k_LGd: torch.Tensor, v_LGd: torch.Tensor, start_pos: int, scale: float):
     """Causal GQA attention of n new tokens at positions start_pos.. over L keys; returns [n, H*d].
-
-    The same ops, in the same order, as `amoe_serve.model.attention.causal_gqa_attention`
-    (HF eager numerics: scores in activation dtype, softmax in fp32, cast back, then @ V), so the
-    CPU path is bit-identical whichever of the two the data plane calls.
-    """
+    HF eager numerics: scores in activation dtype, softmax in fp32, cast back, then @ V. The model's
+    prefill attention is this function, so prefill and paged decode agree bit for bit."""
     n, H, d = q_nHd.shape
     L, G, _ = k_LGd.shape
     rep = H // G

@@ -75,10 +75,10 @@ async def _drive(host: str, port: int, token: str, reqs: list[BenchRequest], lab
 
 
 def run_point(cfg: AmoeConfig, reqs: list[BenchRequest], label: str, timeout: float) -> PointResult:
-    from amoe_serve.serving.up import DataPlaneProcess, _with_token
+    from amoe_serve.serving.up import DataPlaneProcess, with_link_token
 
     with tempfile.TemporaryDirectory(prefix="amoe-bench-") as tmp:
-        plane = DataPlaneProcess(label.replace(" ", "_").replace("/", "_"), _with_token(cfg), Path(tmp))
+        plane = DataPlaneProcess(label.replace(" ", "_").replace("/", "_"), with_link_token(cfg), Path(tmp))
         plane.start()
         try:
             host, port = plane.wait_ready(300)

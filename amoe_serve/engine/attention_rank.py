@@ -27,7 +27,6 @@ class AttentionRank:
         self.max_batch_tokens = max_batch_tokens
         self.max_sleep = max_poll_sleep
         self.num_blocks = core.spec.num_blocks
-        self.waves = waves
         self.queues = MuQueues(self.num_blocks, waves)  # slot = wave
         self.gate = WaveGate(self.num_blocks, waves, max_batch_tokens, max_wait_s, min_wave_requests)
         self.counters = RankCounters(self.num_blocks, waves)

@@ -21,7 +21,7 @@ from typing import Optional
 
 from amoe_serve.config import AmoeConfig, load_config, to_yaml
 from amoe_serve.engine.job import topology
-from amoe_serve.launch import _kill_group, die_with_parent, mpiexec_path
+from amoe_serve.launch import kill_group, die_with_parent, mpiexec_path
 from amoe_serve.procs import clean_orphaned_mpi_shm, descendants, run_with_timeout, terminate
 
 RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
@@ -74,7 +74,7 @@ class DataPlaneProcess:
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            _kill_group(self.proc)
+            kill_group(self.proc)
         clean_orphaned_mpi_shm()
 
 
@@ -93,7 +93,7 @@ def _model_configs(cfg: AmoeConfig) -> list[tuple[str, AmoeConfig]]:
     return out
 
 
-def _with_token(cfg: AmoeConfig) -> AmoeConfig:
+def with_link_token(cfg: AmoeConfig) -> AmoeConfig:
     token = cfg.link.token or os.environ.get("AMOE_SERVE_LINK_TOKEN") or secrets.token_hex(16)
     return replace(cfg, link=replace(cfg.link, token=token))
 
@@ -141,7 +141,7 @@ def up(cfg: AmoeConfig, ready_timeout: float = 180.0) -> int:
     with tempfile.TemporaryDirectory(prefix="amoe-up-") as tmp:
         try:
             for name, mcfg in _model_configs(cfg):
-                p = DataPlaneProcess(name, _with_token(mcfg), Path(tmp))
+                p = DataPlaneProcess(name, with_link_token(mcfg), Path(tmp))
                 p.start()
                 planes.append(p)
             for p in planes:
