@@ -76,7 +76,9 @@ def run_generate(cfg: AmoeConfig, input_path: str, output_path: str, stats_path:
     stats: dict = {}
     if mode == "local":
         from amoe_serve.engine.local import LocalEngine
-        results = LocalEngine(cfg, spec).generate(reqs)
+        engine = LocalEngine(cfg, spec)
+        results = engine.generate(reqs)
+        stats = {1: {"rank": 1, "role": "attention", "trace": engine.core.trace.snapshot().to_dict()}}
     else:
         from amoe_serve.engine.inproc import run_inproc
         results, stats = run_inproc(cfg, reqs, timeout=cfg.runtime.job_timeout_s)

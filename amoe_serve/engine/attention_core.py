@@ -19,7 +19,9 @@ import torch
 from amoe_serve.engine.skew import ExponentialSkew
 from amoe_serve.kv.allocator import BlockAllocator
 from amoe_serve.kv.cache import PagedKVCache
+from amoe_serve.engine.placement import Placement
 from amoe_serve.model import AttentionSide, AttnSegment
+from amoe_serve.placement.trace import TraceRecorder
 from amoe_serve.sampler import Sampler, SamplingParams, finish_reason, make_generator
 from amoe_serve.sched.token_pool import TokenPool
 
@@ -44,6 +46,7 @@ class Segment:
     block: int
     x_TD: torch.Tensor
     start_pos: int
+    route_TK: Optional[torch.Tensor] = None  # experts at the previous block (traces, affinity)
 
     @property
     def num_tokens(self) -> int:
@@ -69,16 +72,22 @@ class Dispatch:
 
 
 class AttentionCore:
-    def __init__(self, model: AttentionSide, owner_BE: np.ndarray, expert_ranks: int,
+    def __init__(self, model: AttentionSide, placement: Placement,
                  kv: PagedKVCache, allocator: BlockAllocator, eos_token_ids: tuple[int, ...],
-                 skew: Optional[ExponentialSkew] = None):
+                 skew: Optional[ExponentialSkew] = None, trace_window_tokens: int = 512):
         self.model = model
         self.spec = model.spec
         self.skew = skew
         self.top_k = skew.top_k if skew is not None else model.spec.top_k
         self.device = kv.k_LNSGd.device
-        self.owner_BE = torch.as_tensor(owner_BE, dtype=torch.int64, device=self.device)
-        self.expert_ranks = expert_ranks
+        self.owner_BE = torch.as_tensor(placement.owner_table(), dtype=torch.int64, device=self.device)
+        self.expert_ranks = placement.expert_ranks
+        # Replicated experts: their rows are split evenly (contiguous parts) across n_BE ranks.
+        self.replicated = bool(placement.replicas_BE)
+        n_BE, ranks_BEM = placement.replica_tables()
+        self.n_BE = torch.as_tensor(n_BE, device=self.device)
+        self.ranks_BEM = torch.as_tensor(ranks_BEM, device=self.device)
+        self.trace = TraceRecorder(self.spec.num_blocks, self.spec.num_experts, self.top_k, trace_window_tokens)
         self.kv = kv
         self.allocator = allocator
         self.eos = tuple(eos_token_ids)
@@ -115,16 +124,21 @@ class AttentionCore:
         attn = [AttnSegment(s.start_pos, s.num_tokens, self.allocator.table(s.req.id)) for s in segs]
         h_TD = self.model.attention(b, x_TD, attn, self.kv)
         y_TD = self.model.moe_input(b, h_TD)
+        prev_TK = None
+        if b > 0 and all(s.route_TK is not None for s in segs):
+            prev_TK = segs[0].route_TK if len(segs) == 1 else torch.cat([s.route_TK for s in segs])
         if self.skew is None:
             ids_TK, w_TK = self.model.route(b, y_TD)
         else:
-            ids_TK, w_TK = self.skew.route(b, y_TD.shape[0], y_TD.dtype, y_TD.device)
+            ids_TK, w_TK = self.skew.route(b, y_TD.shape[0], y_TD.dtype, y_TD.device, prev_TK)
+        self.trace.record(b, ids_TK, prev_TK)
         s_TD = self.model.shared_expert(b, y_TD)
 
         lens = [s.num_tokens for s in segs]
         off = 0
         for s, n in zip(segs, lens):
             sl = slice(off, off + n)
+            s.route_TK = ids_TK[sl]
             ctx = (h_TD[sl], w_TK[sl], None if s_TD is None else s_TD[sl])
             self.pool.open((s.seg_id, b), n, K, h_TD.shape[1], h_TD.dtype, context=ctx, device=self.device)
             self.segments[s.seg_id] = s
@@ -137,8 +151,8 @@ class AttentionCore:
                                         torch.tensor(lens, device=dev))
         tok_T = torch.cat([torch.arange(n, dtype=torch.int32, device=dev) for n in lens])
         expert_R = ids_TK.reshape(-1)
-        owner_R = self.owner_BE[b][expert_R]
         E = self.spec.num_experts
+        owner_R = self._owners(b, expert_R) if self.replicated else self.owner_BE[b][expert_R]
         order_R = torch.argsort(owner_R * E + expert_R, stable=True)
         t_R = order_R // K
         meta_R3 = torch.stack([seg_T[t_R], tok_T[t_R], (order_R % K).to(torch.int32)], dim=1)
@@ -159,6 +173,18 @@ class AttentionCore:
             start += n_r
         assert start == T * K
         return out
+
+    def _owners(self, b: int, expert_R: torch.Tensor) -> torch.Tensor:
+        """Rank of each row when experts are replicated: the rows of one expert, in row order,
+        are cut into n nearly equal contiguous parts, part i to its i-th rank (primary first)."""
+        R, E = expert_R.shape[0], self.spec.num_experts
+        order_R = torch.argsort(expert_R, stable=True)
+        count_E = torch.bincount(expert_R, minlength=E)
+        start_E = torch.cumsum(count_E, 0) - count_E
+        pos_R = torch.empty_like(expert_R)
+        pos_R[order_R] = torch.arange(R, device=expert_R.device) - start_E[expert_R[order_R]]
+        part_R = pos_R * self.n_BE[b][expert_R] // count_E[expert_R]
+        return self.ranks_BEM[b][expert_R, part_R]
 
     # ---- expert outputs come back --------------------------------------------------------
     def deliver(self, b: int, meta_R3: torch.Tensor, out_RD: torch.Tensor) -> list[Segment]:

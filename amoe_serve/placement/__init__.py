@@ -1,0 +1,1 @@
+"""Expert placement: routing traces, placement policies and their evaluation."""
