@@ -86,6 +86,31 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_trace(args: argparse.Namespace) -> int:
+    if args.input and not Path(args.input).is_file():
+        raise CliError(f"input file not found: {args.input}")
+    if args.num_requests < 1:
+        raise CliError("--num-requests must be >= 1")
+    cfg = _resolve(args)
+    from amoe_serve.placement.record import record_trace
+    record_trace(cfg, args.output, args.input, args.workload, args.num_requests, args.seed)
+    return 0
+
+
+def cmd_place_bench(args: argparse.Namespace) -> int:
+    from amoe_serve.default_model import default_cache_root
+    from amoe_serve.placement.e2e import load_place_bench_config, run_place_bench
+    bad = [o for o in args.overrides if "=" not in o]
+    if bad:
+        raise CliError(f"override {bad[0]!r} is not KEY=VALUE")
+    cfg = load_place_bench_config(args.config, list(args.overrides))
+    if cfg.model.path:
+        _check_model(cfg.model.path)
+    run_place_bench(cfg, Path(args.output), default_cache_root())
+    print(f"[amoe-serve] place-bench results: {Path(args.output) / 'results.md'}")
+    return 0
+
+
 def cmd_make_default_model(args: argparse.Namespace) -> int:
     from amoe_serve.default_model import ensure_default_model
     print(ensure_default_model(Path(args.output) if args.output else None))
@@ -154,6 +179,32 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. cluster.gpus=[8] run.policies=[mtfs]")
     sm.set_defaults(func=cmd_sim)
 
+    from amoe_serve.bench.workloads import WORKLOADS
+    tr = sub.add_parser("trace", help="run a workload and write the routing trace (tokens per expert, "
+                        "block-to-block transitions) for `amoe-serve place`")
+    tr.add_argument("--output", required=True, help="trace file (JSON, format amoe-trace v1)")
+    tr.add_argument("--input", help="requests JSONL as for `generate` (default: a synthetic workload)")
+    tr.add_argument("--workload", choices=sorted(WORKLOADS), default="short")
+    tr.add_argument("--num-requests", type=int, default=64)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--mode", choices=MODES)
+    tr.add_argument("--attention-ranks", type=int)
+    tr.add_argument("--expert-ranks", type=int)
+    tr.add_argument("--timeout", type=float, help="kill the job after this many seconds")
+    _common_model_args(tr)
+    tr.set_defaults(func=cmd_trace)
+
+    pb = sub.add_parser("place-bench", help="placement policies end to end: trace, plan on its first half, "
+                        "evaluate on the second, serve the bench workload with each placement")
+    pb.add_argument("--config", help="YAML, e.g. configs/placement/bench-skewed.yaml")
+    pb.add_argument("--output", required=True, help="folder for trace.json, placement-*.json, results.{json,md}, "
+                    "place_bench.png")
+    pb.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. num_requests=16 policies=[greedy]")
+    pb.set_defaults(func=cmd_place_bench)
+
+    from amoe_serve.placement.cli import add_placement_parsers
+    add_placement_parsers(sub)  # `amoe-serve place` (trace -> placement file), `amoe-serve place-eval`
+
     m = sub.add_parser("make-default-model", help="write the embedded default checkpoint and print its folder")
     m.add_argument("--output", help="folder (default: the cache folder)")
     m.set_defaults(func=cmd_make_default_model)
@@ -164,9 +215,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from amoe_serve.model import CheckpointError
     from amoe_serve.engine.placement import PlacementError
+    from amoe_serve.placement.trace import TraceError
     try:
         return args.func(args)
-    except (CliError, ConfigError, CheckpointError, PlacementError) as e:
+    except (CliError, ConfigError, CheckpointError, PlacementError, TraceError) as e:
         print(f"amoe-serve: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -34,8 +34,9 @@ class DeploymentConfig:
     mode: str = "aep"
     attention_ranks: int = 1
     expert_ranks: int = 2
-    # JSON file {"experts": [[rank, ...] per block]} mapping each (block, expert) to an
-    # expert-rank index in [0, expert_ranks); None places experts contiguously.
+    # Placement file (`amoe-serve place` writes one; format in amoe_serve/engine/placement.py):
+    # each (block, expert)'s expert-rank index in [0, expert_ranks), plus optional replicas.
+    # None places experts contiguously.
     placement: Optional[str] = None
 
 
@@ -62,6 +63,22 @@ class SchedulerConfig:
 
 
 @dataclass
+class ExpertBufferConfig:
+    """Expert Buffering (Huang et al.): an expert rank keeps only `slots` experts resident in
+    fast memory (GPU memory; on CPU a resident set) and loads the others on demand from the
+    memory-mapped checkpoint. 0 keeps every expert it owns resident."""
+    slots: int = 0
+    # Which resident expert makes room: "lifo" (the paper's), "lru" or "fifo"; experts active
+    # in the current batch are never evicted first.
+    eviction: str = "lifo"
+    # Load the experts the next steps will need on a background thread while this one computes.
+    prefetch: bool = True
+    # Benchmarks: the expert ranks' final stats carry every step's experts (for offline replay
+    # of eviction policies). Grows with the run: off when serving.
+    record_accesses: bool = False
+
+
+@dataclass
 class RoutingConfig:
     """Which experts tokens go to. "model": the checkpoint's router (serving). "exponential":
     the AMoE paper's benchmark skew, p(expert) ~ exp(-rate * popularity rank), per block."""
@@ -69,6 +86,12 @@ class RoutingConfig:
     rate: float = 1.0
     top_k: int = 0  # 0: the model's top-k
     seed: int = 0
+    # "exponential" only: probability that a token's expert at block b+1 follows from its expert
+    # at block b (through a fixed per-block permutation) instead of being drawn afresh; models the
+    # inter-layer routing dependency MoETuner exploits. 0: blocks independent.
+    affinity: float = 0.0
+    # Routing traces (always recorded by attention ranks): tokens per trace window.
+    trace_window_tokens: int = 512
 
 
 @dataclass
@@ -101,7 +124,8 @@ class RuntimeConfig:
     max_poll_sleep_us: int = 500
     # The launcher kills a job that has not finished after this many seconds (0 = no limit).
     job_timeout_s: float = 900.0
-    # Ranks report a peer silent for this long as dead.
+    # A serving gateway declares a rank that stops answering its heartbeats for this long hung,
+    # fails the in-flight requests and aborts the job (which `amoe-serve up` restarts); 0 = off.
     heartbeat_timeout_s: float = 30.0
 
 
@@ -160,6 +184,10 @@ class ServingConfig:
     extra_models: list[ExtraModel] = field(default_factory=list)
     # CPUs given to ray.init by the launcher (0 = os.cpu_count()); the ingress replicas take 0.
     ray_num_cpus: int = 0
+    # Graceful shutdown (SIGTERM to `amoe-serve up` or to a data plane's mpiexec/gateway): new
+    # requests get 503 at once, in-flight ones get this many seconds to finish, then whatever is
+    # left is answered with an error and the data plane exits.
+    drain_grace_s: float = 30.0
 
 
 def validate_serving(cfg: ServingConfig) -> ServingConfig:
@@ -178,6 +206,8 @@ def validate_serving(cfg: ServingConfig) -> ServingConfig:
         raise ConfigError("serving.retry_after_s, request_timeout_s and connect_timeout_s must be >= 0")
     if cfg.ray_num_cpus < 0:
         raise ConfigError("serving.ray_num_cpus must be >= 0 (0 = all CPUs)")
+    if cfg.drain_grace_s < 0:
+        raise ConfigError("serving.drain_grace_s must be >= 0")
     if not cfg.route_prefix.startswith("/"):
         raise ConfigError(f"serving.route_prefix={cfg.route_prefix!r} must start with '/'")
     return cfg
@@ -189,6 +219,7 @@ class AmoeConfig:
     deployment: DeploymentConfig = field(default_factory=DeploymentConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
+    expert_buffer: ExpertBufferConfig = field(default_factory=ExpertBufferConfig)
     kv_cache: KVCacheConfig = field(default_factory=KVCacheConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
@@ -216,6 +247,14 @@ def validate(cfg: AmoeConfig) -> AmoeConfig:
         raise ConfigError(f"routing.mode={cfg.routing.mode!r}: expected 'model' or 'exponential'")
     if cfg.routing.rate < 0 or cfg.routing.top_k < 0:
         raise ConfigError("routing.rate and routing.top_k must be >= 0")
+    if cfg.routing.trace_window_tokens < 1:
+        raise ConfigError("routing.trace_window_tokens must be >= 1")
+    if not 0.0 <= cfg.routing.affinity <= 1.0:
+        raise ConfigError(f"routing.affinity={cfg.routing.affinity}: expected 0 <= affinity <= 1")
+    if cfg.expert_buffer.slots < 0:
+        raise ConfigError(f"expert_buffer.slots={cfg.expert_buffer.slots}: expected >= 0 (0 = all resident)")
+    if cfg.expert_buffer.eviction not in ("lifo", "lru", "fifo"):
+        raise ConfigError(f"expert_buffer.eviction={cfg.expert_buffer.eviction!r}: expected lifo, lru or fifo")
     if cfg.model.dtype not in DTYPES:
         raise ConfigError(f"model.dtype={cfg.model.dtype!r}: expected one of {', '.join(DTYPES)}")
     if cfg.kv_cache.block_size < 1 or cfg.kv_cache.num_blocks < 1:

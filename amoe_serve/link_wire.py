@@ -53,8 +53,8 @@ class FrameReader:
 def decode_body(body: bytes) -> dict:
     try:
         obj = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LinkProtocolError(f"frame is not valid JSON: {e}") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, ints over 4300 digits, deep nesting
+        raise LinkProtocolError(f"frame is not valid JSON: {str(e)[:200]}") from None
     if not isinstance(obj, dict) or not isinstance(obj.get("type"), str):
         raise LinkProtocolError("frame is not a JSON object with a string 'type'")
     return obj
@@ -69,4 +69,5 @@ def mac(token: str, nonce: str) -> str:
 
 
 def verify(token: str, nonce: str, got: object) -> bool:
-    return isinstance(got, str) and hmac.compare_digest(mac(token, nonce), got)
+    # compare_digest raises TypeError on non-ASCII str: a hostile MAC must be a refusal, not a crash.
+    return isinstance(got, str) and got.isascii() and hmac.compare_digest(mac(token, nonce), got)

@@ -42,8 +42,8 @@ class SamplingParams:
             raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
         if not _is_number(self.top_p) or not (0.0 < self.top_p <= 1.0):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if self.seed is not None and (not _is_int(self.seed) or self.seed < 0):
-            raise ValueError(f"seed must be a non-negative integer or None, got {self.seed!r}")
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**63):
+            raise ValueError(f"seed must be an integer in [0, 2^63) or None, got {self.seed!r}")
         if not isinstance(self.stop_token_ids, (list, tuple)) or not all(
             _is_int(t) and t >= 0 for t in self.stop_token_ids
         ):
@@ -116,6 +116,8 @@ class Sampler:
             # Per-row so a seeded row is independent of its batch neighbours. Sampling
             # runs on CPU because the generators are CPU generators.
             row_V = logits_BV[i].detach().to("cpu", torch.float32) / p.temperature
+            if torch.isposinf(row_V).any() or torch.isnan(row_V).any():
+                continue  # a temperature so small that logits/T overflows: its limit, greedy
             probs_V = torch.softmax(row_V, dim=-1)
             probs_V = _top_p_filter(probs_V, p.top_p)
             tokens_B[i] = torch.multinomial(probs_V, 1, generator=generators[i]).item()

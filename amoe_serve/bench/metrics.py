@@ -38,7 +38,10 @@ def rank_fields(stats: dict) -> dict:
     busy = [r.get("idle_fraction") for r in [*attn, *experts] if r.get("idle_fraction") is not None]
     a_tok = sum(r.get("total_tokens", 0) for r in attn)
     a_bat = sum(r.get("total_batches", 0) for r in attn)
+    bufs = [r["expert_buffer"] for r in experts if "expert_buffer" in r]
+    used = sum(b["hits"] + b["misses"] for b in bufs)
     return {"mean_expert_batch": tok / bat if bat else None,
+            "expert_buffer_hit_rate": sum(b["hits"] for b in bufs) / used if used else None,
             "mean_attention_batch": a_tok / a_bat if a_bat else None,
             "idle_fraction": float(np.mean(busy)) if busy else None,
             "expert_rows": tok, "attention_tokens": a_tok,

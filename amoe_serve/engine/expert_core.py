@@ -18,6 +18,18 @@ from amoe_serve.model import ExpertSide
 from amoe_serve.sched.queues import MuQueues
 
 
+class BufferedRankCounters(RankCounters):
+    """RankCounters plus the expert buffer's hits/misses/loads, so they travel with the rank's
+    stats to the gateway (and into `generate --stats`, bench results)."""
+
+    def __init__(self, num_blocks: int, num_slots: int, store) -> None:
+        super().__init__(num_blocks, num_slots)
+        self.store = store
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "expert_buffer": self.store.stats()}
+
+
 @dataclass
 class Chunk:
     src: int          # attention rank the rows came from (world rank)
@@ -47,7 +59,14 @@ class ExpertCore:
             self.expert_of[b].append(e)
         num_slots = max(1, max(len(x) for x in self.expert_of))
         self.queues = MuQueues(num_blocks, num_slots)
-        self.counters = counters or RankCounters(num_blocks, num_slots)
+        # A buffered store (expert_buffer.py) takes the next queued experts as prefetch hints.
+        self.hints = bool(getattr(experts, "wants_upcoming", False))
+        self.num_blocks = num_blocks
+        self._last_run: dict[int, list[int]] = {}   # block -> experts its last step ran
+        if counters is None:
+            counters = (BufferedRankCounters(num_blocks, num_slots, experts) if hasattr(experts, "stats")
+                        else RankCounters(num_blocks, num_slots))
+        self.counters = counters
 
     def receive(self, src: int, header: dict, meta_R3: torch.Tensor, y_RD: torch.Tensor) -> None:
         b = int(header["b"])
@@ -85,6 +104,19 @@ class ExpertCore:
         slots = [s for s in range(len(self.expert_of[b])) if self.queues.lengths[b, s] > 0]
         return self._run(b, slots, None)
 
+    def _upcoming(self, b: int, limit: int = 8) -> list[tuple[int, int]]:
+        """Prefetch hints, so weights load while this step computes (and while the attention
+        ranks work on the next block): the queues still holding rows, longest first (what the
+        scheduler is likely to pick next), then the experts block b+1 ran last time (tokens
+        for it come next; routing skew makes them likely again)."""
+        L = self.queues.lengths
+        bs, ss = L.nonzero()
+        order = sorted(zip(bs.tolist(), ss.tolist()), key=lambda q: -int(L[q]))[:limit]
+        keys = [(bb, self.expert_of[bb][s]) for bb, s in order]
+        nb = (b + 1) % self.num_blocks
+        keys += [(nb, e) for e in self._last_run.get(nb, []) if (nb, e) not in keys]
+        return keys[:limit]
+
     def _run(self, b: int, slots: list[int], budget: Optional[int]) -> list[Reply]:
         chunks: list[Chunk] = []
         experts: list[int] = []
@@ -106,7 +138,11 @@ class ExpertCore:
         if not chunks:
             return []
         y_RD = torch.cat([c.y_RD for c in chunks]) if len(chunks) > 1 else chunks[0].y_RD
-        out_RD = self.experts.run_grouped(b, experts, counts, y_RD)
+        if self.hints:
+            out_RD = self.experts.run_grouped(b, experts, counts, y_RD, upcoming=self._upcoming(b))
+            self._last_run[b] = experts
+        else:
+            out_RD = self.experts.run_grouped(b, experts, counts, y_RD)
         # Replies grouped by source attention rank.
         by_src: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         start = 0

@@ -69,14 +69,21 @@ def make_attention_core(cfg: AmoeConfig, spec: ModelSpec, place: Placement, devi
     r = cfg.routing
     skew = None
     if r.mode == "exponential":
-        # Seeded by rank too: data-parallel attention ranks must not draw identical sequences.
-        skew = ExponentialSkew(spec.num_blocks, spec.num_experts, r.top_k or spec.top_k, r.rate, r.seed + rank)
-    return AttentionCore(model, place.owner_table(), place.expert_ranks, kv, alloc, spec.eos_token_ids, skew)
+        # Draws seeded by rank too: data-parallel attention ranks must not draw identical sequences.
+        skew = ExponentialSkew(spec.num_blocks, spec.num_experts, r.top_k or spec.top_k, r.rate, r.seed,
+                               r.affinity, stream=rank)
+    return AttentionCore(model, place, kv, alloc, spec.eos_token_ids, skew, r.trace_window_tokens)
 
 
 def make_expert_core(cfg: AmoeConfig, spec: ModelSpec, pairs: list[tuple[int, int]],
                      device: str = "cpu") -> ExpertCore:
-    experts = ExpertSide.load(cfg.model.path, spec, torch_dtype(cfg), pairs, device)
+    eb = cfg.expert_buffer
+    if eb.slots > 0:  # Expert Buffering: only eb.slots experts resident, the rest read on demand
+        from amoe_serve.model.expert_buffer import BufferedExpertSide
+        experts = BufferedExpertSide.load(cfg.model.path, spec, torch_dtype(cfg), pairs, eb.slots, eb.eviction,
+                                          device, eb.prefetch, eb.record_accesses)
+    else:
+        experts = ExpertSide.load(cfg.model.path, spec, torch_dtype(cfg), pairs, device)
     s = cfg.scheduler
     sched = make_scheduler(s.policy, s.lookahead, s.decay)
     return ExpertCore(experts, pairs, spec.num_blocks, sched, s.max_expert_batch, s.group_block)
@@ -104,7 +111,10 @@ def run_worker(cfg: AmoeConfig, transport: Transport, device: str = "cpu") -> No
         r.run_lockstep() if lockstep else r.run_aep()
     else:
         raise ValueError(f"rank {rank} is the gateway, not a worker")
-    transport.isend(GATEWAY_RANK, Tag.STATS, r.stats())
+    final = r.stats()
+    if role == "attention":  # the routing trace goes with the final report only (it can be large)
+        final["trace"] = r.core.trace.snapshot().to_dict()
+    transport.isend(GATEWAY_RANK, Tag.STATS, final)
     transport.flush(timeout=10)
 
 

@@ -19,6 +19,12 @@ from typing import Optional
 
 from amoe_serve import link_wire as wire
 
+# Largest frame a connection may send before it has authenticated (the auth frame is ~100 bytes):
+# an unauthenticated peer cannot make the gateway buffer a max_frame_bytes frame.
+AUTH_MAX_FRAME = 4096
+# Bytes queued for a peer that does not read them; past this the connection is dropped.
+MAX_OUT_BYTES = 64 << 20
+
 
 @dataclass
 class _Conn:
@@ -84,7 +90,10 @@ class LinkServer:
             return False
         conn.out += wire.encode(obj)
         self._flush(conn, None)
-        return True
+        if len(conn.out) > MAX_OUT_BYTES and conn.cid in self.conns:
+            self._close(conn, None, f"peer does not read: over {MAX_OUT_BYTES} bytes queued")
+            return False
+        return conn.cid in self.conns
 
     def close(self) -> None:
         for conn in list(self.conns.values()):
@@ -97,16 +106,20 @@ class LinkServer:
     def _accept(self) -> None:
         try:
             sock, _ = self.listener.accept()
-        except (BlockingIOError, InterruptedError):
+        except OSError:  # nothing waiting, a peer that reset before accept, out of descriptors
             return
         if len(self.conns) >= self.max_connections:
             self.rejected += 1
             sock.close()
             return
-        sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conn = _Conn(next(self._ids), sock, wire.FrameReader(self.max_frame), wire.new_nonce(),
-                     time.monotonic() + self.auth_timeout)
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            sock.close()
+            return
+        conn = _Conn(next(self._ids), sock, wire.FrameReader(min(self.max_frame, AUTH_MAX_FRAME)),
+                     wire.new_nonce(), time.monotonic() + self.auth_timeout)
         self.conns[conn.cid] = conn
         self.sel.register(sock, selectors.EVENT_READ, conn)
         conn.out += wire.encode({"type": "challenge", "nonce": conn.nonce, "version": wire.VERSION})
@@ -132,6 +145,7 @@ class LinkServer:
                 events.append(LinkEvent(conn.cid, msg))
             elif msg.get("type") == "auth" and wire.verify(self.token, conn.nonce, msg.get("mac")):
                 conn.authed = True
+                conn.reader.max_frame = self.max_frame
                 conn.out += wire.encode({"type": "ready", **self.hello})
                 self._flush(conn, events)
             else:

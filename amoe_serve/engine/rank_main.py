@@ -1,12 +1,14 @@
 """Entry point of every process of an MPI data-plane job: `python -m amoe_serve.engine.rank_main`.
 
-Rank 0 runs the gateway of a batch `generate` job; the others run attention or expert ranks.
-A rank that raises prints why and aborts the whole job, so nothing hangs.
+Rank 0 runs the gateway of a batch `generate` job (or, with --serve, the serving gateway); the
+others run attention or expert ranks. A rank that raises prints why and aborts the whole job,
+so nothing hangs. A serving job drains on SIGTERM (see engine/serve_gateway.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -45,6 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     if kind == "auto":
         kind = "nccl" if device.startswith("cuda") else "mpi"
     transport = make_transport(kind, comm, device)
+    if args.serve and transport.rank != 0:
+        # A serving job drains on SIGTERM (mpiexec forwards it to every rank): the gateway stops
+        # admitting, lets in-flight requests finish, then sends SHUTDOWN; until then the workers
+        # must keep computing. A rank that must die anyway gets SIGKILL (kill_group).
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         if transport.rank == 0 and args.serve:
             from amoe_serve.engine.serve_gateway import gateway_serve

@@ -4,13 +4,26 @@ link (`link_server.py`) and drives attention ranks over the transport.
 Link messages (JSON frames), client -> gateway:
   {"type": "generate", "id", "prompt_token_ids", "params"}   params = SamplingParams fields
   {"type": "cancel", "id"}
-  {"type": "stats", "seq"}      -> {"type": "stats", "seq", "data": {"ranks": {...}, "gateway": {...}}}
-  {"type": "ping", "seq"}       -> {"type": "pong", "seq", "healthy": true}
+  {"type": "stats", "seq"}      -> {"type": "stats", "seq", "data": {"ranks": {...}, "gateway": {...},
+                                    "serving": {"kv_blocks_per_rank", "connections", "draining"}}}
+  {"type": "ping", "seq"}       -> {"type": "pong", "seq", "healthy": bool, "draining": bool}
 gateway -> client:
   {"type": "tokens", "events": [[id, token, finish_reason, error], ...]}
-  {"type": "rejected", "id", "status": 400 | 429, "error", "retry_after"?}
+  {"type": "rejected", "id", "status": 400 | 429 | 503, "error", "retry_after"?}   503: draining
 Request ids are the client's; the gateway namespaces them per connection, and a connection
 that closes has all its requests cancelled (their KV freed).
+
+Graceful shutdown: SIGTERM (to the gateway, or to mpiexec, which forwards it to every rank)
+starts a drain: new requests are rejected with 503 ("draining"), pings answer unhealthy, and
+in-flight requests get `serving.drain_grace_s` seconds to finish; what is left then is answered
+with an error event and cancelled. Then the gateway shuts the ranks down and the job exits 0.
+
+Failure detection: a rank that dies ends the MPI job (mpiexec kills the rest), the link closes
+and the ingress fails in-flight requests at once. A rank that hangs (alive, but no longer
+polling) is caught by heartbeats: the gateway asks every rank for its counters every
+`runtime.heartbeat_timeout_s / 4` seconds, and a rank that has answered before but then stays
+silent for `runtime.heartbeat_timeout_s` fails every in-flight request and aborts the job, so the
+launcher restarts it.
 """
 
 from __future__ import annotations
@@ -32,6 +45,8 @@ from amoe_serve.sampler import SamplingParams
 from amoe_transport import Transport
 
 STATS_INTERVAL_S = 0.5
+CANCEL_SETTLE_S = 5.0  # after the drain grace: most seconds to wait for cancelled requests to leave the ranks
+DRAINING = "the data plane is shutting down (draining): not accepting new requests; retry later"
 
 
 class ServingGateway:
@@ -53,6 +68,60 @@ class ServingGateway:
         self.stats_waiters: list[tuple[int, object]] = []
         self._last_stats_req = 0.0
         self.stop = False
+        self.drain_deadline: Optional[float] = None  # set by begin_drain()
+        self.hb_timeout = cfg.runtime.heartbeat_timeout_s
+        self.hb_interval = max(0.1, self.hb_timeout / 4)
+        self._last_hb = 0.0
+        # rank -> when we last heard from it; a rank joins once it answers (it may still be
+        # loading its weights long after the gateway is up)
+        self.last_heard: dict[int, float] = {}
+        self.drain_grace = cfg.serving.drain_grace_s
+        self._drain_announced = False
+
+    # ---- graceful shutdown ---------------------------------------------------------------
+    def begin_drain(self, grace: Optional[float] = None) -> None:
+        """Stop admitting; in-flight requests get `grace` seconds (default serving.drain_grace_s).
+        Safe to call from a signal handler (it only sets fields the loop reads)."""
+        if self.drain_deadline is None:
+            self.drain_grace = self.drain_grace if grace is None else grace
+            self.drain_deadline = time.monotonic() + self.drain_grace
+
+    @property
+    def draining(self) -> bool:
+        return self.drain_deadline is not None
+
+    def _drain_step(self) -> None:
+        """While draining: stop once nothing is in flight; past the grace, fail what is left."""
+        if not self._drain_announced:  # printed here, not in the signal handler
+            self._drain_announced = True
+            print(f"[amoe-serve] gateway: draining ({len(self.owner)} request(s) in flight, "
+                  f"grace {self.drain_grace:g} s)", file=sys.stderr, flush=True)
+        if not self.owner and self.gw.adm.idle:
+            self.stop = True
+            return
+        now = time.monotonic()
+        if now < self.drain_deadline:
+            return
+        if self.owner:
+            n = len(self.owner)
+            err = (f"cancelled: the data plane is shutting down and the drain grace period "
+                   f"({self.drain_grace:g} s) expired")
+            for rid, (cid, crid) in list(self.owner.items()):
+                self.out[cid].append([crid, None, "error", err])
+                self.gw.cancel(rid)
+            self.owner.clear()
+            self.by_conn.clear()
+            print(f"[amoe-serve] gateway: drain grace of {self.drain_grace:g} s expired; failed {n} "
+                  f"request(s) still in flight", file=sys.stderr, flush=True)
+        # Let the ranks settle the cancellations (no message left in flight) before SHUTDOWN.
+        if now > self.drain_deadline + CANCEL_SETTLE_S:
+            self.stop = True
+
+    def _flush_links(self, timeout: float = 2.0) -> None:
+        """Give queued link frames (final tokens, errors) a moment to reach the ingress."""
+        deadline = time.monotonic() + timeout
+        while any(c.out for c in self.server.conns.values()) and time.monotonic() < deadline:
+            self.server.poll(0.01)
 
     # ---- data plane -> clients -----------------------------------------------------------
     def _on_event(self, rid: str, tok: Optional[int], reason: Optional[str], err: Optional[str]) -> None:
@@ -100,6 +169,9 @@ class ServingGateway:
         if err is not None:
             self._reject(cid, crid, 400, err)
             return
+        if self.draining:
+            self._reject(cid, crid, 503, DRAINING, retry_after=1.0)
+            return
         if len(self.gw.adm.waiting) >= self.cfg.link.max_queued_requests:
             self._reject(cid, crid, 429, "the data plane is at capacity; retry later", retry_after=1.0)
             return
@@ -129,7 +201,8 @@ class ServingGateway:
             self.stats_waiters.append((ev.cid, ev.msg.get("seq")))
             self._request_stats(force=True)
         elif kind == "ping":
-            self.server.send(ev.cid, {"type": "pong", "seq": ev.msg.get("seq"), "healthy": True})
+            self.server.send(ev.cid, {"type": "pong", "seq": ev.msg.get("seq"), "healthy": not self.draining,
+                                      "draining": self.draining})
         else:
             self.server.send(ev.cid, {"type": "error", "error": f"unknown message type {kind!r}"})
 
@@ -149,7 +222,9 @@ class ServingGateway:
         adm = self.gw.adm
         data = {"ranks": {str(k): v for k, v in sorted(self.gw.stats.items())},
                 "gateway": {"waiting": len(adm.waiting), "running": len(adm.placed),
-                            "kv_free_blocks": {str(r): n for r, n in adm.free.items()}}}
+                            "kv_free_blocks": {str(r): n for r, n in adm.free.items()}},
+                "serving": {"kv_blocks_per_rank": adm.limits.blocks_per_rank,
+                            "connections": len(self.server.conns), "draining": self.draining}}
         for cid, seq in self.stats_waiters:
             self.server.send(cid, {"type": "stats", "seq": seq, "data": data})
         self.stats_waiters.clear()
@@ -160,10 +235,16 @@ class ServingGateway:
         while not self.stop:
             events = self.server.poll(sleep)
             msgs = self.t.poll()
+            now = time.monotonic()
             for m in msgs:
+                self.last_heard[m.src] = now
                 self.gw.handle(m)
+            if self.hb_timeout > 0:
+                self._heartbeat(now)
             for ev in events:
                 self._link(ev)
+            if self.draining:
+                self._drain_step()
             for cid, evs in self.out.items():
                 if evs:
                     self.server.send(cid, {"type": "tokens", "events": evs})
@@ -171,14 +252,29 @@ class ServingGateway:
             self._answer_stats()
             sleep = 0.0 if (events or msgs) else min(self.max_sleep, max(2e-5, sleep * 2))
 
+    def _heartbeat(self, now: float) -> None:
+        if now - self._last_hb >= self.hb_interval:
+            self._last_hb = now
+            for r in range(1, self.gw.topo.world_size):
+                self.t.isend(r, Tag.STATS_REQUEST, {})
+        for r, t in self.last_heard.items():
+            if now - t > self.hb_timeout:
+                raise RankFailed(f"rank {r} ({self.gw.topo.role(r)}) has not answered for {now - t:.0f} s "
+                                 f"(runtime.heartbeat_timeout_s={self.hb_timeout:g}): presumed hung; "
+                                 f"restarting the data plane")
+
     def fail_all(self, error: str) -> None:
         for rid, (cid, crid) in list(self.owner.items()):
             self.server.send(cid, {"type": "tokens", "events": [[crid, None, "error", error]]})
 
 
 def gateway_serve(cfg: AmoeConfig, transport: Transport, address_file: Optional[str]) -> None:
+    import signal
+
     from amoe_serve.model import load_spec
     g = ServingGateway(cfg, transport, load_spec(cfg.model.path))
+
+    signal.signal(signal.SIGTERM, lambda signum, frame: g.begin_drain())
     host, port = g.server.address
     if address_file:
         tmp = Path(address_file + ".tmp")
@@ -188,6 +284,9 @@ def gateway_serve(cfg: AmoeConfig, transport: Transport, address_file: Optional[
           file=sys.stderr, flush=True)
     try:
         g.run()
+        g._flush_links()
+        g.gw.shutdown(timeout=10.0)  # SHUTDOWN to every rank; they exit, and so does the job
+        print("[amoe-serve] gateway: drained; data plane stopped", file=sys.stderr, flush=True)
     except RankFailed as e:
         g.fail_all(str(e))
         raise

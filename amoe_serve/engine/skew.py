@@ -18,7 +18,7 @@ import torch
 
 class ExponentialSkew:
     def __init__(self, num_blocks: int, num_experts: int, top_k: int, rate: float, seed: int,
-                 affinity: float = 0.0):
+                 affinity: float = 0.0, stream: int = 0):
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"routing.top_k={top_k} must be in [1, {num_experts}]")
         g = torch.Generator().manual_seed(seed)
@@ -32,7 +32,9 @@ class ExponentialSkew:
                                       for b in range(num_blocks)])
         self.affinity = affinity
         self.top_k = top_k
-        self.gen = torch.Generator().manual_seed(seed + 1)
+        # Every attention rank shares the popularity (one model, one skew) but draws its own
+        # tokens' experts: `stream` (the rank) only seeds the draws.
+        self.gen = torch.Generator().manual_seed((seed + 1) * 1_000_003 + stream)
 
     def probabilities(self, b: int) -> torch.Tensor:
         return self.p_BE[b] / self.p_BE[b].sum()

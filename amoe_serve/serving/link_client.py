@@ -76,7 +76,7 @@ class LinkClient:
                 return got[0]
 
     async def _pump(self, r: asyncio.StreamReader, frames: wire.FrameReader) -> None:
-        why = "the data plane closed the link"
+        why = "the data plane closed the link (it stopped or crashed; requests in flight are lost)"
         try:
             while True:
                 data = await r.read(1 << 16)

@@ -43,13 +43,21 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
+from amoe_serve.link_wire import LinkProtocolError
 from amoe_serve.sampler import SamplingParams
 from amoe_serve.serving.chat import ChatTemplate, ChatTemplateError, encode_chat
 from amoe_serve.serving.link_api import DataPlaneError, DataPlaneLink
 from amoe_serve.serving.metrics import CONTENT_TYPE, ServingMetrics
 from amoe_serve.serving.protocol import (
+    ChatCompletionChunk,
     ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionChunk,
     CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    HealthResponse,
+    ModelList,
     error_body,
     new_id,
     now,
@@ -64,6 +72,9 @@ _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: 
                 405: "invalid_request_error", 413: "invalid_request_error", 422: "invalid_request_error",
                 429: "rate_limit_error", 500: "server_error", 503: "service_unavailable", 504: "timeout"}
 _SEED_MAX = 2**63 - 1
+# Longest stop_token_ids list: each generated token is looked up in it on the attention rank, and
+# the request must fit in one link frame.
+_MAX_STOP_TOKEN_IDS = 1024
 
 
 # ----------------------------------------------------------------------------- model entries
@@ -324,6 +335,9 @@ class _Generation:
             self._first = None
         except DataPlaneError as exc:
             raise _from_dataplane(exc, self.s.settings) from None
+        except LinkProtocolError as exc:  # e.g. the request does not fit in one link frame
+            raise APIError(400, f"the request is too large for the data-plane link: {exc}",
+                           code="request_too_large") from None
         except TimeoutError:
             raise APIError(504, f"request timed out after {self.s.settings.request_timeout_s:g} s",
                            code="timeout") from None
@@ -463,6 +477,70 @@ class SSEResponse(Response):
             except Exception:
                 pass
             await self.cleanup()
+
+
+# ----------------------------------------------------------------------------- OpenAPI
+
+# The routes read and validate their bodies themselves (size limit first, then JSON, then the
+# pydantic model), so the request bodies and error answers are declared here for the OpenAPI
+# document (`app.openapi()`; not served: openapi_url is None).
+
+
+def _sse_doc(chunk_cls) -> dict:
+    """An SSE stream, described per event (OpenAPI 3.1: `schema` of text/event-stream is one
+    event): `data` is a JSON chunk, a JSON error (after the stream started), or [DONE]."""
+    payload = {"oneOf": [{"$ref": f"#/components/schemas/{chunk_cls.__name__}"},
+                         {"$ref": "#/components/schemas/ErrorResponse"}]}
+    event = {"type": "object", "required": ["data"], "properties": {"data": {"anyOf": [
+        {"const": "[DONE]"},
+        {"type": "string", "contentMediaType": "application/json", "contentSchema": payload}]}}}
+    return {"text/event-stream": {"schema": event}}
+
+
+_GEN_ERRORS = {
+    400: "a value the model or server cannot take (prompt too long, n > 1, unknown token id, ...)",
+    401: "missing or invalid API key", 404: "unknown model", 413: "request body too large",
+    422: "body is not JSON or does not match the schema", 429: "overloaded; see Retry-After",
+    503: "data plane unavailable or failed", 504: "request timed out",
+}
+
+
+def _errors(codes: dict[int, str]) -> dict:
+    return {c: {"model": ErrorResponse, "description": d} for c, d in codes.items()}
+
+
+def _body_doc(model_cls) -> dict:
+    return {
+        "requestBody": {"required": True, "content": {"application/json": {
+            "schema": {"$ref": f"#/components/schemas/{model_cls.__name__}"}}}},
+        "parameters": [{"name": MULTIPLEX_HEADER, "in": "header", "required": False,
+                        "schema": {"type": "string"},
+                        "description": "model to use when the body has no 'model'"}],
+        "security": [{"bearerAuth": []}],
+    }
+
+
+def _gen_route_doc(request_cls, response_cls, chunk_cls) -> dict:
+    return {"openapi_extra": _body_doc(request_cls),
+            "responses": {200: {"model": response_cls, "content": _sse_doc(chunk_cls),
+                                "description": "the completion (JSON), or with stream=true an SSE stream"},
+                          **_errors(_GEN_ERRORS)}}
+
+
+def _openapi_document(app: FastAPI) -> dict:
+    from fastapi.openapi.utils import get_openapi
+    from pydantic.json_schema import models_json_schema
+
+    if app.openapi_schema is None:
+        doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        _, defs = models_json_schema([(CompletionRequest, "validation"), (ChatCompletionRequest, "validation"),
+                                      (CompletionChunk, "serialization"), (ChatCompletionChunk, "serialization")],
+                                     ref_template="#/components/schemas/{model}")
+        comps = doc.setdefault("components", {})
+        comps.setdefault("schemas", {}).update(defs.get("$defs", {}))
+        comps["securitySchemes"] = {"bearerAuth": {"type": "http", "scheme": "bearer"}}
+        app.openapi_schema = doc
+    return app.openapi_schema
 
 
 # ----------------------------------------------------------------------------- the app
@@ -659,6 +737,9 @@ def build_app(links: dict[str, ModelEntry], settings: Optional[ServingConfig] = 
             if any(s == "" for s in stops):
                 raise APIError(400, "stop strings must not be empty", param="stop")
         stop_ids = list(req.stop_token_ids or [])
+        if len(stop_ids) > _MAX_STOP_TOKEN_IDS:
+            raise APIError(400, f"at most {_MAX_STOP_TOKEN_IDS} stop_token_ids, got {len(stop_ids)}",
+                           param="stop_token_ids")
         check_ids(entry, stop_ids, "stop_token_ids")
         if req.seed is not None and not (0 <= req.seed <= _SEED_MAX):
             raise APIError(400, f"seed must be in [0, 2^63), got {req.seed}", param="seed")
@@ -705,7 +786,9 @@ def build_app(links: dict[str, ModelEntry], settings: Optional[ServingConfig] = 
 
     # -------------------------------------------------------------- routes
 
-    @app.post("/v1/completions")
+    app.openapi = lambda: _openapi_document(app)  # type: ignore[method-assign]
+
+    @app.post("/v1/completions", **_gen_route_doc(CompletionRequest, CompletionResponse, CompletionChunk))
     async def completions(request: Request):
         check_auth(request)
         req: CompletionRequest = parse(CompletionRequest, await read_json(request))
@@ -737,7 +820,8 @@ def build_app(links: dict[str, ModelEntry], settings: Optional[ServingConfig] = 
         return await run(request, entry, "/v1/completions", ids, params, stops, req.stream, include_usage,
                          "completion")
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions",
+              **_gen_route_doc(ChatCompletionRequest, ChatCompletionResponse, ChatCompletionChunk))
     async def chat_completions(request: Request):
         check_auth(request)
         req: ChatCompletionRequest = parse(ChatCompletionRequest, await read_json(request))
@@ -759,7 +843,8 @@ def build_app(links: dict[str, ModelEntry], settings: Optional[ServingConfig] = 
         return await run(request, entry, "/v1/chat/completions", ids, params, stops, req.stream, include_usage,
                          "chat")
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=None, openapi_extra={"security": [{"bearerAuth": []}]},
+             responses={200: {"model": ModelList}, **_errors({401: "missing or invalid API key"})})
     async def list_models(request: Request):
         check_auth(request)
         created = now()
@@ -767,7 +852,9 @@ def build_app(links: dict[str, ModelEntry], settings: Optional[ServingConfig] = 
                  "max_model_len": e.link.info.max_model_len} for name, e in models.items()]
         return {"object": "list", "data": data}
 
-    @app.get("/health")
+    @app.get("/health", response_model=None,
+             responses={200: {"model": HealthResponse}, 503: {"model": HealthResponse,
+                                                              "description": "a model's data plane is down"}})
     async def health():
         async def one(entry: ModelEntry) -> bool:
             try:
@@ -785,7 +872,9 @@ def build_app(links: dict[str, ModelEntry], settings: Optional[ServingConfig] = 
         body.update({"status": "unavailable", "models": status})
         return JSONResponse(body, status_code=503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_model=None, response_class=Response,
+             responses={200: {"content": {CONTENT_TYPE: {"schema": {"type": "string"}}},
+                              "description": "Prometheus text format"}})
     async def metrics():
         await st.metrics.refresh_dataplane({n: e.link for n, e in models.items()})
         return Response(st.metrics.render(), media_type=CONTENT_TYPE)

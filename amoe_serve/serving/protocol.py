@@ -128,6 +128,47 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage
 
 
+class CompletionStreamChoice(BaseModel):
+    index: int = 0
+    text: str
+    finish_reason: Optional[str] = None
+    logprobs: None = None
+    token_ids: list[int] = Field(default_factory=list)
+
+
+class CompletionChunk(BaseModel):
+    """One SSE event of a streamed /v1/completions (the usage event has no choices)."""
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionStreamChoice]
+    usage: Optional[Usage] = None
+
+
+class ChatDelta(BaseModel):
+    role: Optional[Literal["assistant"]] = None
+    content: Optional[str] = None
+
+
+class ChatStreamChoice(BaseModel):
+    index: int = 0
+    delta: ChatDelta
+    finish_reason: Optional[str] = None
+    logprobs: None = None
+    token_ids: list[int] = Field(default_factory=list)
+
+
+class ChatCompletionChunk(BaseModel):
+    """One SSE event of a streamed /v1/chat/completions (the usage event has no choices)."""
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatStreamChoice]
+    usage: Optional[Usage] = None
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
@@ -139,6 +180,25 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: Optional[str] = None
+    code: Optional[str] = None
+
+
+class ErrorResponse(BaseModel):
+    """Every 4xx/5xx body (OpenAI's shape)."""
+    error: ErrorDetail
+
+
+class HealthResponse(BaseModel):
+    """GET /health: "ok" with every model's data plane up; else 503 with an `error` as well."""
+    status: Literal["ok", "unavailable"]
+    models: dict[str, Literal["ok", "down"]]
+    error: Optional[ErrorDetail] = None
 
 
 def error_body(message: str, type_: str, param: Optional[str] = None, code: Any = None) -> dict:

@@ -3,7 +3,9 @@
 Every served model gets its own MPI data-plane job (started with the venv's mpiexec, in its
 own process group). A data plane that dies is restarted with back-off on the same port and
 token, so the ingress (whose links reconnect) keeps running throughout. Ctrl-C or SIGTERM
-tears everything down: Serve, Ray, and every data-plane process group.
+tears everything down: first a graceful drain (each data plane gets SIGTERM: new requests are
+answered 503, in-flight ones get `serving.drain_grace_s` to finish, the rest are failed with an
+error), then Serve, Ray, and every data-plane process group. A second signal skips the drain.
 """
 
 from __future__ import annotations
@@ -25,6 +27,10 @@ from amoe_serve.launch import kill_group, die_with_parent, mpiexec_path
 from amoe_serve.procs import clean_orphaned_mpi_shm, descendants, run_with_timeout, terminate
 
 RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
+# A data plane that ran this long before it died starts the back-off from the beginning again.
+RESTART_RESET_AFTER_S = 60.0
+# Beyond serving.drain_grace_s: time for the gateway to cancel leftovers and stop its ranks.
+DRAIN_MARGIN_S = 15.0
 
 
 class UpError(RuntimeError):
@@ -41,6 +47,7 @@ class DataPlaneProcess:
     address: Optional[tuple[str, int]] = None
     restarts: int = 0
     next_restart: float = 0.0
+    started_at: float = 0.0
     log: list[str] = field(default_factory=list)
 
     @property
@@ -58,6 +65,7 @@ class DataPlaneProcess:
                "--address-file", str(self.address_file)]
         env = dict(os.environ, OMP_NUM_THREADS=str(self.cfg.runtime.threads_per_rank))
         self.proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=die_with_parent)
+        self.started_at = time.monotonic()
 
     def wait_ready(self, timeout: float) -> tuple[str, int]:
         deadline = time.monotonic() + timeout
@@ -72,10 +80,42 @@ class DataPlaneProcess:
             time.sleep(0.1)
         raise UpError(f"the data plane of model {self.name!r} did not come up within {timeout:.0f} s")
 
+    def begin_drain(self) -> bool:
+        """SIGTERM to mpiexec, which forwards it to every rank: the gateway drains (see
+        engine/serve_gateway.py), then stops the ranks. False if the job is not running."""
+        if self.proc is None or self.proc.poll() is not None:
+            return False
+        try:
+            self.proc.send_signal(signal.SIGTERM)
+        except ProcessLookupError:
+            return False
+        return True
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             kill_group(self.proc)
         clean_orphaned_mpi_shm()
+
+
+def drain(planes: list[DataPlaneProcess], grace: float, abort=lambda: False) -> bool:
+    """Drain every running data plane and wait (at most grace + DRAIN_MARGIN_S, or until
+    `abort()`) for them to exit. True if all exited on their own."""
+    draining = [p for p in planes if p.begin_drain()]
+    if not draining:
+        return True
+    print(f"[amoe-serve] draining: no new requests; in-flight ones get up to {grace:g} s "
+          f"(serving.drain_grace_s); signal again to stop at once", file=sys.stderr, flush=True)
+    deadline = time.monotonic() + grace + DRAIN_MARGIN_S
+    while time.monotonic() < deadline and not abort():
+        if all(p.proc.poll() is not None for p in draining):
+            print("[amoe-serve] drained", file=sys.stderr, flush=True)
+            return True
+        time.sleep(0.1)
+    left = [p.name for p in draining if p.proc.poll() is None]
+    if left:
+        print(f"[amoe-serve] data plane(s) {', '.join(left)} did not drain in time; killing them",
+              file=sys.stderr, flush=True)
+    return not left
 
 
 def _model_configs(cfg: AmoeConfig) -> list[tuple[str, AmoeConfig]]:
@@ -128,10 +168,12 @@ def start_serve_app(s, specs: list[dict], ray_address: Optional[str] = None) -> 
 def up(cfg: AmoeConfig, ready_timeout: float = 180.0) -> int:
     planes: list[DataPlaneProcess] = []
     stopping = False
+    signals = 0
 
     def on_signal(signum, frame):
-        nonlocal stopping
+        nonlocal stopping, signals
         stopping = True
+        signals += 1
 
     def trap() -> dict:
         return {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -165,6 +207,9 @@ def up(cfg: AmoeConfig, ready_timeout: float = 180.0) -> int:
             return 1
         finally:
             print("[amoe-serve] shutting down", file=sys.stderr, flush=True)
+            if ray_started and signals == 1:  # the ingress still answers while the planes drain
+                seen = signals
+                drain(planes, cfg.serving.drain_grace_s, abort=lambda: signals > seen)
             for p in planes:
                 p.stop()
             if ray_started:
@@ -180,7 +225,13 @@ def _supervise(planes: list[DataPlaneProcess]) -> None:
         if p.proc is None or p.proc.poll() is None:
             continue
         if p.next_restart == 0.0:
+            try:  # whatever of the dead job is still around (a hung rank) must not hold the port
+                os.killpg(p.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
             clean_orphaned_mpi_shm()
+            if now - p.started_at >= RESTART_RESET_AFTER_S:
+                p.restarts = 0  # it had been serving: a fresh failure, not a crash loop
             delay = RESTART_BACKOFF_S[min(p.restarts, len(RESTART_BACKOFF_S) - 1)]
             p.next_restart = now + delay
             print(f"[amoe-serve] data plane of model {p.name!r} exited with code {p.proc.returncode}; "

@@ -182,14 +182,13 @@ def test_any_placement_with_replicas_equals_local(mode, checkpoints, local_refer
 def test_dropless_under_extreme_skew(checkpoints, local_reference):
     """All tokens to (almost) one expert per block: nothing dropped, nothing padded, no capacity
     factor: every routed row is computed once, and outputs equal local mode's under the same skew."""
+    # Ranks draw from their own random streams; at rate 50 the draw is deterministic in effect
+    # (the two most popular experts), so every mode routes alike.
     skew = ["routing.mode=exponential", "routing.rate=50", "routing.top_k=2"]
-    # The skew is seeded by routing.seed + rank: attention rank 1 here, rank 0 in local mode.
-    # At rate 50 the draw is effectively deterministic, so the same permutation routes the same.
     cfg = load_config(overrides=[f"model.path={checkpoints['mixtral']}", "deployment.mode=aep",
-                                 "deployment.attention_ranks=1", "deployment.expert_ranks=3", *skew,
-                                 "routing.seed=0"])
+                                 "deployment.attention_ranks=1", "deployment.expert_ranks=3", *skew])
     results, stats = run_inproc(cfg, _requests(), timeout=120)
-    assert _outputs(results) == local_reference([*skew, "routing.seed=1"])
+    assert _outputs(results) == local_reference(skew)
     attn = [s for s in stats.values() if s["role"] == "attention"][0]
     t = Trace.from_dict(attn["trace"])
     spec = load_spec(cfg.model.path)
