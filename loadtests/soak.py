@@ -153,6 +153,9 @@ def rss_report(sampler: RssSampler, warmup_s: float, end_s: float, tolerance: fl
                  "rss_mb_after": round(win[-1][1], 1) if win else None, "rss_mb_max": round(max(v for _, v in pts), 1),
                  "q2_mean_mb": None if q2 is None else round(q2, 1), "q4_mean_mb": None if q4 is None else round(q4, 1),
                  "alive_whole_run": whole, "judged": whole and role in SERVING_ROLES}
+        if entry["judged"]:  # the curve, about 40 points, to tell a leak from a plateau
+            step = max(1, len(pts) // 40)
+            entry["series_mb"] = [[round(t, 1), round(v, 1)] for t, v in pts[::step]]
         if q2 is not None and q4 is not None:
             growth = q4 - q2
             allowed = max(tolerance * q2, slack_mb)
