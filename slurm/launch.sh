@@ -209,7 +209,13 @@ N=$AMOE_NTASKS
 log "model $AMOE_MODEL_NAME ($AMOE_MODEL_PATH): $N data-plane tasks = 1 gateway + $AMOE_ATTENTION_RANKS attention + $AMOE_EXPERT_RANKS expert ranks; device $AMOE_DEVICE"
 
 # --------------------------------------------------------------------------- Ray
-export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled} RAY_USAGE_STATS_ENABLED=0
+# Ray's ports listen on every interface and speak pickle: the job's cluster gets a random token
+# (srun hands the environment to the workers) unless the site sets RAY_AUTH_MODE itself.
+if [ -z "${RAY_AUTH_MODE:-}" ]; then
+  export RAY_AUTH_MODE=token
+  export RAY_AUTH_TOKEN=${RAY_AUTH_TOKEN:-$("$PY" -c 'import secrets; print(secrets.token_hex(32))')}
+fi
+export RAY_USAGE_STATS_ENABLED=0
 RAY_PORT=${AMOE_RAY_PORT:-$("$PY" -m amoe_serve.serving.attach free-port)}
 RAY_TMP=${AMOE_RAY_TMPDIR:-/tmp/ray-amoe-$SLURM_JOB_ID}  # short: Ray's socket paths are length-limited
 RAY_OPTS=(--block --num-cpus "$AMOE_RAY_CPUS" --num-gpus 0 --disable-usage-stats

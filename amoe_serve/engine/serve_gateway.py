@@ -45,6 +45,7 @@ from amoe_serve.sampler import SamplingParams
 from amoe_transport import Transport
 
 STATS_INTERVAL_S = 0.5
+STATS_WAIT_S = 1.0  # longest a stats reply waits for fresh counters from every rank
 CANCEL_SETTLE_S = 5.0  # after the drain grace: most seconds to wait for cancelled requests to leave the ranks
 DRAINING = "the data plane is shutting down (draining): not accepting new requests; retry later"
 
@@ -67,6 +68,7 @@ class ServingGateway:
         self.out: dict[int, list] = defaultdict(list)       # events to send per connection
         self.stats_waiters: list[tuple[int, object]] = []
         self._last_stats_req = 0.0
+        self.stats_at: dict[int, float] = {}  # rank -> when its latest counters arrived
         self.stop = False
         self.drain_deadline: Optional[float] = None  # set by begin_drain()
         self.hb_timeout = cfg.runtime.heartbeat_timeout_s
@@ -217,8 +219,11 @@ class ServingGateway:
     def _answer_stats(self) -> None:
         if not self.stats_waiters:
             return
-        if time.monotonic() - self._last_stats_req < 0.2 and len(self.gw.stats) < self.gw.topo.world_size - 1:
-            return  # give the ranks a moment to answer
+        # Answer with counters sent after the request (earlier ones, e.g. from heartbeats, are
+        # stale); a rank that is slow to answer holds the reply back for at most a second.
+        fresh = all(self.stats_at.get(r, -1.0) >= self._last_stats_req for r in range(1, self.gw.topo.world_size))
+        if not fresh and time.monotonic() - self._last_stats_req < STATS_WAIT_S:
+            return
         adm = self.gw.adm
         data = {"ranks": {str(k): v for k, v in sorted(self.gw.stats.items())},
                 "gateway": {"waiting": len(adm.waiting), "running": len(adm.placed),
@@ -238,6 +243,8 @@ class ServingGateway:
             now = time.monotonic()
             for m in msgs:
                 self.last_heard[m.src] = now
+                if m.tag == Tag.STATS:
+                    self.stats_at[m.src] = now
                 self.gw.handle(m)
             if self.hb_timeout > 0:
                 self._heartbeat(now)

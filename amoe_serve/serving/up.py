@@ -144,11 +144,24 @@ def _start_serve(cfg: AmoeConfig, planes: list[DataPlaneProcess]) -> None:
     start_serve_app(cfg.serving, specs)
 
 
+def ray_auth_env(env, ray_address: Optional[str]) -> None:
+    """Ray's ports listen on every interface and speak pickle: a private cluster gets a random
+    token (processes Ray starts inherit it) so nobody else can submit work to it. A running
+    cluster (`ray_address`) keeps the auth settings of the environment."""
+    if "RAY_AUTH_MODE" in env:
+        return
+    if ray_address:
+        env["RAY_AUTH_MODE"] = "disabled"
+    else:
+        env["RAY_AUTH_MODE"] = "token"
+        env.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+
+
 def start_serve_app(s, specs: list[dict], ray_address: Optional[str] = None) -> None:
     """ray.init (a private local Ray, or `ray_address` of a running cluster), then the Serve
     ingress in front of the gateways in `specs` ({name, path, host, port, token}).
     Shared by `amoe-serve up` and `amoe-serve ingress` (serving/attach.py)."""
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private cluster (local, or the job's)
+    ray_auth_env(os.environ, ray_address)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
     from ray import serve

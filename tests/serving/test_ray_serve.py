@@ -23,9 +23,9 @@ def _metric(text: str, prefix: str) -> float:
 
 
 @pytest.mark.timeout(120)
-def test_ray_serve_http_end_to_end(model_dir):
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+def test_ray_serve_http_end_to_end(model_dir, monkeypatch):
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
     import ray
     from ray import serve
 

@@ -309,3 +309,23 @@ def test_openapi_and_docs_are_not_served(model_dir):
     doc = app.openapi()
     assert doc["components"]["securitySchemes"]["bearerAuth"] == {"type": "http", "scheme": "bearer"}
     assert doc["paths"]["/v1/completions"]["post"]["security"] == [{"bearerAuth": []}]
+
+
+def test_private_ray_cluster_gets_a_random_auth_token():
+    """Ray's own ports speak pickle on every interface: `up` never starts one without auth
+    unless the environment asks for it."""
+    from amoe_serve.serving.up import ray_auth_env
+    a, b = {}, {}
+    ray_auth_env(a, None)
+    ray_auth_env(b, None)
+    assert a["RAY_AUTH_MODE"] == "token" and len(a["RAY_AUTH_TOKEN"]) == 64
+    assert a["RAY_AUTH_TOKEN"] != b["RAY_AUTH_TOKEN"]
+    mine = {"RAY_AUTH_MODE": "disabled"}
+    ray_auth_env(mine, None)
+    assert mine == {"RAY_AUTH_MODE": "disabled"}  # an explicit choice is kept
+    kept = {"RAY_AUTH_TOKEN": "shared"}
+    ray_auth_env(kept, None)
+    assert kept == {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "shared"}
+    attach = {}
+    ray_auth_env(attach, "10.0.0.1:6379")
+    assert attach == {"RAY_AUTH_MODE": "disabled"}

@@ -34,6 +34,8 @@ def _free_port() -> int:
 
 def _up_process(config: Path, log: Path) -> subprocess.Popen:
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):  # `up` picks Ray's auth itself
+        env.pop(k, None)
     return subprocess.Popen([sys.executable, "-m", "amoe_serve.cli", "up", "--config", str(config)], cwd=REPO,
                             env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -246,6 +248,26 @@ def test_locust_short_workload_against_the_stack(stack):
     assert plot.returncode == 0 and (tmp / "short.png").stat().st_size > 10_000
 
 
+def test_private_ray_runs_with_token_auth(stack):
+    """Ray's ports are not loopback-only and speak pickle: the private cluster `up` starts must
+    require its random token (every Ray process of the stack carries it)."""
+    from amoe_serve.procs import descendants
+    up_pid = stack["proc"].pid
+    ray_procs = []
+    for pid in descendants(up_pid):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"gcs_server" in cmd or b"raylet" in cmd:
+            ray_procs.append(env)
+    assert ray_procs, "no Ray processes found under `amoe-serve up`"
+    for env in ray_procs:
+        assert b"RAY_AUTH_MODE=token" in env
+        assert any(e.startswith(b"RAY_AUTH_TOKEN=") and len(e) > len(b"RAY_AUTH_TOKEN=") + 30 for e in env)
+
+
 def test_sigterm_tears_everything_down(stack):
     """Runs last in this module: stops the stack and checks for orphans."""
     proc = stack["proc"]
@@ -257,3 +279,4 @@ def test_sigterm_tears_everything_down(stack):
     left = [p for p in kids if alive(p)]
     assert not left, f"left behind: {left}"
     assert time.monotonic() - t0 < 90
+
