@@ -130,6 +130,9 @@ class FakeLink:
             "gateway": {"waiting": 1, "running": self.active, "kv_free_blocks": {"0": 1000}},
         }
 
+    async def health_state(self) -> str:
+        return "down" if self.down else "ok"
+
     async def healthy(self) -> bool:
         return not self.down
 

@@ -170,11 +170,18 @@ class LinkClient:
     async def stats(self) -> dict:
         return (await self._ask({"type": "stats"}))["data"]
 
-    async def healthy(self) -> bool:
+    async def health_state(self) -> str:
+        """"ok", "draining" (shutting down: finishing in-flight requests, refusing new ones) or "down"."""
         try:
-            return bool((await self._ask({"type": "ping"})).get("healthy"))
+            pong = await self._ask({"type": "ping"})
         except DataPlaneError:
-            return False
+            return "down"
+        if pong.get("healthy"):
+            return "ok"
+        return "draining" if pong.get("draining") else "down"
+
+    async def healthy(self) -> bool:
+        return await self.health_state() == "ok"
 
     async def close(self) -> None:
         if self._task is not None:

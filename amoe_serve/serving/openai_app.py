@@ -856,18 +856,19 @@ def build_app(links: dict[str, ModelEntry], settings: Optional[ServingConfig] = 
              responses={200: {"model": HealthResponse}, 503: {"model": HealthResponse,
                                                               "description": "a model's data plane is down"}})
     async def health():
-        async def one(entry: ModelEntry) -> bool:
+        async def one(entry: ModelEntry) -> str:
             try:
-                return bool(await asyncio.wait_for(entry.link.healthy(), 5.0))
+                return await asyncio.wait_for(entry.link.health_state(), 5.0)
             except Exception:
-                return False
+                return "down"
 
-        oks = await asyncio.gather(*(one(e) for e in models.values()))
-        status = {name: ("ok" if ok else "down") for name, ok in zip(models, oks)}
+        states = await asyncio.gather(*(one(e) for e in models.values()))
+        status = dict(zip(models, states))
         down = [n for n, s in status.items() if s != "ok"]
         if not down:
             return {"status": "ok", "models": status}
-        body = APIError(503, f"data plane down for model(s): {', '.join(down)}",
+        what = ", ".join(f"{n} ({status[n]})" for n in down)
+        body = APIError(503, f"data plane not serving for model(s): {what}",
                         code="data_plane_unavailable").body()
         body.update({"status": "unavailable", "models": status})
         return JSONResponse(body, status_code=503)

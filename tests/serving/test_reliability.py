@@ -348,7 +348,7 @@ def test_sigterm_drains_then_fails_what_outlives_the_grace_and_leaves_nothing_ru
     assert late.status_code == 503, late.text
     msg = assert_openai_error(late.json()["error"])
     assert "draining" in msg, msg
-    assert health.status_code == 503
+    assert health.status_code == 503 and health.json()["models"] == {"default": "draining"}, health.text
     for r in short:  # finished normally, every token
         assert r.exc is None and r.status == 200, (r.exc, r.status, r.body)
         assert r.tokens == SHORT, (r.stream, r.tokens)
