@@ -66,3 +66,37 @@ def run_cli(args: list[str], timeout: float = 240, env_extra=None) -> subprocess
         out, err = p.communicate()
         raise AssertionError(f"amoe-serve {' '.join(args)} timed out\n{err[-3000:]}")
     return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+
+
+async def settled_stats(address: tuple[str, int], token: str) -> dict:
+    """A data plane's link stats once nothing is running or waiting, with fresh rank counters."""
+    import asyncio
+
+    from amoe_serve.serving.link_client import LinkClient
+    c = LinkClient(*address, token)
+    try:
+        for _ in range(100):
+            s = await c.stats()
+            if s["gateway"]["running"] == 0 and s["gateway"]["waiting"] == 0:
+                break
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.6)  # rank counters are refreshed every 0.5 s
+        return await c.stats()
+    finally:
+        await c.close()
+
+
+def stop_stack(proc: subprocess.Popen, wait_s: float) -> None:
+    """SIGTERM an `amoe-serve up` process, then SIGKILL it and whatever it left behind."""
+    from amoe_serve.procs import alive, descendants
+    if proc.poll() is not None:
+        return
+    kids = descendants(proc.pid)
+    os.kill(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(wait_s)
+    except subprocess.TimeoutExpired:
+        pass
+    for pid in [proc.pid, *kids]:
+        if alive(pid):
+            os.kill(pid, signal.SIGKILL)

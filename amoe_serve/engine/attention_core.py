@@ -13,7 +13,6 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Optional
 
-import numpy as np
 import torch
 
 from amoe_serve.engine.skew import ExponentialSkew

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import sys
 import traceback
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import torch

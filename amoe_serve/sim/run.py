@@ -210,7 +210,7 @@ def run_and_write(cfg: SimConfig, output: str | Path, log=print) -> dict:
     (out / "results.json").write_text(json.dumps(records, indent=1, default=_json_default))
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=_json_default))
     plots = write_plots(records, out)
-    log(f"AEP/lockstep: " + ", ".join(f"{k}: {v:.2f}x" for k, v in summary["aep_over_lockstep"].items()))
+    log("AEP/lockstep: " + ", ".join(f"{k}: {v:.2f}x" for k, v in summary["aep_over_lockstep"].items()))
     for s, d in summary["scaling"].items():
         log(f"scaling {s}: " + ", ".join(f"{k}: {v:.2f}x" for k, v in d.items()))
     log(f"wrote {out / 'results.json'}, {out / 'summary.json'}" + "".join(f", {p}" for p in plots))

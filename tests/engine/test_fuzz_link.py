@@ -28,6 +28,7 @@ from amoe_serve import link_wire as wire
 from amoe_serve.config import load_config
 from amoe_serve.engine.inproc import serve_inproc
 from amoe_serve.serving.link_client import LinkClient
+from tests.support import settled_stats
 
 TOKEN = "fuzz-link-token"
 NUM_BLOCKS = 64
@@ -176,20 +177,6 @@ async def _generate(g, ids, params):
         await c.close()
 
 
-async def _settled_stats(g):
-    c = LinkClient(*g.server.address, TOKEN)
-    try:
-        for _ in range(100):
-            s = await c.stats()
-            if s["gateway"]["running"] == 0 and s["gateway"]["waiting"] == 0:
-                break
-            await asyncio.sleep(0.1)
-        await asyncio.sleep(0.6)  # rank counters are refreshed every 0.5 s
-        return await c.stats()
-    finally:
-        await c.close()
-
-
 def _wait_conns(g, n=0, timeout=10.0):
     deadline = time.monotonic() + timeout
     while len(g.server.conns) > n and time.monotonic() < deadline:
@@ -201,7 +188,7 @@ def _assert_healthy(g, reference, what):
     assert _ranks_alive() == [], f"after {what}: dead threads {_ranks_alive()}"
     toks, reason = asyncio.run(_generate(g, REF_PROMPT, {"max_tokens": 8, "ignore_eos": True}))
     assert (toks, reason) == (reference, "length"), f"after {what}: {toks} != {reference}"
-    st = asyncio.run(_settled_stats(g))
+    st = asyncio.run(settled_stats(g.server.address, TOKEN))
     gw = {k: st["gateway"].get(k) for k in ("waiting", "running", "kv_free_blocks")}
     assert gw == {"waiting": 0, "running": 0,
                              "kv_free_blocks": {"1": NUM_BLOCKS, "2": NUM_BLOCKS}}, (what, st["gateway"])

@@ -2,7 +2,6 @@
 A real serving gateway with real attention/expert ranks (as threads) behind a real socket."""
 
 import asyncio
-import json
 import socket
 import struct
 
@@ -11,10 +10,6 @@ import pytest
 from amoe_serve import link_wire as wire
 from amoe_serve.config import load_config
 from amoe_serve.engine.inproc import serve_inproc
-from amoe_serve.engine.local import LocalEngine
-from amoe_serve.model import load_spec
-from amoe_serve.requests_io import GenerateRequest
-from amoe_serve.sampler import SamplingParams
 from amoe_serve.serving.link_api import DataPlaneError
 from amoe_serve.serving.link_client import LinkClient
 from tests.support import PROMPTS

@@ -39,6 +39,7 @@ from amoe_serve.engine.inproc import serve_inproc  # noqa: E402
 from amoe_serve.serving.link_client import LinkClient  # noqa: E402
 from amoe_serve.serving.openai_app import ModelEntry, build_app  # noqa: E402
 from amoe_serve.serving.settings import ServingConfig  # noqa: E402
+from tests.support import settled_stats
 
 TOKEN = "fuzz-http-link-token"
 KEY = "fuzz-api-key"
@@ -124,22 +125,6 @@ def _http(srv, method, path, body=None, headers=AUTH):
     import requests
 
     return requests.request(method, srv.base + path, json=body, headers=headers, timeout=60)
-
-
-def _dataplane_state(g):
-    async def main():
-        c = LinkClient(*g.server.address, TOKEN)
-        try:
-            for _ in range(100):
-                s = await c.stats()
-                if s["gateway"]["running"] == 0 and s["gateway"]["waiting"] == 0:
-                    break
-                await asyncio.sleep(0.1)
-            await asyncio.sleep(0.6)  # rank counters are refreshed every 0.5 s
-            return await c.stats()
-        finally:
-            await c.close()
-    return asyncio.run(main())
 
 
 def _ranks_alive():
@@ -288,7 +273,7 @@ def test_fuzz_every_operation_against_a_real_data_plane(stack):
     after = _http(srv, "POST", "/v1/completions", {"prompt": [5, 17, 42], "max_tokens": 8, "ignore_eos": True})
     assert after.status_code == 200, after.text
     assert after.json()["choices"][0]["token_ids"] == before.json()["choices"][0]["token_ids"]
-    st_ = _dataplane_state(g)
+    st_ = asyncio.run(settled_stats(g.server.address, TOKEN))
     gw = {k: st_["gateway"].get(k) for k in ("waiting", "running", "kv_free_blocks")}
     assert gw == {"waiting": 0, "running": 0,
                               "kv_free_blocks": {"1": NUM_BLOCKS, "2": NUM_BLOCKS}}, st_["gateway"]

@@ -1,7 +1,6 @@
 """The ingress under real Ray Serve (HTTP proxy on 127.0.0.1), with FakeLinks injected by name."""
 
 import json
-import os
 import socket
 import time
 

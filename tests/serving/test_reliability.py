@@ -35,7 +35,7 @@ from amoe_serve.procs import alive, descendants
 from amoe_serve.serving.link_api import DataPlaneError
 from amoe_serve.serving.link_client import LinkClient
 from tests.serving.test_up_e2e import _free_port, _up_process, _wait_healthy
-from tests.support import REPO
+from tests.support import REPO, stop_stack
 
 pytestmark = [pytest.mark.mpi(ranks=4), pytest.mark.slow]
 
@@ -69,16 +69,7 @@ def stack(tmp_path_factory):
         _wait_healthy(base, proc, log)
         yield {"base": base, "proc": proc, "log": log, "tmp": tmp, "link": ("127.0.0.1", link_port)}
     finally:
-        if proc.poll() is None:
-            kids = descendants(proc.pid)
-            os.kill(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(90)
-            except subprocess.TimeoutExpired:
-                pass
-            for pid in [proc.pid, *kids]:
-                if alive(pid):
-                    os.kill(pid, signal.SIGKILL)
+        stop_stack(proc, 90)
         if FIGURES:
             print("\nreliability figures:", json.dumps(FIGURES, indent=1))
 

@@ -19,7 +19,7 @@ import pytest
 
 from amoe_serve.default_model import ensure_default_model
 from amoe_serve.procs import alive, descendants
-from tests.support import PROMPTS, REPO, read_results, run_cli, write_requests
+from tests.support import PROMPTS, REPO, read_results, run_cli, stop_stack, write_requests
 
 KEY = "test-api-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -81,16 +81,7 @@ def stack(checkpoints, tmp_path_factory):
         _wait_healthy(base, proc, log)
         yield {"base": base, "proc": proc, "log": log, "tmp": tmp}
     finally:
-        if proc.poll() is None:
-            kids = descendants(proc.pid)
-            os.kill(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                pass
-            for pid in [proc.pid, *kids]:
-                if alive(pid):
-                    os.kill(pid, signal.SIGKILL)
+        stop_stack(proc, 60)
 
 
 def _complete(base, body, headers=AUTH, timeout=60):

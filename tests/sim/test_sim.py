@@ -8,7 +8,7 @@ import pytest
 from amoe_serve.sim.config import SimModelConfig, load_sim_config
 from amoe_serve.sim.cost import TABLES, CostModel, DeviceTable, compute_bound_rows, load_table
 from amoe_serve.sim.engine import (AepSim, LockstepSim, SimParams, make_workload, makespan,
-                                   simulate_aep, simulate_lockstep)
+                                   simulate_aep)
 from amoe_serve.sim.run import predict_local_ratio, run_one
 
 MIXTRAL = SimModelConfig()
