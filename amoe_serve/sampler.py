@@ -115,9 +115,10 @@ class Sampler:
                 continue
             # Per-row so a seeded row is independent of its batch neighbours. Sampling
             # runs on CPU because the generators are CPU generators.
-            row_V = logits_BV[i].detach().to("cpu", torch.float32) / p.temperature
-            if torch.isposinf(row_V).any() or torch.isnan(row_V).any():
-                continue  # a temperature so small that logits/T overflows: its limit, greedy
+            row_V = logits_BV[i].detach().to("cpu", torch.float32)
+            # Max first, so a tiny temperature sends the rest to -inf (its limit: greedy) instead
+            # of overflowing the top logit to +inf and the softmax to NaN.
+            row_V = (row_V - row_V.max()) / p.temperature
             probs_V = torch.softmax(row_V, dim=-1)
             probs_V = _top_p_filter(probs_V, p.top_p)
             tokens_B[i] = torch.multinomial(probs_V, 1, generator=generators[i]).item()

@@ -35,20 +35,25 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 @triton.jit
+def _tile_rows(tiles_ptr, num_tiles, BLOCK_M: tl.constexpr):
+    """This program's (expert, its rows, row mask) from the tile table [expert | row0 | row_end]."""
+    tile = tl.program_id(0)
+    g = tl.load(tiles_ptr + tile).to(tl.int64)
+    row0 = tl.load(tiles_ptr + num_tiles + tile)
+    row_end = tl.load(tiles_ptr + 2 * num_tiles + tile)
+    rows = (row0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+    return g, rows, rows < row_end
+
+
+@triton.jit
 def _ffn_gate_up_kernel(
     x_ptr, w1_ptr, w3_ptr, h_ptr, tiles_ptr, num_tiles,
     F, D,
     sx_t, sx_d, sw_g, sw_f, sw_d, sh_t, sh_f,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    tile = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    g = tl.load(tiles_ptr + tile).to(tl.int64)
-    row0 = tl.load(tiles_ptr + num_tiles + tile)
-    row_end = tl.load(tiles_ptr + 2 * num_tiles + tile)
-    rows = (row0 + tl.arange(0, BLOCK_M)).to(tl.int64)
-    rmask = rows < row_end
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    g, rows, rmask = _tile_rows(tiles_ptr, num_tiles, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < F
     acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc3 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -78,14 +83,8 @@ def _ffn_down_kernel(
     sh_t, sh_f, sw_g, sw_d, sw_f, sy_t, sy_d,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    tile = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    g = tl.load(tiles_ptr + tile).to(tl.int64)
-    row0 = tl.load(tiles_ptr + num_tiles + tile)
-    row_end = tl.load(tiles_ptr + 2 * num_tiles + tile)
-    rows = (row0 + tl.arange(0, BLOCK_M)).to(tl.int64)
-    rmask = rows < row_end
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    g, rows, rmask = _tile_rows(tiles_ptr, num_tiles, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < D
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     w_base = w2_ptr + g * sw_g + cols[None, :] * sw_d

@@ -18,6 +18,7 @@ Accepted on-disk expert layouts:
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Optional
@@ -177,3 +178,59 @@ def check_checkpoint(path: str | Path, spec: ModelSpec, required: Iterable[str])
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise CheckpointError(f"{path}: checkpoint is missing tensors {', '.join(missing[:3])}{more}")
+
+
+class ExpertReader:
+    """Reads one expert's (w1_FD, w3_FD, w2_DF) through safetensors' memory map (handles stay
+    open; only that expert's bytes are touched), in the layouts `load_weights` reads. Expert Buffering
+    loads experts on demand through it."""
+
+    def __init__(self, path: str | Path, spec: ModelSpec):
+        self.path = str(path)
+        self.F = spec.expert_intermediate_size
+        self._lock = threading.Lock()   # one reader at a time: main thread or the prefetcher
+        self._handles = []
+        # (block, expert, w) -> (handle, raw name, fused row or None)
+        self._where: dict[tuple[int, int, str], tuple[object, str, Optional[int]]] = {}
+        for file in _shard_files(Path(path)):
+            h = _open(file)
+            self._handles.append(h)
+            for raw in h.keys():
+                fused = _FUSED.match(raw)
+                if fused:
+                    b = int(fused.group(1))
+                    ws = ("w1", "w3") if fused.group(2) == "gate_up_proj" else ("w2",)
+                    for e in range(spec.num_experts):
+                        for w in ws:
+                            self._where[(b, e, w)] = (h, raw, e)
+                    continue
+                m = _INTERNAL_EXPERT.match(_normalize(raw))
+                if m:
+                    self._where[(int(m.group(1)), int(m.group(2)), m.group(3))] = (h, raw, None)
+
+    def has(self, b: int, e: int) -> bool:
+        return all((b, e, w) in self._where for w in ("w1", "w3", "w2"))
+
+    def read(self, b: int, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        out = []
+        with self._lock:
+            try:
+                for w in ("w1", "w3", "w2"):
+                    where = self._where.get((b, e, w))
+                    if where is None:
+                        raise CheckpointError(f"{self.path}: missing expert tensor {expert_name(b, e, w)}")
+                    h, raw, row = where
+                    if row is None:
+                        out.append(h.get_tensor(raw))
+                        continue
+                    t = h.get_slice(raw)[row:row + 1][0]   # only expert e's rows
+                    if w == "w1":
+                        t = t[:self.F]
+                    elif w == "w3":
+                        t = t[self.F:]
+                    out.append(t.contiguous())
+            except CheckpointError:
+                raise
+            except Exception as exc:  # truncated data surfaces only when a tensor is read
+                raise CheckpointError(f"{self.path}: cannot read expert ({b}, {e}) ({exc})") from None
+        return out[0], out[1], out[2]

@@ -82,23 +82,26 @@ def _load_bandwidth(path: str | None, ranks: int):
     return np.asarray(data, dtype=np.float64).tolist()
 
 
-def _check_common(args: argparse.Namespace) -> None:
+def _inputs(args: argparse.Namespace):
+    """Checked arguments shared by place and place-eval: (trace, bandwidth matrix or None)."""
+    from amoe_serve.placement.policies import check_ranks
+    from amoe_serve.placement.trace import Trace
+
+    _setup_logging()
     if args.time_limit <= 0:
         raise PlacementError(f"--time-limit must be positive, got {args.time_limit}")
     if args.replica_slots is not None and args.replica_slots < 0:
         raise PlacementError(f"--replica-slots must be >= 0, got {args.replica_slots}")
+    trace = Trace.load(args.trace)
+    check_ranks(trace, args.ranks)
+    return trace, _load_bandwidth(args.bandwidth, args.ranks)
 
 
 def cmd_place(args: argparse.Namespace) -> int:
     from amoe_serve.placement.evaluate import evaluate, summary
-    from amoe_serve.placement.policies import check_ranks, contiguous, plan
-    from amoe_serve.placement.trace import Trace
+    from amoe_serve.placement.policies import contiguous, plan
 
-    _setup_logging()
-    _check_common(args)
-    trace = Trace.load(args.trace)
-    check_ranks(trace, args.ranks)
-    bandwidth = _load_bandwidth(args.bandwidth, args.ranks)
+    trace, bandwidth = _inputs(args)
     placement, info = plan(args.policy, trace, args.ranks, time_limit=args.time_limit,
                            replica_slots=args.replica_slots, bandwidth=bandwidth, progress=not args.quiet)
     ev = summary(evaluate(placement, trace, bandwidth))
@@ -127,14 +130,8 @@ def cmd_place(args: argparse.Namespace) -> int:
 
 def cmd_place_eval(args: argparse.Namespace) -> int:
     from amoe_serve.placement.evaluate import plan_and_evaluate
-    from amoe_serve.placement.policies import check_ranks
-    from amoe_serve.placement.trace import Trace
 
-    _setup_logging()
-    _check_common(args)
-    trace = Trace.load(args.trace)
-    check_ranks(trace, args.ranks)
-    bandwidth = _load_bandwidth(args.bandwidth, args.ranks)
+    trace, bandwidth = _inputs(args)
     policies = list(dict.fromkeys(args.policies))
     result = plan_and_evaluate(trace, args.ranks, policies, args.out, time_limit=args.time_limit,
                                replica_slots=args.replica_slots, bandwidth=bandwidth, progress=not args.quiet)

@@ -161,21 +161,23 @@ class TraceRecorder:
         self.trace = Trace(num_blocks, num_experts, top_k)
         self._new_window()
 
-    def _new_window(self) -> None:
+    def _new_window(self, device: torch.device | str = "cpu") -> None:
         self._tokens = 0
-        self._load_BE = torch.zeros(self.B * self.E, dtype=torch.int64)
-        self._trans_LEE = torch.zeros(max(self.B - 1, 0) * self.E * self.E, dtype=torch.int64)
+        self._load_BE = torch.zeros(self.B * self.E, dtype=torch.int64, device=device)
+        self._trans_LEE = torch.zeros(max(self.B - 1, 0) * self.E * self.E, dtype=torch.int64, device=device)
 
     def record(self, b: int, ids_TK: torch.Tensor, prev_TK: Optional[torch.Tensor]) -> None:
-        """Tokens routed to ids_TK at block b; prev_TK their experts at block b-1 (None at b=0)."""
+        """Tokens routed to ids_TK at block b; prev_TK their experts at block b-1 (None at b=0).
+        Counts stay on the ids' device (no host sync in the rank loop) until a window closes."""
         E = self.E
-        ids = ids_TK.detach().to("cpu", torch.int64)
+        if self._load_BE.device != ids_TK.device:
+            self._load_BE, self._trans_LEE = self._load_BE.to(ids_TK.device), self._trans_LEE.to(ids_TK.device)
+        ids = ids_TK.detach().long()
         if b == 0:
             self._tokens += ids.shape[0]
         self._load_BE[b * E:(b + 1) * E] += torch.bincount(ids.reshape(-1), minlength=E)
         if prev_TK is not None and b > 0:
-            prev = prev_TK.detach().to("cpu", torch.int64)
-            pair = (prev[:, :, None] * E + ids[:, None, :]).reshape(-1)
+            pair = (prev_TK.detach().long()[:, :, None] * E + ids[:, None, :]).reshape(-1)
             base = (b - 1) * E * E
             self._trans_LEE[base:base + E * E] += torch.bincount(pair, minlength=E * E)
         if b == self.B - 1 and self._tokens >= self.window_tokens:
@@ -186,9 +188,10 @@ class TraceRecorder:
             return
         t = self.trace
         t.tokens_W.append(self._tokens)
-        t.load_WBE.append(self._load_BE.view(self.B, self.E).numpy().copy())
-        t.trans_WLEE.append(self._trans_LEE.view(max(self.B - 1, 0), self.E, self.E).numpy().copy())
-        self._new_window()
+        load_BE, trans_LEE = self._open_counts()
+        t.load_WBE.append(load_BE)
+        t.trans_WLEE.append(trans_LEE)
+        self._new_window(self._load_BE.device)
         if t.num_windows >= self.max_windows:
             self._halve()
 
@@ -214,6 +217,11 @@ class TraceRecorder:
                     list(t.trans_WLEE), dict(t.meta))
         if self._tokens or bool(self._load_BE.any()):
             out.tokens_W.append(self._tokens)
-            out.load_WBE.append(self._load_BE.view(self.B, self.E).numpy().copy())
-            out.trans_WLEE.append(self._trans_LEE.view(max(self.B - 1, 0), self.E, self.E).numpy().copy())
+            load_BE, trans_LEE = self._open_counts()
+            out.load_WBE.append(load_BE)
+            out.trans_WLEE.append(trans_LEE)
         return out
+
+    def _open_counts(self) -> tuple[np.ndarray, np.ndarray]:
+        return (self._load_BE.view(self.B, self.E).cpu().numpy().copy(),
+                self._trans_LEE.view(max(self.B - 1, 0), self.E, self.E).cpu().numpy().copy())
