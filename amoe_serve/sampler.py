@@ -95,6 +95,9 @@ def _top_p_filter(probs_V: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.where(keep_V, probs_V, torch.zeros_like(probs_V))
 
 
+_FP32_TINY = torch.finfo(torch.float32).tiny
+
+
 class Sampler:
     def sample(
         self,
@@ -117,8 +120,9 @@ class Sampler:
             # runs on CPU because the generators are CPU generators.
             row_V = logits_BV[i].detach().to("cpu", torch.float32)
             # Max first, so a tiny temperature sends the rest to -inf (its limit: greedy) instead
-            # of overflowing the top logit to +inf and the softmax to NaN.
-            row_V = (row_V - row_V.max()) / p.temperature
+            # of overflowing the top logit to +inf; and never below float32's smallest normal,
+            # which a Python float like 1e-45 would round to (0/0 = NaN).
+            row_V = (row_V - row_V.max()) / max(p.temperature, _FP32_TINY)
             probs_V = torch.softmax(row_V, dim=-1)
             probs_V = _top_p_filter(probs_V, p.top_p)
             tokens_B[i] = torch.multinomial(probs_V, 1, generator=generators[i]).item()
