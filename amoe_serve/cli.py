@@ -122,8 +122,17 @@ def cmd_sim(args: argparse.Namespace) -> int:
     if args.calibrate:
         from amoe_serve.sim.calibrate import calibrate
         out = args.calibrate
-        t = calibrate(out, quick=args.quick)
-        print(f"wrote {out}: expert_points={len(t.expert_points)} attention_fit={t.attention_fit} cores={t.cores}")
+        model = args.model
+        if model is None:  # the bench model (configs/bench: Mixtral-shaped, random weights)
+            from amoe_serve.bench.config import BenchConfig
+            from amoe_serve.bench.run import bench_model_path
+            from amoe_serve.default_model import default_cache_root
+            model = bench_model_path(BenchConfig(), default_cache_root())
+        elif not (Path(model) / "config.json").is_file():
+            raise CliError(f"sim --model {model}: no checkpoint there (config.json missing)")
+        t = calibrate(out, model, quick=args.quick)
+        print(f"wrote {out}: expert_points={len(t.expert_points)} attention_fit={t.attention_fit} "
+              f"lm_head_fit={t.lm_head_fit} cores={t.cores}")
         return 0
     if not args.output:
         raise CliError("sim: --output DIR is required (or --calibrate FILE)")
@@ -176,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--output", help="folder for results.json, summary.json and the plots")
     sm.add_argument("--calibrate", metavar="FILE", help="measure this machine and write a local device table")
     sm.add_argument("--quick", action="store_true", help="with --calibrate: fewer repetitions")
+    sm.add_argument("--model", metavar="CKPT", help="with --calibrate: the checkpoint whose ranks are timed "
+                                                    "(default: the bench model)")
     sm.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. cluster.gpus=[8] run.policies=[mtfs]")
     sm.set_defaults(func=cmd_sim)
 

@@ -46,6 +46,9 @@ class BenchConfig:
     # transformers generate: static batches of this many prompts, left-padded.
     hf_batch_size: int = 16
     seed: int = 0
+    # After the runs: calibrate the simulator's local table here and compare its predicted
+    # AEP/lockstep ratio at saturation with the measured one (sim_check.json).
+    sim_check: bool = False
     # Give up on one system/rate point after this many seconds.
     point_timeout_s: float = 900.0
 

@@ -25,12 +25,23 @@ def ratio_table(records: list[dict]) -> str:
     return "\n".join(rows) + "\n"
 
 
-def write_report(records: list[dict], out: Path) -> None:
+def sim_check_table(checks: list[dict]) -> str:
+    if not checks:
+        return ""
+    rows = ["", "Simulator check (local table calibrated in this run, same deployment and workload, offline):", "",
+            "| workload | measured AEP/lockstep | predicted | off by |", "|---|---|---|---|"]
+    for c in checks:
+        rows.append(f"| {c['workload']} | {c['measured_aep_vs_lockstep']:.2f}x | "
+                    f"{c['predicted_aep_vs_lockstep']:.2f}x | {c['ratio_error']:.0%} |")
+    return "\n".join(rows) + "\n"
+
+
+def write_report(records: list[dict], out: Path, checks: list[dict] | None = None) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    (out / "results.md").write_text(ratio_table(records))
+    (out / "results.md").write_text(ratio_table(records) + sim_check_table(checks or []))
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     ax = axes[0]
     for system in COLORS:

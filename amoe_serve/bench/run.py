@@ -58,9 +58,12 @@ def run_bench(cfg: BenchConfig, output: Path, cache: Path) -> list[dict]:
     print(f"[bench] best single-core GEMM rate for [512x{spec.hidden_size}]x[{spec.hidden_size}x"
           f"{spec.expert_intermediate_size}]: {gemm / 1e9:.1f} GFLOP/s", file=sys.stderr, flush=True)
     records: list[dict] = []
+    offline: dict[str, list] = {}
     for workload in cfg.workloads:
         for rate in cfg.request_rates:
             reqs = make_requests(workload, cfg.num_requests, rate, spec.vocab_size, cfg.seed)
+            if rate == 0:
+                offline[workload] = reqs
             n_in = sum(len(r.prompt_token_ids) for r in reqs)
             n_out = sum(r.max_tokens for r in reqs)
             mean_ctx = sum(len(r.prompt_token_ids) + r.max_tokens / 2 for r in reqs) / len(reqs)
@@ -103,7 +106,11 @@ def run_bench(cfg: BenchConfig, output: Path, cache: Path) -> list[dict]:
                       f"ITL p50 {rec.get('itl_ms_p50') or float('nan'):.1f} ms, "
                       f"expert batch {rec.get('mean_expert_batch') or float('nan'):.1f}", file=sys.stderr, flush=True)
                 (output / "results.json").write_text(json.dumps(records, indent=1))
+    checks = []
+    if cfg.sim_check and {"aep", "lockstep"} <= set(cfg.systems):
+        from amoe_serve.bench.sim_check import sim_check
+        checks = sim_check(records, dataplane_config(cfg, "aep", path), spec, path, output, offline)
     meta = {"config": asdict(cfg), "model_path": path, "gemm_flops_per_core": gemm}
     (output / "bench_meta.json").write_text(json.dumps(meta, indent=1, default=str))
-    write_report(records, output)
+    write_report(records, output, checks)
     return records

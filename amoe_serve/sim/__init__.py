@@ -6,7 +6,7 @@ model (`cost.py`). Importing it does not import torch (only `calibrate` needs it
 """
 from .config import SimConfig, load_sim_config
 from .cost import TABLES, CostModel, DeviceTable, load_table
-from .run import predict_local_ratio, run_and_write, run_one, run_sim
+from .run import run_and_write, run_one, run_sim
 
 __all__ = ["SimConfig", "load_sim_config", "TABLES", "CostModel", "DeviceTable", "load_table",
-           "predict_local_ratio", "run_and_write", "run_one", "run_sim"]
+           "run_and_write", "run_one", "run_sim"]

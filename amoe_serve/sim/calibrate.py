@@ -1,13 +1,18 @@
-"""Calibrate the "local" device table on this machine with the real model code.
+"""Calibrate the "local" device table on this machine.
 
-Expert FFN: `amoe_kernels.reference.expert_ffn` on the bench shape (hidden 1024, ffn 2816,
-fp32, one thread) for a range of batch sizes -> `expert_points`. Attention: q/k/v/o projections
-+ `amoe_serve.model.attention.causal_gqa_attention` per request + router, over batches of
-decode tokens with varying context -> least-squares fit t = c0 + c_tok*tokens + c_ctx*context.
+With a checkpoint (`measure_engine`, what `amoe-serve sim --calibrate FILE --model CKPT` and the
+bench use) the ranks' own code is timed, one thread, median of repetitions:
+- expert step: `ExpertCore.receive` + `drain_block` of one expert with R rows -> `expert_points`;
+- attention step of one block: `AttentionCore.attend` + `deliver` (norms, projections, paged
+  attention, routing, dispatch and combine bookkeeping) on decode batches of varying size and
+  context -> least-squares fit t = c0 + c_tok*tokens + c_ctx*sum(context) -> `attention_fit`;
+- after the last block: `AttentionCore.sample` (final norm, LM head, greedy sampler, next
+  embedding) -> fit t = c0 + c_row*rows -> `lm_head_fit`.
 Messages: MPI latency / bandwidth measured by the transport team (defaults below) unless given.
 """
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -22,68 +27,110 @@ MPI_LATENCY_S = 0.45e-3 / 2
 MPI_BW = 1.8e9
 
 
-def _time(fn, reps: int) -> float:
+def _median(fn, reps: int) -> float:
+    """Median of single calls: robust to another process taking the core for a moment."""
     fn()
-    best = float("inf")
-    for _ in range(3):
+    ts = []
+    for _ in range(reps):
         t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        best = min(best, (time.perf_counter() - t0) / reps)
-    return best
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts))
 
 
-def measure(hidden: int = 1024, ffn: int = 2816, num_heads: int = 16, num_kv_heads: int = 4,
-            head_dim: int = 64, num_experts: int = 8, batches=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
-            threads: int = 1, quick: bool = False) -> dict:
+def _fit(X: list[list[float]], y: list[float]) -> list[float]:
+    coef, *_ = np.linalg.lstsq(np.asarray(X, dtype=np.float64), np.asarray(y), rcond=None)
+    return [max(float(c), 0.0) for c in coef]
+
+
+ATTN_COMBOS = ((1, 64), (8, 64), (16, 128), (32, 128), (64, 128), (32, 256), (64, 256))
+
+
+def measure_engine(model_path: str, batches=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+                   combos=ATTN_COMBOS, threads: int = 1, quick: bool = False) -> dict:
+    """Time the attention and expert ranks' own code on a checkpoint (see the module docstring).
+
+    Decode segments are made at the wanted position directly: the KV they attend to is
+    whatever the cache holds, which costs the same as a real prefix.
+    """
     import torch
-    from amoe_kernels.reference import expert_ffn
-    from amoe_serve.model.attention import causal_gqa_attention
+    from amoe_serve.config import load_config
+    from amoe_serve.engine.attention_core import Segment
+    from amoe_serve.engine.job import make_attention_core, make_expert_core
+    from amoe_serve.engine.placement import Placement
+    from amoe_serve.model import load_spec
+    from amoe_serve.sampler import SamplingParams
+
     torch.set_num_threads(threads)
+    spec = load_spec(model_path)
+    NB, D = spec.num_blocks, spec.hidden_size
+    steps = 2 if quick else 4
+    # Contexts the model can hold (a small test checkpoint has few positions).
+    combos = [(n, min(L, spec.max_position_embeddings - steps - 2)) for n, L in combos]
+    kv_tokens = max(n * (L + steps + 2) for n, L in combos)
+    cfg = load_config(None, [f"model.path={model_path}", "routing.mode=exponential", "routing.rate=0.5",
+                             "routing.top_k=1", f"kv_cache.num_blocks={kv_tokens // 16 + 64}"])
+    place = Placement.contiguous(NB, spec.num_experts, 1)
+    core = make_attention_core(cfg, spec, place)
+    experts = make_expert_core(cfg, spec, place.pairs_of(0))
     g = torch.Generator().manual_seed(0)
-    w1 = torch.randn(ffn, hidden, generator=g) * 0.02
-    w3 = torch.randn(ffn, hidden, generator=g) * 0.02
-    w2 = torch.randn(hidden, ffn, generator=g) * 0.02
+
     points = []
+    # Each call takes the next (block, expert), as a serving rank does: the same expert again
+    # would find its weights still in the CPU cache.
+    keys = itertools.cycle([(b, e) for b in range(NB) for e in range(spec.num_experts)])
     for n in batches:
-        x = torch.randn(n, hidden, generator=g)
-        reps = 2 if quick else max(3, min(50, 2000 // n))
-        points.append([int(n), _time(lambda: expert_ffn(x, w1, w3, w2), reps)])
-    Hd, Gd = num_heads * head_dim, num_kv_heads * head_dim
-    wq = torch.randn(Hd, hidden, generator=g) * 0.02
-    wk = torch.randn(Gd, hidden, generator=g) * 0.02
-    wv = torch.randn(Gd, hidden, generator=g) * 0.02
-    wo = torch.randn(hidden, Hd, generator=g) * 0.02
-    wr = torch.randn(num_experts, hidden, generator=g) * 0.02
-    scale = head_dim ** -0.5
-    rows = []
-    combos = [(1, 64), (8, 64), (32, 128), (64, 128), (16, 512), (64, 256)]
-    if quick:
-        combos = combos[:4]
-    for n, L in combos:
-        x = torch.randn(n, hidden, generator=g)
-        k = torch.randn(L, num_kv_heads, head_dim, generator=g)
-        v = torch.randn(L, num_kv_heads, head_dim, generator=g)
+        meta_R3 = torch.zeros(n, 3, dtype=torch.int32)
+        y_RD = torch.randn(n, D, generator=g, dtype=core.kv.dtype)
 
-        def step():
-            q = torch.nn.functional.linear(x, wq).view(n, num_heads, head_dim)
-            torch.nn.functional.linear(x, wk)
-            torch.nn.functional.linear(x, wv)
-            outs = [causal_gqa_attention(q[i:i + 1], k, v, L - 1, scale) for i in range(n)]
-            o = torch.nn.functional.linear(torch.cat(outs), wo)
-            torch.nn.functional.linear(o, wr)
+        def expert_step():
+            b, e = next(keys)
+            experts.receive(1, {"b": b, "experts": [e], "counts": [n]}, meta_R3, y_RD)
+            experts.drain_block(b)
+        reps = 3 if quick else max(8, min(40, 1500 // n))
+        points.append([int(n), _median(expert_step, reps)])
 
-        rows.append((n, n * L, _time(step, 2 if quick else 5)))
-    A = np.array([[1.0, n, c] for n, c, _ in rows])
-    y = np.array([t for _, _, t in rows])
-    fit, *_ = np.linalg.lstsq(A, y, rcond=None)
-    fit = [max(float(fit[0]), 0.0), max(float(fit[1]), 0.0), max(float(fit[2]), 0.0)]
-    return {"expert_points": points, "attention_fit": fit,
-            "attention_samples": [[int(n), int(c), float(t)] for n, c, t in rows]}
+    attn_rows, lm_rows = [], []
+    params = SamplingParams(max_tokens=steps + 2, ignore_eos=True)
+    for i, (n, L) in enumerate(combos):
+        segs = []
+        for j in range(n):
+            rid = f"cal-{i}-{j}"
+            core.admit(rid, [3] * L, params)
+            x_1D = torch.randn(1, D, generator=g, dtype=core.kv.dtype)
+            segs.append(Segment(next(core._seg_ids), core.requests[rid], 0, x_1D, L))
+        for step in range(steps):
+            ctx = sum(s.start_pos + 1 for s in segs)
+            t_blocks = []
+            for b in range(NB):
+                t0 = time.perf_counter()
+                sends = core.attend(b, segs)
+                t_att = time.perf_counter() - t0
+                for d in sends:
+                    experts.receive(1, d.header, *d.tensors)
+                replies = experts.drain_block(b)
+                t0 = time.perf_counter()
+                done = []
+                for r in replies:
+                    done.extend(core.deliver(b, *r.tensors))
+                t_blocks.append(t_att + time.perf_counter() - t0)
+                segs = done
+            t0 = time.perf_counter()
+            _, segs = core.sample(segs)
+            t_lm = time.perf_counter() - t0
+            if step > 0:  # the first pass warms caches and allocators up
+                attn_rows.append((n, ctx, float(np.median(t_blocks))))
+                lm_rows.append((n, t_lm))
+        core.fail_all("calibration done")
+    return {"expert_points": points,
+            "attention_fit": _fit([[1.0, n, c] for n, c, _ in attn_rows], [t for *_, t in attn_rows]),
+            "lm_head_fit": _fit([[1.0, n] for n, _ in lm_rows], [t for _, t in lm_rows]),
+            "attention_samples": [[int(n), int(c), t] for n, c, t in attn_rows],
+            "lm_head_samples": [[int(n), t] for n, t in lm_rows]}
 
 
 def local_table(measured: dict, cores: int | None = None, latency_s: float = MPI_LATENCY_S,
-                bandwidth: float = MPI_BW) -> DeviceTable:
+                bandwidth: float = MPI_BW, source: str = "measured on this machine") -> DeviceTable:
     import os
     return DeviceTable(
         name="local", peak_flops=0.0, mem_bw=0.0, memory_bytes=16e9,
@@ -91,7 +138,8 @@ def local_table(measured: dict, cores: int | None = None, latency_s: float = MPI
         intra_bw=bandwidth, intra_lat_s=latency_s, inter_bw=bandwidth, inter_lat_s=latency_s,
         gpus_per_node=64, cores=cores or (os.cpu_count() or 1),
         expert_points=measured["expert_points"], attention_fit=measured["attention_fit"],
-        source="measured on this machine (amoe_serve.sim.calibrate); MPI from the transport team",
+        lm_head_fit=measured.get("lm_head_fit", []),
+        source=source,
     )
 
 
@@ -101,14 +149,17 @@ def write_table(table: DeviceTable, path: str | Path) -> Path:
     p.parent.mkdir(parents=True, exist_ok=True)
     d = asdict(table)
     header = ("# Local device table calibrated on this machine by `amoe-serve sim --calibrate`.\n"
-              "# expert_points: [rows, seconds] of one expert FFN (fp32, 1 thread, hidden 1024, ffn 2816);\n"
+              "# expert_points: [rows, seconds] of one expert step (receive, FFN, reply; 1 thread);\n"
               "# attention_fit: seconds = c0 + c_tok*tokens + c_ctx*sum(context) per attention step;\n"
+              "# lm_head_fit: seconds = c0 + c_row*rows after the last block (LM head, sampler, embedding);\n"
               "# intra/inter: MPI message latency and bandwidth; cores: ranks computing at once.\n")
     p.write_text(header + OmegaConf.to_yaml(OmegaConf.create({"device": d})))
     return p
 
 
-def calibrate(path: str | Path, quick: bool = False, cores: int | None = None) -> DeviceTable:
-    t = local_table(measure(quick=quick), cores=cores)
+def calibrate(path: str | Path, model_path: str, quick: bool = False, cores: int | None = None) -> DeviceTable:
+    t = local_table(measure_engine(model_path, quick=quick), cores=cores,
+                    source=f"measured on this machine with the ranks' code on {Path(model_path).name} "
+                           "(amoe_serve.sim.calibrate); MPI from the transport team")
     write_table(t, path)
     return t

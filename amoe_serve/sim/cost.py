@@ -7,9 +7,10 @@ one compute-bound. Peak numbers come from the vendors' public spec sheets (dense
 core FLOP/s, HBM bandwidth, NVLink per direction, node NICs); the efficiency factors, launch
 and step overheads are our assumptions and are the same for every simulated system.
 
-The "local" table is calibrated on this machine (`amoe_serve.sim.calibrate`): measured expert FFN
-times per batch size (interpolated), a linear fit of attention time in (tokens, context) and the
-MPI message latency/bandwidth; `cores` limits how many ranks compute at once.
+The "local" table is calibrated on this machine (`amoe_serve.sim.calibrate`) by timing the ranks'
+own code: expert steps per batch size (interpolated), linear fits of an attention step in
+(tokens, context) and of the LM head + sampler in rows, and the MPI message latency/bandwidth;
+`cores` limits how many ranks compute at once.
 """
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ class DeviceTable:
     # t = c0 + c_tok * tokens + c_ctx * sum(context) (seconds), replacing the rooflines.
     expert_points: list = field(default_factory=list)
     attention_fit: list = field(default_factory=list)
+    lm_head_fit: list = field(default_factory=list)   # [c0, c_row]: LM head + sampler (seconds)
     source: str = "public spec sheets"
 
     def to_dict(self) -> dict:
@@ -168,6 +170,9 @@ class CostModel:
         return s
 
     def lm_head_time(self, rows: int) -> float:
+        if self.t.lm_head_fit:
+            c0, c_row = self.t.lm_head_fit
+            return c0 + c_row * rows
         if self.t.attention_fit:
             return self.t.sampler_s
         flops = 2.0 * rows * self.lm_head_params

@@ -4,14 +4,13 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 from amoe_serve.config import ConfigError
 
 from .config import SimConfig, lengths
 from .cost import CostModel, DeviceTable, load_table
-from .engine import SimParams, make_workload, simulate_aep, simulate_lockstep
+from .engine import SimParams, Workload, make_workload, simulate_aep, simulate_lockstep
 
 
 def split_gpus(gpus: int, attention_fraction: float) -> tuple[int, int]:
@@ -53,14 +52,15 @@ def _kv_tokens(cost: CostModel, table: DeviceTable, experts_per_gpu: float, atte
 
 def run_one(cfg: SimConfig, system: str, gpus: int, *, policy: str = "defrag", max_running: int,
             rate_per_gpu: float | None = None, table: DeviceTable | None = None,
-            waves: int | None = None) -> dict:
-    """Simulate one (system, cluster size, batch limit, load) point; returns a result record."""
+            waves: int | None = None, workload: Workload | None = None) -> dict:
+    """Simulate one (system, cluster size, batch limit, load) point; returns a result record.
+    workload: these exact requests (e.g. a bench run's) instead of ones drawn from the config."""
     table = table or _table(cfg)
     cost = CostModel(table, cfg.model)
     w = cfg.workload
     pin, pout = lengths(w)
     rate = (rate_per_gpu or 1.0) * gpus
-    wl = make_workload(w.num_requests, pin, pout, w.arrival, rate, w.seed)
+    wl = workload or make_workload(w.num_requests, pin, pout, w.arrival, rate, w.seed)
     E = cfg.model.num_experts
     layout = cfg.run.lockstep_layout
     t0 = time.perf_counter()
@@ -224,40 +224,3 @@ def _json_default(o):
         return o.item()
     raise TypeError(type(o))
 
-
-def predict_local_ratio(table: DeviceTable | str = "local", *, hidden: int = 1024, ffn: int = 2816,
-                        num_blocks: int = 4, num_experts: int = 8, top_k: int = 2, num_heads: int = 16,
-                        num_kv_heads: int = 4, head_dim: int = 64, vocab: int = 259,
-                        attention_ranks: int = 1, expert_ranks: int = 2, cores: int | None = None,
-                        num_requests: int = 64, input_len=(30, 70), output_len=(70, 130),
-                        max_running: int = 64, max_batch_tokens: int = 2048, max_expert_batch: int = 512,
-                        policy: str = "defrag", skew_rate: float = 0.0, seed: int = 0,
-                        dtype_bytes: int = 4, attention_waves: int = 2,
-                        attention_max_wait_ms: float = 1000.0) -> dict:
-    """Simulated local AEP / lockstep ratio for the real local deployment (split layout).
-
-    The real lockstep mode uses the same attention/expert ranks as AEP with a per-block barrier,
-    so both are simulated disaggregated; `cores` (default: the table's) limits how many ranks
-    compute at once. Offline: all requests at t=0, run to completion; throughput = output
-    tokens / makespan, which is what `amoe-serve generate` measures.
-    """
-    from .config import SimModelConfig
-    if isinstance(table, str):
-        table = load_table(table)
-    if cores is not None:
-        table.cores = cores
-    model = SimModelConfig(name="local", hidden=hidden, ffn=ffn, num_blocks=num_blocks,
-                           num_experts=num_experts, top_k=top_k, num_heads=num_heads,
-                           num_kv_heads=num_kv_heads, head_dim=head_dim, vocab=vocab, dtype_bytes=dtype_bytes)
-    cost = CostModel(table, model)
-    wl = make_workload(num_requests, input_len, output_len, "offline", 1.0, seed)
-    p = SimParams(num_blocks=num_blocks, num_experts=num_experts, top_k=top_k, max_running=max_running,
-                  max_batch_tokens=max_batch_tokens, max_expert_batch=max_expert_batch, policy=policy,
-                  skew_rate=skew_rate, seed=seed, hot_per_block=True, attention_waves=attention_waves,
-                  attention_max_wait_s=attention_max_wait_ms * 1e-3)
-    aep = simulate_aep(cost, wl, p, attention_ranks, expert_ranks, table.cores, table.gpus_per_node).summary()
-    lk = simulate_lockstep(cost, wl, p, attention_ranks, expert_ranks, False, table.cores,
-                           table.gpus_per_node).summary()
-    return {"aep_tokens_per_s": aep["tokens_per_s"], "lockstep_tokens_per_s": lk["tokens_per_s"],
-            "ratio": aep["tokens_per_s"] / lk["tokens_per_s"], "aep": aep, "lockstep": lk,
-            "table": asdict(table) if not isinstance(table, dict) else table}

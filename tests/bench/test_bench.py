@@ -38,7 +38,8 @@ def test_bench_command_writes_records_and_plots(tmp_path):
     out = tmp_path / "out"
     p = run_cli(["bench", "--output", str(out), "model.hidden_size=64", "model.intermediate_size=96",
                  "model.num_blocks=2", "model.num_heads=4", "model.head_dim=16", "model.num_kv_heads=2",
-                 "model.vocab_size=300", "num_requests=4", "request_rates=[0.0,4.0]", "hf_batch_size=2"],
+                 "model.vocab_size=300", "num_requests=4", "request_rates=[0.0,4.0]", "hf_batch_size=2",
+                 "sim_check=true"],
                 env_extra={"AMOE_SERVE_CACHE": str(tmp_path / "cache")}, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     recs = json.loads((out / "results.json").read_text())
@@ -55,3 +56,9 @@ def test_bench_command_writes_records_and_plots(tmp_path):
     assert len(n_out) == 1  # every system produced the same number of tokens
     assert (out / "bench.png").stat().st_size > 10_000
     assert "| short |" in (out / "results.md").read_text()
+    # The simulator, calibrated in the same run, predicted the offline AEP/lockstep ratio.
+    (check,) = json.loads((out / "sim_check.json").read_text())
+    measured = {r["system"]: r["output_tokens_per_s"] for r in recs if r["request_rate"] == 0.0}
+    assert check["measured_aep_vs_lockstep"] == pytest.approx(measured["aep"] / measured["lockstep"])
+    assert check["predicted_aep_vs_lockstep"] > 0 and (out / "local-calibrated.yaml").is_file()
+    assert "Simulator check" in (out / "results.md").read_text()

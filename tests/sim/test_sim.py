@@ -9,7 +9,7 @@ from amoe_serve.sim.config import SimModelConfig, load_sim_config
 from amoe_serve.sim.cost import TABLES, CostModel, DeviceTable, compute_bound_rows, load_table
 from amoe_serve.sim.engine import (AepSim, LockstepSim, SimParams, make_workload, makespan,
                                    simulate_aep)
-from amoe_serve.sim.run import predict_local_ratio, run_one
+from amoe_serve.sim.run import run_one
 
 MIXTRAL = SimModelConfig()
 TINY = SimModelConfig(hidden=256, ffn=512, num_blocks=4, num_experts=4, top_k=2, num_heads=4,
@@ -56,7 +56,12 @@ def test_local_table_interpolates_measurements():
     assert cm.expert_time([256]) == pytest.approx(8e-3)      # linear extrapolation
     assert cm.expert_time([1, 64]) == pytest.approx(3e-3)    # reference grouped FFN loops experts
     assert cm.attention_time(10, 0) == pytest.approx(1e-3 + 1e-4)
-    assert load_table("local").expert_points  # the shipped calibration loads
+    assert cm.lm_head_time(64) == t.sampler_s  # no LM head fit: the sampler only
+    t.lm_head_fit = [2e-3, 1e-4]
+    assert CostModel(t, TINY).lm_head_time(64) == pytest.approx(2e-3 + 64e-4)
+    assert CostModel(t, TINY).attention_time(10, 0, lm_rows=64) == pytest.approx(1.1e-3 + 8.4e-3)
+    shipped = load_table("local")  # the shipped calibration loads, LM head included
+    assert shipped.expert_points and len(shipped.attention_fit) == 3 and len(shipped.lm_head_fit) == 2
 
 
 def test_same_seed_same_results():
@@ -172,12 +177,15 @@ def test_scheduler_policy_from_sched_changes_batching():
 
 
 def test_cores_limit_slows_cpu_runs():
-    t = load_table("local")
-    r2 = predict_local_ratio(t, num_requests=8, output_len=(4, 6), input_len=(4, 8), cores=2)
-    r8 = predict_local_ratio(load_table("local"), num_requests=8, output_len=(4, 6), input_len=(4, 8), cores=8)
-    assert r2["ratio"] > 0 and math.isfinite(r2["ratio"])
-    assert r2["aep"]["requests_done"] == 8 and r2["lockstep"]["requests_done"] == 8
-    assert r8["aep_tokens_per_s"] >= r2["aep_tokens_per_s"]
+    def tokens_per_s(system: str, cores: int) -> float:
+        cfg = load_sim_config("configs/sim/local.yaml", [f"cluster.cores={cores}", "workload.num_requests=8",
+                                                          "workload.input_len=[4,8]", "workload.output_len=[4,6]"])
+        rec = run_one(cfg, system, 3, max_running=64, policy="defrag")
+        assert rec["requests_done"] == 8
+        return rec["tokens_per_s"]
+    for system in ("aep", "lockstep"):
+        assert math.isfinite(tokens_per_s(system, 2))
+        assert tokens_per_s(system, 1) < tokens_per_s(system, 3)
 
 
 def test_cli_writes_results_and_plot(tmp_path):
