@@ -78,10 +78,14 @@ class AttentionRank:
         self.queues.push(b, w, seg, seg.num_tokens)
 
     def _advance(self, segs: list[Segment]) -> None:
+        now = time.perf_counter()
         for s in segs:
             if s.block < self.num_blocks:
                 self._push(s.block, s)
             else:
+                if self.gate is not None:
+                    w = s.req.wave
+                    self.gate.sample_queued(w, not any(t.req.wave == w for t in self.to_sample), now)
                 self.to_sample.append(s)
 
     def _sample(self) -> None:
@@ -89,6 +93,13 @@ class AttentionRank:
             return
         segs, self.to_sample = self.to_sample, []
         if self.gate is not None:
+            # One LM-head call per wave, not one per expert reply that completes a segment.
+            now = time.perf_counter()
+            ready = {w for w in {s.req.wave for s in segs} if self.gate.sample_ready(w, now)}
+            self.to_sample = [s for s in segs if s.req.wave not in ready]
+            segs = [s for s in segs if s.req.wave in ready]
+            if not segs:
+                return
             self.gate.sampled([s.req.wave for s in segs])
         events, new = self.core.sample(segs)
         for s in new:

@@ -7,6 +7,9 @@ rank that ran whatever had landed would split each wave at every block until bat
 token or two. The gate keeps waves whole: queue (b, w) is ready only when none of wave w's
 segments are still on their way to it (for block 0: when the whole wave is back, so newly
 admitted requests join it), when it holds a full batch, or when it has waited max_wait.
+The sampler is gated the same way: a wave's finished segments are sampled together once none
+of the wave is still at the experts for the last block, because the LM head has a large fixed
+cost per call (it streams the whole vocabulary matrix).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ class WaveGate:
         self.incoming_BW = np.zeros((num_blocks, waves), dtype=np.int64)  # next stop (b, w)
         self.in_flight_W = np.zeros(waves, dtype=np.int64)  # between block 0 and sampling
         self.since_BW = np.zeros((num_blocks, waves))
+        self.since_sample_W = np.zeros(waves)
 
     def pick_wave(self, running_waves: list[int]) -> int:
         """The least-loaded wave for a new request, among as many waves as the load fills with
@@ -47,6 +51,16 @@ class WaveGate:
 
     def sampled(self, waves: list[int]) -> None:
         np.subtract.at(self.in_flight_W, waves, 1)
+
+    def sample_queued(self, w: int, was_empty: bool, now: float) -> None:
+        """A segment of wave w finished the last block (was_empty: none of w was waiting)."""
+        if was_empty:
+            self.since_sample_W[w] = now
+
+    def sample_ready(self, w: int, now: float) -> bool:
+        """Sample wave w's finished segments now: none of the wave is still at the experts for
+        the last block, or the first of them has waited max_wait."""
+        return self.incoming_BW[0, w] == 0 or now - self.since_sample_W[w] >= self.max_wait_s
 
     def ready(self, Q_BW: np.ndarray, now: float) -> np.ndarray:
         """Q with the queues that should keep waiting masked to 0 (a copy only when needed)."""

@@ -41,3 +41,15 @@ def test_waves_open_only_when_the_load_fills_them():
     assert [g.pick_wave([0] * n) for n in (0, 2, 6)] == [0, 0, 0]  # fewer than 2 x 4 requests: one wave
     assert g.pick_wave([0] * 7) == 1                                  # the 8th request opens wave 1
     assert g.pick_wave([0] * 5 + [1] * 3) == 1
+
+
+def test_a_wave_is_sampled_in_one_call_once_its_last_block_is_back():
+    g = WaveGate(num_blocks=2, waves=2, max_batch_tokens=100, max_wait_s=0.5)
+    g.dispatched(1, 0, 3)            # wave 0: 3 segments at the experts for the last block
+    g.returned(1, [0])               # one finished: it waits for the other two
+    g.sample_queued(0, True, now=0.0)
+    assert not g.sample_ready(0, now=0.1)
+    assert g.sample_ready(1, now=0.1)    # wave 1 has nothing at the experts
+    assert g.sample_ready(0, now=0.6)    # waited past max_wait
+    g.returned(1, [0, 0])
+    assert g.sample_ready(0, now=0.2)
