@@ -31,6 +31,9 @@ def sim_check_table(checks: list[dict]) -> str:
     rows = ["", "Simulator check (local table calibrated in this run, same deployment and workload, offline):", "",
             "| workload | measured AEP/lockstep | predicted | off by |", "|---|---|---|---|"]
     for c in checks:
+        if "error" in c:
+            rows.append(f"| {c['workload']} | - | not simulated: {c['error']} | - |")
+            continue
         rows.append(f"| {c['workload']} | {c['measured_aep_vs_lockstep']:.2f}x | "
                     f"{c['predicted_aep_vs_lockstep']:.2f}x | {c['ratio_error']:.0%} |")
     return "\n".join(rows) + "\n"

@@ -38,3 +38,25 @@ def test_calibration_times_the_rank_code_and_feeds_the_simulator(checkpoints, tm
         rec = run_one(cfg, system, 3, policy="defrag", max_running=8, workload=wl)
         assert rec["requests_done"] == 6 and rec["output_tokens"] == sum(r.max_tokens for r in reqs)
         assert rec["tokens_per_s"] > 0
+
+
+def test_sim_check_reports_a_deployment_it_cannot_model(checkpoints, tmp_path):
+    from amoe_serve.bench.sim_check import sim_check
+    ckpt = str(checkpoints["mixtral"])
+    spec = load_spec(ckpt)
+    # The simulator needs the experts to split evenly over the expert ranks.
+    uneven = next(x for x in range(2, spec.num_experts) if spec.num_experts % x)
+    dp = load_config(None, [f"model.path={ckpt}", "routing.mode=exponential", "routing.top_k=1",
+                            f"deployment.expert_ranks={uneven}"])
+    reqs = make_requests("short", 2, 0.0, spec.vocab_size, seed=0)
+    recs = [{"system": s, "workload": "short", "request_rate": 0.0, "num_requests": 2, "output_tokens_per_s": v}
+            for s, v in (("aep", 2.0), ("lockstep", 1.0))]
+    (check,) = sim_check(recs, dp, spec, ckpt, tmp_path, {"short": reqs})
+    assert "do not split evenly" in check["error"]
+
+
+def test_calibrate_cli_rejects_a_folder_without_a_checkpoint(tmp_path, capsys):
+    from amoe_serve.cli import main
+    rc = main(["sim", "--calibrate", str(tmp_path / "t.yaml"), "--model", str(tmp_path)])
+    assert rc == 2 and "config.json missing" in capsys.readouterr().err
+    assert not (tmp_path / "t.yaml").exists()
