@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -50,6 +51,24 @@ def terminate(pids: list[int], grace: float = 5.0) -> None:
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline and any(alive(p) for p in pids):
             time.sleep(0.1)
+
+
+def stop_tree(proc: subprocess.Popen, wait_s: float) -> None:
+    """SIGTERM a launched process (e.g. `amoe-serve up`), give it wait_s to shut down, then
+    SIGKILL it and whatever it left behind."""
+    kids = descendants(proc.pid)
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(wait_s)
+        except subprocess.TimeoutExpired:
+            pass
+    for pid in [proc.pid, *kids]:
+        if alive(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def run_with_timeout(fn: Callable[[], object], timeout: float) -> bool:

@@ -30,7 +30,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -40,16 +39,14 @@ from typing import Optional
 
 import httpx
 
+from amoe_serve.procs import descendants, stop_tree
+from amoe_serve.serving.attach import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 SERVING_ROLES = ("gateway", "rank", "ingress", "proxy")  # judged for flat memory
 
 
 # ------------------------------------------------------------------------------- processes
-
-def _descendants(root: int) -> list[int]:
-    from amoe_serve.procs import descendants
-    return descendants(root)
-
 
 def _rss_kb(pid: int) -> Optional[int]:
     try:
@@ -113,7 +110,7 @@ class RssSampler(threading.Thread):
 
     def sample(self) -> None:
         t = time.monotonic() - self.t0
-        for pid in [self.root, *_descendants(self.root)]:
+        for pid in [self.root, *descendants(self.root)]:
             kb = _rss_kb(pid)
             if kb is None:
                 continue
@@ -196,14 +193,8 @@ def kv_in_use(baseline: dict, now: dict) -> dict[str, float]:
 
 # ------------------------------------------------------------------------------- the stack
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_stack(config: Optional[str], overrides: list[str], log: Path) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
     cmd = [sys.executable, "-m", "amoe_serve.cli", "up", *(["--config", config] if config else []),
            f"serving.port={port}", *overrides]
@@ -220,25 +211,8 @@ def start_stack(config: Optional[str], overrides: list[str], log: Path) -> tuple
         except httpx.HTTPError:
             pass
         time.sleep(1)
-    stop_stack(proc)
+    stop_tree(proc, 120)
     raise RuntimeError(f"the stack was not healthy within 300 s (see {log})")
-
-
-def stop_stack(proc: subprocess.Popen, timeout: float = 120) -> None:
-    from amoe_serve.procs import alive
-    kids = _descendants(proc.pid)
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pass
-    for pid in [proc.pid, *kids]:
-        if alive(pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 # ------------------------------------------------------------------------------- the soak
@@ -309,7 +283,7 @@ def soak(args) -> dict:
         idle_after_s = time.monotonic() - t_idle
     finally:
         if own is not None:
-            stop_stack(own)
+            stop_tree(own, 120)
 
     reqs = summary.get("requests", {})
     by_status = reqs.get("by_status", {})

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from amoe_serve.procs import stop_tree as stop_stack  # noqa: F401  (SIGTERM, then SIGKILL the tree)
 from tests.model.hf_factory import load_hf, make_checkpoint
 
 ARCHS = ["mixtral", "qwen2_moe", "olmoe"]
@@ -84,19 +85,3 @@ async def settled_stats(address: tuple[str, int], token: str) -> dict:
         return await c.stats()
     finally:
         await c.close()
-
-
-def stop_stack(proc: subprocess.Popen, wait_s: float) -> None:
-    """SIGTERM an `amoe-serve up` process, then SIGKILL it and whatever it left behind."""
-    from amoe_serve.procs import alive, descendants
-    if proc.poll() is not None:
-        return
-    kids = descendants(proc.pid)
-    os.kill(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(wait_s)
-    except subprocess.TimeoutExpired:
-        pass
-    for pid in [proc.pid, *kids]:
-        if alive(pid):
-            os.kill(pid, signal.SIGKILL)

@@ -55,8 +55,7 @@ def make_requests(n: int, max_tokens: int, vocab: int, seed: int) -> list[Genera
 def run_point(path: str, slots: int, eviction: str, prefetch: bool, args, traces: Optional[list] = None) -> dict:
     """One data plane, one S/policy: throughput and the expert ranks' summed buffer counters.
     traces: a list that gets (pairs, access trace) of each expert rank's store."""
-    from amoe_serve.engine.inproc import _start_workers
-    from amoe_serve.engine.job import make_gateway
+    from amoe_serve.engine.inproc import inproc_job
     from amoe_serve.model import load_spec
 
     cfg = load_config(None, [f"model.path={path}", f"deployment.mode={args.mode}",
@@ -66,21 +65,13 @@ def run_point(path: str, slots: int, eviction: str, prefetch: bool, args, traces
                              f"expert_buffer.prefetch={prefetch}", f"expert_buffer.record_accesses={traces is not None}",
                              "runtime.device=cpu"])
     spec = load_spec(path)
-    hub, threads, errors = _start_workers(cfg)
-    gw = make_gateway(cfg, hub.transport(0), spec)
-    try:
+    with inproc_job(cfg, join_s=30) as gw:
         gw.run([GenerateRequest("warmup", [5, 6, 7, 8], SamplingParams(max_tokens=2, ignore_eos=True))],
                timeout=args.timeout)
         reqs = make_requests(args.requests, args.max_tokens, spec.vocab_size, args.seed)
         t0, c0 = time.perf_counter(), time.process_time()
         gw.run(reqs, timeout=args.timeout)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    finally:
-        gw.shutdown(timeout=30)
-        for th in threads:
-            th.join(timeout=30)
-    if errors:
-        raise RuntimeError("; ".join(errors))
     out_tokens = sum(len(gw.results[r.id].output_token_ids) for r in reqs)
     experts = [s for s in gw.stats.values() if s.get("role") == "expert"]
     rec = {"slots": slots, "eviction": eviction if slots else "-", "prefetch": prefetch if slots else None,

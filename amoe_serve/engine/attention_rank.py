@@ -78,15 +78,17 @@ class AttentionRank:
         self.queues.push(b, w, seg, seg.num_tokens)
 
     def _advance(self, segs: list[Segment]) -> None:
-        now = time.perf_counter()
+        waiting = None  # waves with segments waiting for the sampler (built once per call)
         for s in segs:
             if s.block < self.num_blocks:
                 self._push(s.block, s)
-            else:
-                if self.gate is not None:
-                    w = s.req.wave
-                    self.gate.sample_queued(w, not any(t.req.wave == w for t in self.to_sample), now)
-                self.to_sample.append(s)
+                continue
+            if self.gate is not None:
+                if waiting is None:
+                    waiting, now = {t.req.wave for t in self.to_sample}, time.perf_counter()
+                self.gate.sample_queued(s.req.wave, s.req.wave not in waiting, now)
+                waiting.add(s.req.wave)
+            self.to_sample.append(s)
 
     def _sample(self) -> None:
         if not self.to_sample:

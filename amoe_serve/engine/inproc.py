@@ -37,21 +37,29 @@ def _start_workers(cfg: AmoeConfig) -> tuple[InProcHub, list[threading.Thread], 
     return hub, threads, errors
 
 
-def run_inproc(cfg: AmoeConfig, requests: Iterable[GenerateRequest], timeout: float = 300.0
-               ) -> tuple[dict[str, GenerateResult], dict[int, dict]]:
+@contextmanager
+def inproc_job(cfg: AmoeConfig, join_s: float = 10.0):
+    """A whole job as threads: yields its Gateway; on exit shuts it down, joins the ranks and
+    raises what any of them reported (or that one did not stop)."""
     hub, threads, errors = _start_workers(cfg)
     gw = make_gateway(cfg, hub.transport(0), load_spec(cfg.model.path))
     try:
-        gw.run(requests, timeout=timeout)
+        yield gw
     finally:
-        gw.shutdown(timeout=10)
+        gw.shutdown(timeout=join_s)
         for th in threads:
-            th.join(timeout=10)
+            th.join(timeout=join_s)
     if errors:
         raise RuntimeError("; ".join(errors))
     stuck = [th.name for th in threads if th.is_alive()]
     if stuck:
         raise RuntimeError(f"ranks did not stop after SHUTDOWN: {', '.join(stuck)}")
+
+
+def run_inproc(cfg: AmoeConfig, requests: Iterable[GenerateRequest], timeout: float = 300.0
+               ) -> tuple[dict[str, GenerateResult], dict[int, dict]]:
+    with inproc_job(cfg) as gw:
+        gw.run(requests, timeout=timeout)
     return gw.results, gw.stats
 
 

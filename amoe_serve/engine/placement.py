@@ -24,6 +24,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+from amoe_serve.jsonfile import read_json
+
 FORMAT = "amoe-placement"
 VERSION = 1
 
@@ -85,13 +87,7 @@ class Placement:
 
     @staticmethod
     def from_file(path: str | Path, num_blocks: int, num_experts: int, expert_ranks: int) -> "Placement":
-        try:
-            data = json.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise PlacementError(f"placement file not found: {path}") from None
-        except json.JSONDecodeError as e:
-            raise PlacementError(f"placement file {path} is not valid JSON: {e}") from None
-        p = Placement.from_dict(data, expert_ranks, f"placement file {path}")
+        p = Placement.from_dict(read_json(path, "placement", PlacementError), expert_ranks, f"placement file {path}")
         p.validate(num_blocks, num_experts, f"placement file {path}")
         return p
 

@@ -30,6 +30,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from amoe_serve.jsonfile import read_json
+
 FORMAT = "amoe-trace"
 VERSION = 1
 
@@ -139,13 +141,7 @@ class Trace:
 
     @staticmethod
     def load(path: str | Path) -> "Trace":
-        try:
-            d = json.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise TraceError(f"trace file not found: {path}") from None
-        except json.JSONDecodeError as e:
-            raise TraceError(f"trace file {path} is not valid JSON: {e}") from None
-        return Trace.from_dict(d, f"trace file {path}")
+        return Trace.from_dict(read_json(path, "trace", TraceError), f"trace file {path}")
 
 
 class TraceRecorder:

@@ -55,7 +55,6 @@ def measure_engine(model_path: str, batches=(1, 2, 4, 8, 16, 32, 64, 128, 256, 5
     """
     import torch
     from amoe_serve.config import load_config
-    from amoe_serve.engine.attention_core import Segment
     from amoe_serve.engine.job import make_attention_core, make_expert_core
     from amoe_serve.engine.placement import Placement
     from amoe_serve.model import load_spec
@@ -95,10 +94,9 @@ def measure_engine(model_path: str, batches=(1, 2, 4, 8, 16, 32, 64, 128, 256, 5
     for i, (n, L) in enumerate(combos):
         segs = []
         for j in range(n):
-            rid = f"cal-{i}-{j}"
-            core.admit(rid, [3] * L, params)
-            x_1D = torch.randn(1, D, generator=g, dtype=core.kv.dtype)
-            segs.append(Segment(next(core._seg_ids), core.requests[rid], 0, x_1D, L))
+            seg = core.admit(f"cal-{i}-{j}", [3] * L, params)  # turned into the decode token at L
+            seg.x_TD, seg.start_pos = torch.randn(1, D, generator=g, dtype=core.kv.dtype), L
+            segs.append(seg)
         for step in range(steps):
             ctx = sum(s.start_pos + 1 for s in segs)
             t_blocks = []

@@ -86,3 +86,29 @@ def load_hf(path: Path, dtype: torch.dtype = torch.float32):
     model = tf.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager")
     model.eval()
     return model
+
+
+def write_fused_experts(src: Path, out: Path, moe: str = "mlp") -> Path:
+    """A copy of checkpoint src in the transformers-v5 fused expert layout: per block
+    `model.layers.{b}.{moe}.experts.gate_up_proj` [E, 2F, D] and `.down_proj` [E, D, F]."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from amoe_serve.model.checkpoint import load_weights
+    from amoe_serve.model.spec import load_spec
+
+    spec = load_spec(src)
+    ref = load_weights(src, spec, None, lambda n: True)
+    with safe_open(str(src / "model.safetensors"), "pt") as h:
+        fused = {k: h.get_tensor(k) for k in h.keys() if ".experts." not in k}
+    E = range(spec.num_experts)
+    for b in range(spec.num_blocks):
+        p, q = f"model.layers.{b}.mlp.experts.", f"model.layers.{b}.{moe}.experts."
+        fused[q + "gate_up_proj"] = torch.stack([torch.cat([ref[f"{p}{e}.w1"], ref[f"{p}{e}.w3"]]) for e in E])
+        fused[q + "down_proj"] = torch.stack([ref[f"{p}{e}.w2"] for e in E])
+    out.mkdir()
+    shutil.copy(src / "config.json", out / "config.json")
+    save_file(fused, str(out / "model.safetensors"))
+    return out

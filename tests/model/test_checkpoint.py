@@ -6,7 +6,6 @@ import shutil
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from amoe_serve.model.checkpoint import (
     attention_side_filter,
@@ -15,6 +14,7 @@ from amoe_serve.model.checkpoint import (
     load_weights,
 )
 from amoe_serve.model.spec import CheckpointError, load_spec
+from tests.model.hf_factory import write_fused_experts
 
 
 def test_spec_per_arch(checkpoints):
@@ -78,20 +78,7 @@ def test_fused_expert_layout(checkpoints, tmp_path):
     src = checkpoints("olmoe")
     spec = load_spec(src)
     ref = load_weights(src, spec, None, lambda n: True)
-    fused = {}
-    with safe_open(str(src / "model.safetensors"), "pt") as h:
-        for k in h.keys():
-            if ".experts." not in k:
-                fused[k] = h.get_tensor(k)
-    for b in range(spec.num_blocks):
-        E = range(spec.num_experts)
-        p = f"model.layers.{b}.mlp.experts."
-        fused[p + "gate_up_proj"] = torch.stack([torch.cat([ref[f"{p}{e}.w1"], ref[f"{p}{e}.w3"]]) for e in E])
-        fused[p + "down_proj"] = torch.stack([ref[f"{p}{e}.w2"] for e in E])
-    out = tmp_path / "fused"
-    out.mkdir()
-    shutil.copy(src / "config.json", out / "config.json")
-    save_file(fused, str(out / "model.safetensors"))
+    out = write_fused_experts(src, tmp_path / "fused")
     got = load_weights(out, spec, None, lambda n: True)
     assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
     part = load_weights(out, spec, None, expert_filter([(1, 4)]))

@@ -1,18 +1,14 @@
 """Expert Buffering: eviction policies, and the buffered store equals the resident ExpertSide
 bit for bit whatever the number of slots (fp32, bf16, fused layout)."""
 
-import shutil
-
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from amoe_serve.model import load_spec
-from amoe_serve.model.checkpoint import load_weights
 from amoe_serve.model.expert_buffer import (BufferedExpertSide, FIFOEviction, LIFOEviction, LRUEviction,
                                             make_eviction, pick_victim)
 from amoe_serve.model.expert_side import ExpertSide
+from tests.model.hf_factory import write_fused_experts
 
 A, B, C, D = (0, 0), (0, 1), (1, 0), (1, 1)
 
@@ -120,23 +116,7 @@ def test_buffered_equals_resident_bf16(bf16_olmoe, slots):
 
 def test_fused_layout(mixtral, tmp_path):
     """transformers-v5 fused experts (gate_up_proj [E, 2F, D], down_proj [E, D, F])."""
-    spec = load_spec(mixtral)
-    ref = load_weights(mixtral, spec, None, lambda n: True)
-    fused = {}
-    with safe_open(str(mixtral / "model.safetensors"), "pt") as h:
-        for k in h.keys():
-            if ".experts." not in k:
-                fused[k] = h.get_tensor(k)
-    for b in range(spec.num_blocks):
-        p = f"model.layers.{b}.mlp.experts."
-        E = range(spec.num_experts)
-        fused[f"model.layers.{b}.block_sparse_moe.experts.gate_up_proj"] = torch.stack(
-            [torch.cat([ref[f"{p}{e}.w1"], ref[f"{p}{e}.w3"]]) for e in E])
-        fused[f"model.layers.{b}.block_sparse_moe.experts.down_proj"] = torch.stack([ref[f"{p}{e}.w2"] for e in E])
-    out = tmp_path / "fused"
-    out.mkdir()
-    shutil.copy(mixtral / "config.json", out / "config.json")
-    save_file(fused, str(out / "model.safetensors"))
+    out = write_fused_experts(mixtral, tmp_path / "fused", moe="block_sparse_moe")
     pairs = [(b, e) for b in range(3) for e in range(6)]
     st = _compare(out, pairs, 2, "fifo", calls=12)
     assert st["misses"] > 0

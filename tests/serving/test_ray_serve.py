@@ -1,17 +1,12 @@
 """The ingress under real Ray Serve (HTTP proxy on 127.0.0.1), with FakeLinks injected by name."""
 
 import json
-import socket
 import time
 
 import httpx
 import pytest
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from amoe_serve.serving.attach import free_port
 
 
 def _metric(text: str, prefix: str) -> float:
@@ -31,7 +26,7 @@ def test_ray_serve_http_end_to_end(model_dir, monkeypatch):
     from amoe_serve.serving.deployment import start_serving
     from amoe_serve.serving.settings import ServingConfig
 
-    port = _free_port()
+    port = free_port()
     settings = ServingConfig(host="127.0.0.1", port=port, api_keys=["k"])
     specs = [{"name": "m", "path": str(model_dir), "host": "unused", "port": 1, "token": "t",
               "fake": {"token_delay_s": 0.01}}]

@@ -32,10 +32,11 @@ import pytest
 from amoe_serve.default_model import ensure_default_model
 from amoe_serve.launch import mpiexec_path
 from amoe_serve.procs import alive, descendants
+from amoe_serve.serving.attach import free_port
 from amoe_serve.serving.link_api import DataPlaneError
 from amoe_serve.serving.link_client import LinkClient
-from tests.serving.test_up_e2e import _free_port, _up_process, _wait_healthy
-from tests.support import REPO, stop_stack
+from tests.serving.test_up_e2e import up_stack
+from tests.support import REPO
 
 pytestmark = [pytest.mark.mpi(ranks=4), pytest.mark.slow]
 
@@ -52,7 +53,7 @@ FIGURES: dict = {}
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("rel")
-    port, link_port = _free_port(), _free_port()
+    port, link_port = free_port(), free_port()
     cfg = {
         "model": {"path": str(ensure_default_model(tmp / "cache"))},
         "deployment": {"mode": "aep", "attention_ranks": 1, "expert_ranks": 2},
@@ -60,16 +61,10 @@ def stack(tmp_path_factory):
         "link": {"model_name": "default", "port": link_port, "token": TOKEN},
         "serving": {"port": port, "max_concurrent_requests": 8, "drain_grace_s": GRACE},
     }
-    config = tmp / "serve.json"
-    config.write_text(json.dumps(cfg))
-    log = tmp / "up.log"
-    proc = _up_process(config, log)
-    base = f"http://127.0.0.1:{port}"
     try:
-        _wait_healthy(base, proc, log)
-        yield {"base": base, "proc": proc, "log": log, "tmp": tmp, "link": ("127.0.0.1", link_port)}
+        with up_stack(tmp, cfg, 90) as running:
+            yield {**running, "link": ("127.0.0.1", link_port)}
     finally:
-        stop_stack(proc, 90)
         if FIGURES:
             print("\nreliability figures:", json.dumps(FIGURES, indent=1))
 

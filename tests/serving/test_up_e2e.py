@@ -8,10 +8,10 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -19,17 +19,12 @@ import pytest
 
 from amoe_serve.default_model import ensure_default_model
 from amoe_serve.procs import alive, descendants
+from amoe_serve.serving.attach import free_port
 from tests.support import PROMPTS, REPO, read_results, run_cli, stop_stack, write_requests
 
 KEY = "test-api-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 pytestmark = [pytest.mark.mpi(ranks=4), pytest.mark.slow]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _up_process(config: Path, log: Path) -> subprocess.Popen:
@@ -53,10 +48,26 @@ def _wait_healthy(base: str, proc: subprocess.Popen, log: Path, timeout: float =
     raise AssertionError(f"not healthy within {timeout} s:\n{log.read_text()[-4000:]}")
 
 
+@contextmanager
+def up_stack(tmp: Path, cfg: dict, stop_wait_s: float):
+    """`amoe-serve up` on cfg (written as tmp/serve.json: OmegaConf reads JSON as YAML), once
+    healthy; yields base URL, process, log and tmp; stopped by pid on exit."""
+    config = tmp / "serve.json"
+    config.write_text(json.dumps(cfg))
+    log = tmp / "up.log"
+    proc = _up_process(config, log)
+    base = f"http://127.0.0.1:{cfg['serving']['port']}"
+    try:
+        _wait_healthy(base, proc, log)
+        yield {"base": base, "proc": proc, "log": log, "tmp": tmp}
+    finally:
+        stop_stack(proc, stop_wait_s)
+
+
 @pytest.fixture(scope="module")
 def stack(checkpoints, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("up")
-    port = _free_port()
+    port = free_port()
     # The served copy gets the default model's byte-level tokenizer (ids < 259 fit its vocab of
     # 300), so text prompts work too; token ids are the same either way.
     mix = tmp / "mixtral"
@@ -72,16 +83,8 @@ def stack(checkpoints, tmp_path_factory):
                     "extra_models": [{"name": "qwen", "path": str(checkpoints["qwen2_moe"]),
                                       "overrides": ["deployment.expert_ranks=3"]}]},
     }
-    config = tmp / "serve.json"  # OmegaConf reads JSON as YAML
-    config.write_text(json.dumps(cfg))
-    log = tmp / "up.log"
-    proc = _up_process(config, log)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        _wait_healthy(base, proc, log)
-        yield {"base": base, "proc": proc, "log": log, "tmp": tmp}
-    finally:
-        stop_stack(proc, 60)
+    with up_stack(tmp, cfg, 60) as running:
+        yield running
 
 
 def _complete(base, body, headers=AUTH, timeout=60):

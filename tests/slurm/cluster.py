@@ -18,16 +18,12 @@ import sys
 import time
 from pathlib import Path
 
+from amoe_serve.serving.attach import free_port
+
 
 def which(tool: str) -> str | None:
     """Daemons live in /usr/sbin, which a non-login PATH may lack."""
     return shutil.which(tool) or shutil.which(tool, path="/usr/sbin:/sbin:/usr/local/sbin")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _mem_mb() -> int:
