@@ -19,7 +19,8 @@ from amoe_serve.engine.skew import ExponentialSkew
 from amoe_serve.kv.allocator import BlockAllocator
 from amoe_serve.kv.cache import PagedKVCache
 from amoe_serve.engine.placement import Placement
-from amoe_serve.model import AttentionSide, AttnSegment
+from amoe_serve.kv.batch import PagedBatch
+from amoe_serve.model import AttentionSide
 from amoe_serve.placement.trace import TraceRecorder
 from amoe_serve.sampler import Sampler, SamplingParams, finish_reason, make_generator
 from amoe_serve.sched.token_pool import TokenPool
@@ -35,21 +36,33 @@ class RequestState:
     num_cached: int = 0  # tokens whose K/V are in the cache
     cancelled: bool = False
     wave: int = 0  # AEP micro-wave (the attention μ-queue slot) the request travels in
+    table_M: Optional[torch.Tensor] = None  # its KV block table (reserved whole at admission)
 
 
 @dataclass
 class Segment:
-    """A request's new tokens travelling through the blocks (whole prompt, or one decode token)."""
+    """Requests' new tokens travelling through the blocks together (prompts, or one decode token
+    each): one attention call, one dispatch, one token-pool entry and one combine per block, so
+    no per-request work happens between the sampler and the next sampler.
+    Rows of x_TD are the spans' tokens in order: n_S[i] rows for reqs[i] at positions start_S[i]..
+    """
     seg_id: int
-    req: RequestState
+    reqs: list[RequestState]
     block: int
     x_TD: torch.Tensor
-    start_pos: int
+    start_S: list[int]
+    n_S: list[int]
+    wave: int = 0  # AEP micro-wave (the attention μ-queue slot) it travels in
     route_TK: Optional[torch.Tensor] = None  # experts at the previous block (traces, affinity)
+    paged: Optional[PagedBatch] = None  # KV addressing, built at the first block of a step
 
     @property
     def num_tokens(self) -> int:
         return self.x_TD.shape[0]
+
+    @property
+    def num_requests(self) -> int:
+        return len(self.reqs)
 
 
 @dataclass
@@ -101,11 +114,12 @@ class AttentionCore:
         """Reserve KV for the whole request up front (no preemption needed) and embed the prompt."""
         if rid in self.requests:
             raise ValueError(f"request id {rid!r} is already running")
-        self.allocator.allocate(rid, len(prompt) + params.max_tokens)
-        req = RequestState(rid, list(prompt), params, make_generator(params.seed), wave=wave)
+        table = self.allocator.allocate(rid, len(prompt) + params.max_tokens)
+        req = RequestState(rid, list(prompt), params, make_generator(params.seed), wave=wave,
+                           table_M=torch.as_tensor(table, dtype=torch.int64, device=self.device))
         self.requests[rid] = req
         x_TD = self.model.embed(torch.tensor(prompt, dtype=torch.long))
-        return Segment(next(self._seg_ids), req, 0, x_TD, 0)
+        return Segment(next(self._seg_ids), [req], 0, x_TD, [0], [len(prompt)], wave)
 
     def cancel(self, rid: str) -> None:
         req = self.requests.get(rid)
@@ -116,63 +130,64 @@ class AttentionCore:
         self.requests.pop(req.id, None)
         self.allocator.free(req.id)
 
+    def merge(self, segs: list[Segment]) -> Segment:
+        """One segment of several queued at the same block (same wave): their KV addressing is
+        rebuilt for the union at attention time."""
+        if len(segs) == 1:
+            return segs[0]
+        routes = [s.route_TK for s in segs]
+        return Segment(next(self._seg_ids), [r for s in segs for r in s.reqs], segs[0].block,
+                       torch.cat([s.x_TD for s in segs]), [p for s in segs for p in s.start_S],
+                       [n for s in segs for n in s.n_S], segs[0].wave,
+                       torch.cat(routes) if all(r is not None for r in routes) else None)
+
     # ---- one block of attention on a batch of segments ---------------------------------
     def attend(self, b: int, segs: list[Segment], all_ranks: bool = False) -> list[Dispatch]:
+        """Block b's attention, routing and dispatch for the merged segments; the merged segment
+        waits in the token pool for its expert outputs."""
         K = self.top_k
-        x_TD = segs[0].x_TD if len(segs) == 1 else torch.cat([s.x_TD for s in segs])
-        attn = [AttnSegment(s.start_pos, s.num_tokens, self.allocator.table(s.req.id)) for s in segs]
-        h_TD = self.model.attention(b, x_TD, attn, self.kv)
+        seg = self.merge(segs)
+        if seg.paged is None:
+            seg.paged = self.kv.batch([r.table_M for r in seg.reqs], seg.start_S, seg.n_S)
+        x_TD = seg.x_TD
+        h_TD = self.model.attention(b, x_TD, seg.paged, self.kv)
         y_TD = self.model.moe_input(b, h_TD)
-        prev_TK = None
-        if b > 0 and all(s.route_TK is not None for s in segs):
-            prev_TK = segs[0].route_TK if len(segs) == 1 else torch.cat([s.route_TK for s in segs])
+        prev_TK = seg.route_TK if b > 0 else None
         if self.skew is None:
             ids_TK, w_TK = self.model.route(b, y_TD)
         else:
             ids_TK, w_TK = self.skew.route(b, y_TD.shape[0], y_TD.dtype, y_TD.device, prev_TK)
         self.trace.record(b, ids_TK, prev_TK)
         s_TD = self.model.shared_expert(b, y_TD)
-
-        lens = [s.num_tokens for s in segs]
-        off = 0
-        for s, n in zip(segs, lens):
-            sl = slice(off, off + n)
-            s.route_TK = ids_TK[sl]
-            ctx = (h_TD[sl], w_TK[sl], None if s_TD is None else s_TD[sl])
-            self.pool.open((s.seg_id, b), n, K, h_TD.shape[1], h_TD.dtype, context=ctx, device=self.device)
-            self.segments[s.seg_id] = s
-            off += n
+        seg.route_TK = ids_TK
+        T = x_TD.shape[0]
+        self.pool.open((seg.seg_id, b), T, K, h_TD.shape[1], h_TD.dtype, context=(h_TD, w_TK, s_TD), device=self.device)
+        self.segments[seg.seg_id] = seg
 
         # Rows r = t*K + k, sorted by (owner rank, expert) so each rank gets contiguous runs.
-        T = x_TD.shape[0]
-        dev = self.device
-        seg_T = torch.repeat_interleave(torch.tensor([s.seg_id for s in segs], dtype=torch.int32, device=dev),
-                                        torch.tensor(lens, device=dev))
-        tok_T = torch.cat([torch.arange(n, dtype=torch.int32, device=dev) for n in lens])
-        expert_R = ids_TK.reshape(-1)
         E = self.spec.num_experts
+        expert_R = ids_TK.reshape(-1)
         owner_R = self._owners(b, expert_R) if self.replicated else self.owner_BE[b][expert_R]
-        order_R = torch.argsort(owner_R * E + expert_R, stable=True)
+        key_R = owner_R * E + expert_R
+        order_R = torch.argsort(key_R, stable=True)
         t_R = order_R // K
-        meta_R3 = torch.stack([seg_T[t_R], tok_T[t_R], (order_R % K).to(torch.int32)], dim=1)
+        meta_R3 = torch.stack([torch.full_like(t_R, seg.seg_id), t_R, order_R % K], dim=1).to(torch.int32)
         y_RD = y_TD[t_R]
-        counts_RE = torch.bincount(owner_R * E + expert_R, minlength=self.expert_ranks * E)
-        counts_RE = counts_RE.view(self.expert_ranks, E).tolist()
+        counts_RE = torch.bincount(key_R, minlength=self.expert_ranks * E).view(self.expert_ranks, E).tolist()
 
         out: list[Dispatch] = []
         start = 0
-        for r in range(self.expert_ranks):
-            n_r = sum(counts_RE[r])
+        for r, counts_E in enumerate(counts_RE):  # expert ranks, not tokens
+            n_r = sum(counts_E)
             if n_r == 0 and not all_ranks:
                 continue
-            experts = [e for e in range(E) if counts_RE[r][e] > 0]
-            header = {"b": b, "experts": experts, "counts": [counts_RE[r][e] for e in experts]}
+            experts = [e for e in range(E) if counts_E[e] > 0]
+            header = {"b": b, "experts": experts, "counts": [counts_E[e] for e in experts]}
             sl = slice(start, start + n_r)
-            out.append(Dispatch(r, header, [meta_R3[sl].contiguous(), y_RD[sl].contiguous()]))
+            out.append(Dispatch(r, header, [meta_R3[sl], y_RD[sl]]))
             start += n_r
         assert start == T * K
         return out
-
     def _owners(self, b: int, expert_R: torch.Tensor) -> torch.Tensor:
         """Rank of each row when experts are replicated: the rows of one expert, in row order,
         are cut into n nearly equal contiguous parts, part i to its i-th rank (primary first)."""
@@ -193,7 +208,9 @@ class AttentionCore:
             return []
         done: list[Segment] = []
         seg_R = meta_R3[:, 0]
-        uniq = torch.unique(seg_R).tolist()
+        first, last = int(seg_R[0]), int(seg_R[-1])
+        # A reply usually carries one segment's rows (the expert ranks answer per step).
+        uniq = [first] if first == last and bool((seg_R == first).all()) else torch.unique(seg_R).tolist()
         for sid in uniq:
             if len(uniq) == 1:
                 m, o = meta_R3, out_RD
@@ -201,7 +218,7 @@ class AttentionCore:
                 mask = seg_R == sid
                 m, o = meta_R3[mask], out_RD[mask]
             key = (sid, b)
-            if self.pool.add(key, m[:, 1].long(), m[:, 2].long(), o):
+            if self.pool.add(key, m[:, 1], m[:, 2], o):
                 out_TKD, (h_TD, w_TK, s_TD) = self.pool.pop(key)
                 seg = self.segments.pop(sid)
                 seg.x_TD = self.model.combine(h_TD, out_TKD, w_TK, s_TD)
@@ -211,26 +228,35 @@ class AttentionCore:
 
     # ---- after the last block ----------------------------------------------------------
     def sample(self, segs: list[Segment]) -> tuple[list[TokenEvent], list[Segment]]:
-        """Sample the next token of each segment; return events and new decode segments."""
+        """Sample the next token of each request; return events and the requests' next decode
+        segment (one for all of them, in the first segment's wave)."""
         events: list[TokenEvent] = []
-        live = []
+        rows: list[int] = []
+        live: list[tuple[RequestState, int]] = []  # request, its start + n after this step
+        base = 0
+        parts = []
         for s in segs:
-            if s.req.cancelled:
-                self._release(s.req)
-                events.append(TokenEvent(s.req.id, None, "abort"))
-            else:
-                live.append(s)
+            last = 0
+            for req, st, n in zip(s.reqs, s.start_S, s.n_S):
+                last += n
+                if req.cancelled:
+                    self._release(req)
+                    events.append(TokenEvent(req.id, None, "abort"))
+                else:
+                    rows.append(base + last - 1)
+                    live.append((req, st + n))
+            base += s.num_tokens
+            parts.append(s.x_TD)
         if not live:
             return events, []
-        last_TD = torch.cat([s.x_TD[-1:] for s in live])
+        x_TD = parts[0] if len(parts) == 1 else torch.cat(parts)
+        last_TD = x_TD[torch.tensor(rows, dtype=torch.int64, device=x_TD.device)] if len(rows) != x_TD.shape[0] else x_TD
         logits_TV = self.model.logits(last_TD)
-        tokens = self.sampler.sample(logits_TV, [s.req.params for s in live],
-                                     [s.req.generator for s in live]).tolist()
+        tokens = self.sampler.sample(logits_TV, [r.params for r, _ in live], [r.generator for r, _ in live]).tolist()
         nxt_reqs: list[RequestState] = []
         nxt_tokens: list[int] = []
-        for s, tok in zip(live, tokens):
-            req = s.req
-            req.num_cached = s.start_pos + s.num_tokens
+        for (req, cached), tok in zip(live, tokens):
+            req.num_cached = cached
             req.output.append(tok)
             reason = finish_reason(tok, len(req.output), req.params, self.eos)
             events.append(TokenEvent(req.id, tok, reason))
@@ -242,10 +268,17 @@ class AttentionCore:
         if not nxt_reqs:
             return events, []
         x_TD = self.model.embed(torch.tensor(nxt_tokens, dtype=torch.long))
-        new = [Segment(next(self._seg_ids), req, 0, x_TD[i:i + 1], req.num_cached)
-               for i, req in enumerate(nxt_reqs)]
+        waves = sorted({r.wave for r in nxt_reqs})
+        if len(waves) == 1:
+            return events, [Segment(next(self._seg_ids), nxt_reqs, 0, x_TD, [r.num_cached for r in nxt_reqs],
+                                    [1] * len(nxt_reqs), waves[0])]
+        new = []
+        for w in waves:  # each wave's requests travel on in their own segment
+            idx = [i for i, r in enumerate(nxt_reqs) if r.wave == w]
+            reqs = [nxt_reqs[i] for i in idx]
+            new.append(Segment(next(self._seg_ids), reqs, 0, x_TD[torch.tensor(idx)], [r.num_cached for r in reqs],
+                               [1] * len(reqs), w))
         return events, new
-
     def fail_all(self, error: str) -> list[TokenEvent]:
         events = [TokenEvent(rid, None, "error", error) for rid in list(self.requests)]
         for req in list(self.requests.values()):

@@ -39,7 +39,7 @@ class AttentionRank:
     def handle(self, m: Message) -> None:
         if m.tag == Tag.COMBINE and "step" not in m.header:
             done = self.core.deliver(m.header["b"], m.tensors[0], m.tensors[1])
-            self.gate.returned(m.header["b"], [s.req.wave for s in done])
+            self.gate.returned(m.header["b"], [s.wave for s in done])
             self._advance(done)
         elif m.tag == Tag.COMBINE:
             self._combine.append(m)
@@ -72,7 +72,7 @@ class AttentionRank:
         self._push(0, seg)
 
     def _push(self, b: int, seg: Segment) -> None:
-        w = seg.req.wave
+        w = seg.wave
         if self.gate is not None:
             self.gate.queued(b, w, self.queues.lengths[b, w] == 0, time.perf_counter())
         self.queues.push(b, w, seg, seg.num_tokens)
@@ -85,9 +85,9 @@ class AttentionRank:
                 continue
             if self.gate is not None:
                 if waiting is None:
-                    waiting, now = {t.req.wave for t in self.to_sample}, time.perf_counter()
-                self.gate.sample_queued(s.req.wave, s.req.wave not in waiting, now)
-                waiting.add(s.req.wave)
+                    waiting, now = {t.wave for t in self.to_sample}, time.perf_counter()
+                self.gate.sample_queued(s.wave, s.wave not in waiting, now)
+                waiting.add(s.wave)
             self.to_sample.append(s)
 
     def _sample(self) -> None:
@@ -97,12 +97,12 @@ class AttentionRank:
         if self.gate is not None:
             # One LM-head call per wave, not one per expert reply that completes a segment.
             now = time.perf_counter()
-            ready = {w for w in {s.req.wave for s in segs} if self.gate.sample_ready(w, now)}
-            self.to_sample = [s for s in segs if s.req.wave not in ready]
-            segs = [s for s in segs if s.req.wave in ready]
+            ready = {w for w in {s.wave for s in segs} if self.gate.sample_ready(w, now)}
+            self.to_sample = [s for s in segs if s.wave not in ready]
+            segs = [s for s in segs if s.wave in ready]
             if not segs:
                 return
-            self.gate.sampled([s.req.wave for s in segs])
+            self.gate.sampled([s.wave for s in segs])
         events, new = self.core.sample(segs)
         for s in new:
             self._push(0, s)
@@ -139,7 +139,7 @@ class AttentionRank:
             n = sum(s.num_tokens for s in segs)
             for d in self.core.attend(b, segs):
                 self.t.isend(self.topo.expert_rank(d.dst_index), Tag.DISPATCH, d.header, d.tensors)
-            self.gate.dispatched(b, w, len(segs))
+            self.gate.dispatched(b, w, len(segs), merged_into=1)  # attend merges them
             self.counters.record_batch(b, w, n)
             self.counters.record_busy(time.perf_counter() - t0)
         self.t.flush(timeout=10)
@@ -193,8 +193,8 @@ class AttentionRank:
                     assert m.header["step"] == step and m.header["b"] == b, m.header
                     done.extend(self.core.deliver(b, m.tensors[0], m.tensors[1]))
                 self._combine = []
-                if len(done) != len(segs):
-                    raise RuntimeError(f"lockstep block {b}: {len(segs) - len(done)} segments missing expert outputs")
+                if segs and len(done) != 1:
+                    raise RuntimeError(f"lockstep block {b}: the step's segment is missing expert outputs")
                 segs = done
             self.to_sample.extend(segs)
             self._sample()

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from amoe_serve.kv.batch import PagedBatch
+
 if TYPE_CHECKING:  # the model package imports this module
     from amoe_serve.model.spec import ModelSpec
 
@@ -53,3 +55,14 @@ class PagedKVCache:
         G, d = self.spec.num_kv_heads, self.spec.head_dim
         slots_L = self._slots(block_table, 0, length)
         return self.k_LNSGd[layer].view(-1, G, d)[slots_L], self.v_LNSGd[layer].view(-1, G, d)[slots_L]
+
+    def write_slots(self, layer: int, slots_T: torch.Tensor, k_TGd: torch.Tensor, v_TGd: torch.Tensor) -> None:
+        """Write new tokens' K/V at precomputed flat slots (PagedBatch.write_slots_T)."""
+        G, d = self.spec.num_kv_heads, self.spec.head_dim
+        self.k_LNSGd[layer].view(-1, G, d).index_copy_(0, slots_T, k_TGd.to(self.dtype))
+        self.v_LNSGd[layer].view(-1, G, d).index_copy_(0, slots_T, v_TGd.to(self.dtype))
+
+    def batch(self, tables: list, start_S: list[int], n_S: list[int]) -> PagedBatch:
+        """KV addressing of a batch of spans (block tables as lists or int64 tensors)."""
+        tables = [t if isinstance(t, torch.Tensor) else torch.as_tensor(t, dtype=torch.int64) for t in tables]
+        return PagedBatch.build(tables, start_S, n_S, self.block_size, self.num_blocks, self.k_LNSGd.device)

@@ -16,8 +16,8 @@ import torch.nn.functional as Fn
 
 import amoe_kernels as K
 
+from ..kv.batch import PagedBatch
 from ..kv.cache import PagedKVCache
-from .attention import causal_gqa_attention
 from .checkpoint import attention_side_filter, load_weights
 from .layers import apply_rope, rms_norm, rope_cos_sin, rope_inv_freq
 from .spec import CheckpointError, ModelSpec, load_spec
@@ -99,11 +99,16 @@ class AttentionSide:
         return Fn.embedding(ids_T.to(self.lm_head_VD.device), self.w["model.embed_tokens.weight"])
 
     @torch.inference_mode()
-    def attention(self, b: int, x_TD: torch.Tensor, segments: list[AttnSegment], kv: PagedKVCache) -> torch.Tensor:
+    def attention(self, b: int, x_TD: torch.Tensor, batch: PagedBatch | list[AttnSegment],
+                  kv: PagedKVCache) -> torch.Tensor:
+        """Block b's attention for a batch of spans (a PagedBatch, built once per step and
+        reused by every block, or AttnSegments); writes the new tokens' K/V."""
         s = self.spec
         T = x_TD.shape[0]
-        if sum(seg.num_tokens for seg in segments) != T:
-            raise ValueError(f"attention: segments cover {sum(g.num_tokens for g in segments)} tokens, x has {T}")
+        if not isinstance(batch, PagedBatch):
+            batch = kv.batch([g.block_table for g in batch], [g.start_pos for g in batch], [g.num_tokens for g in batch])
+        if batch.num_tokens != T:
+            raise ValueError(f"attention: segments cover {batch.num_tokens} tokens, x has {T}")
         H, G, d = s.num_heads, s.num_kv_heads, s.head_dim
         a = rms_norm(x_TD, self._p(b, "input_layernorm.weight"), s.rms_norm_eps)
         bias = (lambda x: self._p(b, f"self_attn.{x}_proj.bias")) if s.attention_bias else (lambda x: None)
@@ -115,32 +120,28 @@ class AttentionSide:
             k_TX = rms_norm(k_TX, self._p(b, "self_attn.k_norm.weight"), s.rms_norm_eps)
         if s.clip_qkv is not None:
             q_TX, k_TX, v_TX = (t.clamp(-s.clip_qkv, s.clip_qkv) for t in (q_TX, k_TX, v_TX))
-        pos_T = torch.cat([torch.arange(g.start_pos, g.start_pos + g.num_tokens) for g in segments]).to(x_TD.device)
-        if T and int(pos_T.max()) >= s.max_position_embeddings:
-            raise ValueError(f"attention: position {int(pos_T.max())} >= max_position_embeddings {s.max_position_embeddings}")
+        pos_T = batch.pos_T
+        if batch.max_pos >= s.max_position_embeddings:
+            raise ValueError(f"attention: position {batch.max_pos} >= max_position_embeddings {s.max_position_embeddings}")
         cos, sin = rope_cos_sin(pos_T, self.inv_freq, x_TD.dtype)
         q_THd = apply_rope(q_TX.view(T, H, d), cos, sin)
         k_TGd = apply_rope(k_TX.view(T, G, d), cos, sin)
         v_TGd = v_TX.view(T, G, d)
+        kv.write_slots(b, batch.write_slots_T, k_TGd, v_TGd)
+        k_NSGd, v_NSGd = kv.k_LNSGd[b], kv.v_LNSGd[b]
+        if len(batch.groups) == 1 and batch.groups[0].rows_Sn is None:
+            g = batch.groups[0]  # all decode: the batch's rows are the queries, in order
+            if q_THd.is_cuda:
+                return self._out(b, x_TD, K.paged_decode_attention(q_THd, k_NSGd, v_NSGd, g.tables_SM, g.klen_S, self.scale))
+            return self._out(b, x_TD, K.paged_attention(q_THd[:, None], k_NSGd, v_NSGd, g.slots_SL, g.qpos_Sn, self.scale)[:, 0])
+        o_TX = torch.empty(T, H * d, dtype=x_TD.dtype, device=x_TD.device)
+        for g in batch.groups:  # decode spans, then prefill spans: two calls at most
+            o_SnX = K.paged_attention(q_THd[g.rows_Sn], k_NSGd, v_NSGd, g.slots_SL, g.qpos_Sn, self.scale)
+            o_TX[g.rows_Sn[g.valid_Sn]] = o_SnX[g.valid_Sn]
+        return self._out(b, x_TD, o_TX)
 
-        if segments and all(g.num_tokens == 1 for g in segments):
-            # Decode batch: one paged-attention call through the dispatcher (Triton on CUDA;
-            # on CPU the reference, bit-identical to the per-segment loop below).
-            for i, g in enumerate(segments):
-                kv.write(b, g.block_table, g.start_pos, k_TGd[i : i + 1], v_TGd[i : i + 1])
-            o_TX = K.paged_decode_attention(
-                q_THd, kv.k_LNSGd[b], kv.v_LNSGd[b], [g.block_table for g in segments],
-                [g.start_pos + 1 for g in segments], self.scale,
-            )
-        else:
-            o_TX = torch.empty(T, H * d, dtype=x_TD.dtype, device=x_TD.device)
-            start = 0
-            for g in segments:
-                end = start + g.num_tokens
-                kv.write(b, g.block_table, g.start_pos, k_TGd[start:end], v_TGd[start:end])
-                k_LGd, v_LGd = kv.gather(b, g.block_table, g.start_pos + g.num_tokens)
-                o_TX[start:end] = causal_gqa_attention(q_THd[start:end], k_LGd.to(x_TD.dtype), v_LGd.to(x_TD.dtype), g.start_pos, self.scale)
-                start = end
+    def _out(self, b: int, x_TD: torch.Tensor, o_TX: torch.Tensor) -> torch.Tensor:
+        s = self.spec
         o_bias = self._p(b, "self_attn.o_proj.bias") if s.o_bias else None
         return x_TD + Fn.linear(o_TX, self._p(b, "self_attn.o_proj.weight"), o_bias)
 

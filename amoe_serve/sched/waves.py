@@ -39,11 +39,15 @@ class WaveGate:
         if was_empty:
             self.since_BW[b, w] = now
 
-    def dispatched(self, b: int, w: int, num_segments: int) -> None:
-        """Attention of block b ran for num_segments segments of wave w; they are at the experts."""
-        self.incoming_BW[(b + 1) % self.NB, w] += num_segments
+    def dispatched(self, b: int, w: int, num_segments: int, merged_into: int | None = None) -> None:
+        """Attention of block b ran for num_segments segments of wave w; they are at the experts
+        (as merged_into segments, when attention merged them; default: as they came)."""
+        out = num_segments if merged_into is None else merged_into
+        self.incoming_BW[(b + 1) % self.NB, w] += out
         if b == 0:
-            self.in_flight_W[w] += num_segments
+            self.in_flight_W[w] += out
+        else:
+            self.in_flight_W[w] -= num_segments - out
 
     def returned(self, b: int, waves: list[int]) -> None:
         """Segments (their waves) completed block b's expert outputs."""
