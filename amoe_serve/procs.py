@@ -112,3 +112,14 @@ def clean_orphaned_mpi_shm(shm: Path = Path("/dev/shm")) -> int:
             except OSError:
                 pass
     return removed
+
+
+def precise_sleeps(slack_ns: int = 1000) -> bool:
+    """Shrink this thread's timer slack (Linux prctl PR_SET_TIMERSLACK) so the poll loops'
+    short back-off sleeps last what they ask: with the default 50 µs slack a 16 µs sleep takes
+    ~70 µs, and every message hop between ranks pays it. False where it is not supported."""
+    try:
+        import ctypes
+        return ctypes.CDLL(None, use_errno=True).prctl(29, int(slack_ns), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False

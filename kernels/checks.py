@@ -162,13 +162,13 @@ def paged_decode_attention(q_BHd, k_NSGd, v_NSGd, block_tables, seq_lens) -> Non
                 _fail(op, f"seq_lens[{b}]={int(L)} must be in [1, {cap}] ({cap // S} blocks of {S})")
 
 
-def paged_attention(q_SnHd, k_NSGd, v_NSGd, slots_SL, qpos_Sn) -> None:
+def paged_attention(q_SnHd, k_NSGd, v_NSGd, tables_SM, qpos_Sn) -> None:
     """Shapes and dtypes only: the index tensors' values are the caller's (checking them would
     cost a host sync per call)."""
     op = "paged_attention"
     _dims(op, "q_SnHd", q_SnHd, 4)
     _dims(op, "k_NSGd", k_NSGd, 4)
-    _dims(op, "slots_SL", slots_SL, 2)
+    _dims(op, "tables_SM", tables_SM, 2)
     _dims(op, "qpos_Sn", qpos_Sn, 2)
     for n, t in (("q_SnHd", q_SnHd), ("k_NSGd", k_NSGd), ("v_NSGd", v_NSGd)):
         _float(op, n, t)
@@ -178,7 +178,7 @@ def paged_attention(q_SnHd, k_NSGd, v_NSGd, slots_SL, qpos_Sn) -> None:
         _fail(op, f"k cache {tuple(k_NSGd.shape)} {k_NSGd.dtype} and v cache {tuple(v_NSGd.shape)} {v_NSGd.dtype} differ")
     if dk != d or G == 0 or H % G:
         _fail(op, f"q heads {H}x{d} do not fit kv heads {G}x{dk}")
-    if slots_SL.shape[0] != S or tuple(qpos_Sn.shape) != (S, n):
-        _fail(op, f"slots {tuple(slots_SL.shape)} / qpos {tuple(qpos_Sn.shape)} do not match q [S={S}, n={n}]")
-    if slots_SL.dtype != torch.int64 or qpos_Sn.dtype != torch.int64:
-        _fail(op, f"slots and qpos must be int64, got {slots_SL.dtype}, {qpos_Sn.dtype}")
+    if tables_SM.shape[0] != S or tuple(qpos_Sn.shape) != (S, n):
+        _fail(op, f"tables {tuple(tables_SM.shape)} / qpos {tuple(qpos_Sn.shape)} do not match q [S={S}, n={n}]")
+    if tables_SM.dtype != torch.int64 or qpos_Sn.dtype != torch.int64:
+        _fail(op, f"tables and qpos must be int64, got {tables_SM.dtype}, {qpos_Sn.dtype}")

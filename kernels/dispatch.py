@@ -162,9 +162,9 @@ def paged_decode_attention(q_BHd, k_NSGd, v_NSGd, block_tables, seq_lens, scale:
     return reference.paged_decode_attention(q_BHd, k_NSGd, v_NSGd, block_tables, seq_lens, scale)
 
 
-def paged_attention(q_SnHd, k_NSGd, v_NSGd, slots_SL, qpos_Sn, scale: float, backend: str | None = None):
+def paged_attention(q_SnHd, k_NSGd, v_NSGd, tables_SM, qpos_Sn, scale: float, backend: str | None = None):
     """Batched causal attention over a paged KV cache, prefill and decode alike (see
     reference.paged_attention). PyTorch ops on every device: it is a gather and two batched
     GEMMs; all-decode batches on CUDA go through paged_decode_attention's Triton kernel instead."""
-    checks.paged_attention(q_SnHd, k_NSGd, v_NSGd, slots_SL, qpos_Sn)
-    return reference.paged_attention(q_SnHd, k_NSGd, v_NSGd, slots_SL, qpos_Sn, scale)
+    checks.paged_attention(q_SnHd, k_NSGd, v_NSGd, tables_SM, qpos_Sn)
+    return reference.paged_attention(q_SnHd, k_NSGd, v_NSGd, tables_SM, qpos_Sn, scale)

@@ -161,23 +161,24 @@ def paged_decode_attention(
 
 
 def paged_attention(q_SnHd: torch.Tensor, k_NSGd: torch.Tensor, v_NSGd: torch.Tensor,
-                    slots_SL: torch.Tensor, qpos_Sn: torch.Tensor, scale: float) -> torch.Tensor:
+                    tables_SM: torch.Tensor, qpos_Sn: torch.Tensor, scale: float) -> torch.Tensor:
     """Batched causal attention of n query rows per sequence over its paged KV context, one call
     for a whole batch (decode: n = 1; prefill: n = the longest prompt chunk, shorter ones padded).
-    slots_SL: flat cache row (block * S + offset) of each context position (padding: any valid
-    row); qpos_Sn: absolute position of each query; query (s, i) sees positions 0..qpos[s, i].
+    tables_SM: each sequence's first M cache blocks (M = blocks of the longest context; padding:
+    any valid block id); qpos_Sn: absolute position of each query; query (s, i) sees positions
+    0..qpos[s, i], so padding past a sequence's length is masked by causality.
     GQA/MQA without repeating K/V: the rep = H/G query heads of a KV head share one matmul.
     Same numerics as gqa_attention (scores in activation dtype, softmax in fp32, cast back)."""
     S, n, H, d = q_SnHd.shape
-    G = k_NSGd.shape[2]
-    rep, L = H // G, slots_SL.shape[1]
-    # index_select, not advanced indexing: several times faster for a row gather on CPU.
-    flat_X = slots_SL.reshape(-1)
-    k_SLGd = k_NSGd.reshape(-1, G, d).index_select(0, flat_X).view(S, L, G, d).to(q_SnHd.dtype)
-    v_SLGd = v_NSGd.reshape(-1, G, d).index_select(0, flat_X).view(S, L, G, d).to(q_SnHd.dtype)
+    _, bs, G, _ = k_NSGd.shape
+    rep, L = H // G, tables_SM.shape[1] * bs
+    # Whole blocks gathered with index_select: M rows of bs*G*d each, not L rows of G*d.
+    flat_X = tables_SM.reshape(-1)
+    k_SLGd = k_NSGd.index_select(0, flat_X).view(S, L, G, d).to(q_SnHd.dtype)
+    v_SLGd = v_NSGd.index_select(0, flat_X).view(S, L, G, d).to(q_SnHd.dtype)
+    future_SnL = torch.arange(L, device=q_SnHd.device)[None, None, :] > qpos_Sn[:, :, None]
     if G == 1:  # MQA: every head of a sequence shares one K/V, no permute copies
         s_SmL = torch.matmul(q_SnHd.transpose(1, 2).reshape(S, H * n, d), k_SLGd.view(S, L, d).transpose(1, 2)) * scale
-        future_SnL = torch.arange(L, device=q_SnHd.device)[None, None, :] > qpos_Sn[:, :, None]
         s_SmL = s_SmL.view(S, H, n, L).masked_fill(future_SnL[:, None], float("-inf"))
         p_SmL = torch.softmax(s_SmL, dim=-1, dtype=torch.float32).to(q_SnHd.dtype).view(S, H * n, L)
         o_Smd = torch.matmul(p_SmL, v_SLGd.view(S, L, d))
@@ -185,7 +186,6 @@ def paged_attention(q_SnHd: torch.Tensor, k_NSGd: torch.Tensor, v_NSGd: torch.Te
     # [S, n, G, rep, d] -> [S, G, rep*n, d]: one GEMM per (sequence, kv head).
     q_SGmd = q_SnHd.view(S, n, G, rep, d).permute(0, 2, 3, 1, 4).reshape(S, G, rep * n, d)
     s_SGmL = torch.matmul(q_SGmd, k_SLGd.permute(0, 2, 3, 1)) * scale
-    future_SnL = torch.arange(L, device=q_SnHd.device)[None, None, :] > qpos_Sn[:, :, None]
     s_SGmL = s_SGmL.view(S, G, rep, n, L).masked_fill(future_SnL[:, None, None], float("-inf"))
     p_SGmL = torch.softmax(s_SGmL, dim=-1, dtype=torch.float32).to(q_SnHd.dtype).view(S, G, rep * n, L)
     o_SGmd = torch.matmul(p_SGmL, v_SLGd.permute(0, 2, 1, 3))

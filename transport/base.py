@@ -44,6 +44,22 @@ class Message:
     tensors: list[torch.Tensor] = field(default_factory=list)
 
 
+@dataclass
+class LinkStats:
+    """Host cost of messaging on one rank: messages, bytes, and seconds spent packing + posting
+    sends and probing + receiving + unpacking arrivals (the overhead bench reports µs each)."""
+    sent: int = 0
+    received: int = 0
+    sent_bytes: int = 0
+    send_s: float = 0.0
+    recv_s: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {"sent": self.sent, "received": self.received, "sent_bytes": self.sent_bytes,
+                "send_us_per_msg": self.send_s / self.sent * 1e6 if self.sent else None,
+                "recv_us_per_msg": self.recv_s / self.received * 1e6 if self.received else None}
+
+
 class TransportError(RuntimeError):
     """Any transport failure: bad arguments, corrupted frames, timeouts."""
 
@@ -57,6 +73,7 @@ class Transport(ABC):
         # to the caller through poll()/wait().
         self._inbox: deque[Message] = deque()
         self._closed = False
+        self.link_stats = LinkStats()
 
     # ------------------------------------------------------------------ API
     @abstractmethod

@@ -10,6 +10,8 @@ for all tags.
 
 from __future__ import annotations
 
+import time
+
 import threading
 from collections import deque
 from typing import Sequence
@@ -69,15 +71,24 @@ class InProcTransport(Transport):
               tensors: Sequence[torch.Tensor] = ()) -> None:
         self._check_open()
         self._check_dst(dst)
+        t0 = time.perf_counter()
         frame = pack(tag, header, tensors)  # copies the tensors
         self.hub._deliver(dst, (self.rank, frame))
+        st = self.link_stats
+        st.sent, st.sent_bytes, st.send_s = st.sent + 1, st.sent_bytes + frame.nbytes, st.send_s + time.perf_counter() - t0
 
     def _progress(self, max_recv: int | None) -> None:
         if max_recv == 0:
             return
+        t0 = time.perf_counter()
+        got = 0
         for src, frame in self.hub._take(self.rank, max_recv):
             tag, header, tensors = unpack(frame)
             self._inbox.append(Message(src, tag, header, tensors))
+            got += 1
+        if got:
+            self.link_stats.received += got
+            self.link_stats.recv_s += time.perf_counter() - t0
 
     def pending_sends(self) -> int:
         return 0  # delivery is immediate

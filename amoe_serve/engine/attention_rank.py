@@ -57,7 +57,7 @@ class AttentionRank:
             raise RuntimeError(f"attention rank got unexpected message tag {m.tag} from rank {m.src}")
 
     def stats(self) -> dict:
-        return {"rank": self.t.rank, "role": "attention", **self.counters.to_dict(),
+        return {"rank": self.t.rank, "role": "attention", **self.counters.to_dict(), "link": self.t.link_stats.to_dict(),
                 "queue_now": self.queues.lengths.tolist(), "running": len(self.core.requests),
                 "kv_free_blocks": self.core.allocator.num_free}
 

@@ -39,7 +39,7 @@ class ExpertRank:
             raise RuntimeError(f"expert rank got unexpected message tag {m.tag} from rank {m.src}")
 
     def stats(self) -> dict:
-        return {"rank": self.t.rank, "role": "expert", **self.core.counters.to_dict(),
+        return {"rank": self.t.rank, "role": "expert", **self.core.counters.to_dict(), "link": self.t.link_stats.to_dict(),
                 "queue_now": self.core.queues.lengths.tolist(),
                 "experts": [list(e) for e in self.core.expert_of]}
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from amoe_serve.config import from_yaml
+from amoe_serve.procs import precise_sleeps
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     cfg = from_yaml(Path(args.config).read_text())
     torch.set_num_threads(cfg.runtime.threads_per_rank)
+    precise_sleeps()
 
     from amoe_serve.engine.job import pick_device, print_fatal, report_fatal, run_worker, topology
     from amoe_transport import TransportError, make_transport

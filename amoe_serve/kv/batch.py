@@ -11,8 +11,8 @@ per span (padded to the longest), P prefill spans, bs block size.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
@@ -21,12 +21,13 @@ from torch.nn.utils.rnn import pad_sequence
 @dataclass
 class QueryGroup:
     """Spans whose queries run as one paged_attention call: rows_Sn picks their query rows out
-    of the batch (padding repeats a valid row), valid_Sn marks the real ones."""
+    of the batch (padding repeats a valid row), valid_Sn marks the real ones. Padding past a
+    table's end holds block 0: a valid block, masked by causality."""
     rows_Sn: Optional[torch.Tensor]  # None: the rows are the whole batch, in order (n = 1)
     valid_Sn: Optional[torch.Tensor]
-    slots_SL: torch.Tensor
+    blocks_SM: torch.Tensor  # the first M blocks of each table, M = blocks of the longest context
     qpos_Sn: torch.Tensor
-    tables_SM: torch.Tensor  # for the Triton decode kernel on CUDA
+    tables_SM: torch.Tensor  # whole tables, for the Triton decode kernel on CUDA
     klen_S: torch.Tensor
 
 
@@ -37,6 +38,14 @@ class PagedBatch:
     write_slots_T: torch.Tensor  # flat cache row of each new token
     max_pos: int
     groups: list[QueryGroup]
+    memo: dict = field(default_factory=dict)  # per-step values the model derives once (RoPE)
+
+    def once(self, key, make: Callable[[], Any]) -> Any:
+        """make() on the first call for key, its result after that (every block of a step)."""
+        got = self.memo.get(key)
+        if got is None:
+            got = self.memo[key] = make()
+        return got
 
     @classmethod
     def build(cls, tables: list[torch.Tensor], start_S: list[int], n_S: list[int], block_size: int,
@@ -88,10 +97,5 @@ class PagedBatch:
 
     @classmethod
     def _group(cls, tables_SM, klen_S, bs, rows, valid, qpos) -> QueryGroup:
-        L = int(klen_S.max())
-        pos_L = torch.arange(L, device=tables_SM.device)
-        blk_SL = (pos_L // bs)[None, :].expand(tables_SM.shape[0], L)
-        # Past a span's own table the padded table holds 0: a valid row, masked by causality.
-        blk_SL = blk_SL.clamp(max=tables_SM.shape[1] - 1)
-        slots_SL = tables_SM.gather(1, blk_SL) * bs + pos_L % bs
-        return QueryGroup(rows, valid, slots_SL, qpos, tables_SM, klen_S)
+        M = (int(klen_S.max()) + bs - 1) // bs  # blocks of the longest context
+        return QueryGroup(rows, valid, tables_SM[:, :M].contiguous(), qpos, tables_SM, klen_S)

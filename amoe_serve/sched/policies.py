@@ -86,16 +86,23 @@ class Defrag:
         self.decay = float(decay)
         # decay^k for k = 1..K, computed once.
         self._w_K = self.decay ** np.arange(1, self.lookahead + 1, dtype=np.float64)
+        self._W_cache: dict[int, np.ndarray] = {}
 
     def lscore(self, Q_BS: np.ndarray) -> np.ndarray:
-        """Look-ahead score per block, shape [NB]."""
+        """Look-ahead score per block, shape [NB]: one mat-vec with a cached [NB, NB] matrix
+        W[b, (b+k) mod NB] = decay^k (a rank picks a queue every loop: this is its hot path)."""
         Q_BS = _as_matrix(Q_BS)
         mean_B = Q_BS.sum(axis=1, dtype=np.float64) / Q_BS.shape[1]
-        lscore_B = np.zeros_like(mean_B)
-        for k in range(1, self.lookahead + 1):  # K is tiny (3); loop is over offsets, not queues
-            # roll by -k puts block (b+k) mod NB at index b.
-            lscore_B += self._w_K[k - 1] * np.roll(mean_B, -k)
-        return lscore_B
+        return self._weights(Q_BS.shape[0]) @ mean_B
+
+    def _weights(self, NB: int) -> np.ndarray:
+        W = self._W_cache.get(NB)
+        if W is None:
+            W = np.zeros((NB, NB))
+            for k in range(1, self.lookahead + 1):  # offsets, once per block count
+                W[np.arange(NB), (np.arange(NB) + k) % NB] += self._w_K[k - 1]
+            W = self._W_cache[NB] = W
+        return W
 
     def scores(self, Q_BS: np.ndarray) -> np.ndarray:
         """Score matrix [NB, NS]; empty queues are -inf so they are never chosen."""

@@ -21,6 +21,7 @@ class _Entry:
     delivered_TK: torch.Tensor  # bool; guards against double delivery
     remaining: int
     context: Any
+    filled: int = 0  # (token, slot) pairs delivered
 
 
 class TokenPool:
@@ -78,18 +79,28 @@ class TokenPool:
             return False
         if entry.remaining == 0:
             raise ValueError(f"token pool entry {key!r} is already complete")
-        tok_R = token_idx_R.to(entry.delivered_TK.device, torch.long)
-        slot_R = slot_R.to(entry.delivered_TK.device, torch.long)
-        if bool((tok_R < 0).any() | (tok_R >= T).any() | (slot_R < 0).any() | (slot_R >= K).any()):
+        dev = entry.delivered_TK.device
+        tok_R = token_idx_R.to(dev, torch.long)
+        slot_R = slot_R.to(dev, torch.long)
+        # One host sync for all range checks (this runs once per expert reply).
+        lo_t, hi_t = torch.aminmax(tok_R)
+        lo_s, hi_s = torch.aminmax(slot_R)
+        if torch.stack([lo_t, lo_s, T - 1 - hi_t, K - 1 - hi_s]).min().item() < 0:
             raise ValueError(f"entry {key!r}: (token, slot) index out of range for T={T}, K={K}")
         flat_R = tok_R * K + slot_R
-        # Duplicates within this delivery, or against earlier deliveries.
-        if torch.unique(flat_R).numel() != R:
-            raise ValueError(f"entry {key!r}: a (token, slot) pair appears twice in one delivery")
-        if bool(entry.delivered_TK.view(-1)[flat_R].any()):
+        done_X = entry.delivered_TK.view(-1)
+        if bool(done_X[flat_R].any()):
             raise ValueError(f"entry {key!r}: a (token, slot) pair was already delivered")
-        entry.delivered_TK.view(-1)[flat_R] = True
-        entry.out_TKD[tok_R, slot_R] = out_RD.to(entry.out_TKD.device, entry.out_TKD.dtype)
+        # Mark, then count: fewer new marks than rows means a pair repeats within this delivery
+        # (undone, so a rejected delivery leaves the entry as it was).
+        before = entry.filled
+        done_X[flat_R] = True
+        entry.filled = int(done_X.sum())
+        if entry.filled - before != R:
+            done_X[flat_R] = False
+            entry.filled = before
+            raise ValueError(f"entry {key!r}: a (token, slot) pair appears twice in one delivery")
+        entry.out_TKD.view(T * K, D).index_copy_(0, flat_R, out_RD.to(entry.out_TKD.device, entry.out_TKD.dtype))
         entry.remaining -= R
         return entry.remaining == 0
 

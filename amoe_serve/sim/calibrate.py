@@ -92,13 +92,13 @@ def measure_engine(model_path: str, batches=(1, 2, 4, 8, 16, 32, 64, 128, 256, 5
     attn_rows, lm_rows = [], []
     params = SamplingParams(max_tokens=steps + 2, ignore_eos=True)
     for i, (n, L) in enumerate(combos):
-        segs = []
-        for j in range(n):
-            seg = core.admit(f"cal-{i}-{j}", [3] * L, params)  # turned into the decode token at L
-            seg.x_TD, seg.start_pos = torch.randn(1, D, generator=g, dtype=core.kv.dtype), L
-            segs.append(seg)
+        # n requests whose prompts of L tokens are cached: one decode segment at position L.
+        seg = core.merge([core.admit(f"cal-{i}-{j}", [3] * L, params) for j in range(n)])
+        seg.x_TD = torch.randn(n, D, generator=g, dtype=core.kv.dtype)
+        seg.start_S, seg.n_S, seg.paged = [L] * n, [1] * n, None
+        segs = [seg]
         for step in range(steps):
-            ctx = sum(s.start_pos + 1 for s in segs)
+            ctx = sum(p + n_ for s in segs for p, n_ in zip(s.start_S, s.n_S))
             t_blocks = []
             for b in range(NB):
                 t0 = time.perf_counter()
