@@ -172,21 +172,19 @@ def paged_attention(q_SnHd: torch.Tensor, k_NSGd: torch.Tensor, v_NSGd: torch.Te
     S, n, H, d = q_SnHd.shape
     _, bs, G, _ = k_NSGd.shape
     rep, L = H // G, tables_SM.shape[1] * bs
-    # Whole blocks gathered with index_select: M rows of bs*G*d each, not L rows of G*d.
+    # Whole blocks gathered with index_select over a 2-D view (several times faster than on the
+    # 4-D cache): M rows of bs*G*d each, not L rows of G*d.
     flat_X = tables_SM.reshape(-1)
-    k_SLGd = k_NSGd.index_select(0, flat_X).view(S, L, G, d).to(q_SnHd.dtype)
-    v_SLGd = v_NSGd.index_select(0, flat_X).view(S, L, G, d).to(q_SnHd.dtype)
+    N = k_NSGd.shape[0]
+    k_SLGd = k_NSGd.reshape(N, -1).index_select(0, flat_X).view(S, L, G, d).to(q_SnHd.dtype)
+    v_SLGd = v_NSGd.reshape(N, -1).index_select(0, flat_X).view(S, L, G, d).to(q_SnHd.dtype)
     future_SnL = torch.arange(L, device=q_SnHd.device)[None, None, :] > qpos_Sn[:, :, None]
-    if G == 1:  # MQA: every head of a sequence shares one K/V, no permute copies
-        s_SmL = torch.matmul(q_SnHd.transpose(1, 2).reshape(S, H * n, d), k_SLGd.view(S, L, d).transpose(1, 2)) * scale
-        s_SmL = s_SmL.view(S, H, n, L).masked_fill(future_SnL[:, None], float("-inf"))
-        p_SmL = torch.softmax(s_SmL, dim=-1, dtype=torch.float32).to(q_SnHd.dtype).view(S, H * n, L)
-        o_Smd = torch.matmul(p_SmL, v_SLGd.view(S, L, d))
-        return o_Smd.view(S, H, n, d).transpose(1, 2).reshape(S, n, H * d)
-    # [S, n, G, rep, d] -> [S, G, rep*n, d]: one GEMM per (sequence, kv head).
-    q_SGmd = q_SnHd.view(S, n, G, rep, d).permute(0, 2, 3, 1, 4).reshape(S, G, rep * n, d)
-    s_SGmL = torch.matmul(q_SGmd, k_SLGd.permute(0, 2, 3, 1)) * scale
-    s_SGmL = s_SGmL.view(S, G, rep, n, L).masked_fill(future_SnL[:, None, None], float("-inf"))
-    p_SGmL = torch.softmax(s_SGmL, dim=-1, dtype=torch.float32).to(q_SnHd.dtype).view(S, G, rep * n, L)
-    o_SGmd = torch.matmul(p_SGmL, v_SLGd.permute(0, 2, 1, 3))
-    return o_SGmd.view(S, G, rep, n, d).permute(0, 3, 1, 2, 4).reshape(S, n, H * d)
+    q_SGmd = q_SnHd.view(S, n, G, rep, d).permute(0, 2, 3, 1, 4)
+    out_SnGrd = q_SnHd.new_empty(S, n, G, rep, d)
+    for g in range(G):  # KV heads: strided views of the gathered blocks go to the GEMMs uncopied
+        k_SLd, v_SLd = k_SLGd[:, :, g], v_SLGd[:, :, g]
+        s_SmL = torch.matmul(q_SGmd[:, g].reshape(S, rep * n, d), k_SLd.transpose(1, 2)) * scale
+        s_SmL = s_SmL.view(S, rep, n, L).masked_fill(future_SnL[:, None], float("-inf"))
+        p_SmL = torch.softmax(s_SmL, dim=-1, dtype=torch.float32).to(q_SnHd.dtype).view(S, rep * n, L)
+        out_SnGrd[:, :, g] = torch.matmul(p_SmL, v_SLd).view(S, rep, n, d).transpose(1, 2)
+    return out_SnGrd.view(S, n, H * d)

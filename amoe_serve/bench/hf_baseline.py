@@ -68,6 +68,10 @@ def run_hf(path: str, reqs: list[BenchRequest], batch_sizes: int | list[int], th
     numbers, with every run under "sweep". top_k: the checkpoint's router at this top-k."""
     torch.set_num_threads(threads)
     model = _load(path, top_k)
+    # Warm-up: one short generate so first-touch costs stay out of the first size's numbers.
+    with torch.inference_mode():
+        model.generate(input_ids=torch.tensor([reqs[0].prompt_token_ids[:8]]), max_new_tokens=2, do_sample=False,
+                       pad_token_id=model.config.pad_token_id if model.config.pad_token_id is not None else 0)
     sizes = sweep_sizes([batch_sizes] if isinstance(batch_sizes, int) else batch_sizes, len(reqs))
     runs = [_run_one(model, reqs, b, threads) for b in sizes]
     best = best_run(runs)

@@ -47,7 +47,33 @@ def dataplane_config(cfg: BenchConfig, system: str, path: str) -> AmoeConfig:
     return load_config(None, over)
 
 
+def baseline_top_k(cfg: BenchConfig, spec) -> int | None:
+    """The top-k hf-transformers and vllm run the checkpoint's router at, when it is not the
+    checkpoint's own: the data plane's (routing.top_k with the exponential skew), so that every
+    system does the same expert FLOPs per token. None: the checkpoint's own."""
+    r = cfg.routing
+    k = (r.top_k or spec.top_k) if r.mode == "exponential" else spec.top_k
+    return k if cfg.baselines_match_top_k and k != spec.top_k else None
+
+
+def hf_batch_sizes(cfg: BenchConfig) -> list[int]:
+    return [cfg.hf_batch_size] if cfg.hf_batch_size is not None else list(cfg.hf_batch_sizes)
+
+
+def write_results(output: Path, cfg: BenchConfig, records: list[dict], skipped: dict[str, str]) -> dict:
+    """results.json: the point records, the goodput table at the config's SLO, and the systems
+    that were skipped, with why."""
+    from amoe_serve.bench.goodput import goodput_table
+
+    doc = {"slo": asdict(cfg.slo), "records": records,
+           "goodput": goodput_table(records, cfg.slo.itl_p50_ms, cfg.slo.ttft_p99_ms),
+           "skipped": [{"system": s, "reason": why} for s, why in skipped.items()]}
+    (output / "results.json").write_text(json.dumps(doc, indent=1))
+    return doc
+
+
 def run_bench(cfg: BenchConfig, output: Path, cache: Path) -> list[dict]:
+    from amoe_serve.bench.goodput import request_goodput
     from amoe_serve.bench.report import write_report
     from amoe_serve.model import load_spec
 
@@ -58,59 +84,100 @@ def run_bench(cfg: BenchConfig, output: Path, cache: Path) -> list[dict]:
     print(f"[bench] best single-core GEMM rate for [512x{spec.hidden_size}]x[{spec.hidden_size}x"
           f"{spec.expert_intermediate_size}]: {gemm / 1e9:.1f} GFLOP/s", file=sys.stderr, flush=True)
     records: list[dict] = []
+    skipped: dict[str, str] = {}
     offline: dict[str, list] = {}
-    for workload in cfg.workloads:
-        for rate in cfg.request_rates:
-            reqs = make_requests(workload, cfg.num_requests, rate, spec.vocab_size, cfg.seed)
-            if rate == 0:
-                offline[workload] = reqs
-            n_in = sum(len(r.prompt_token_ids) for r in reqs)
-            n_out = sum(r.max_tokens for r in reqs)
-            mean_ctx = sum(len(r.prompt_token_ids) + r.max_tokens / 2 for r in reqs) / len(reqs)
-            for system in cfg.systems:
-                label = f"{system} {workload} rate={rate or 'offline'}"
-                rec = {"system": system, "workload": workload, "request_rate": rate,
-                       "num_requests": len(reqs), "input_tokens": n_in}
-                t0 = time.perf_counter()
-                if system == "hf-transformers":
-                    if rate > 0:
-                        continue  # generate has no continuous batching: offline only
-                    from amoe_serve.bench.hf_baseline import hf_threads, run_hf
-                    threads = hf_threads()
-                    h = run_hf(path, reqs, cfg.hf_batch_size, threads)
-                    wall, cores = h["wall_s"], threads
-                    rec.update(output_tokens=h["output_tokens"], hf_batch_size=cfg.hf_batch_size,
-                               ttft_ms_p50=None, ttft_ms_p99=None, itl_ms_p50=None, itl_ms_p99=None,
-                               mean_expert_batch=None, idle_fraction=None)
-                    # HF runs every token through every block with the model's own router (top-k of the model).
-                    flops = run_flops(spec, (n_in + n_out) * spec.num_blocks,
-                                      (n_in + n_out) * spec.num_blocks * spec.top_k, n_out, mean_ctx)
-                else:
-                    dp = dataplane_config(cfg, system, path)
-                    p = run_point(dp, reqs, label, cfg.point_timeout_s)
-                    failed = [t.error for t in p.traces if t.error]
-                    wall = p.wall_s
-                    got = sum(len(t.token_s) for t in p.traces)
-                    rec.update(output_tokens=got, failed_requests=len(failed), errors=failed[:3],
-                               **latency_fields(p.traces), **rank_fields(p.stats))
-                    cores = min(len(os.sched_getaffinity(0)),
-                                dp.deployment.attention_ranks + dp.deployment.expert_ranks)
-                    flops = run_flops(spec, rec["attention_tokens"], rec["expert_rows"], got, mean_ctx)
-                rec["wall_s"] = wall
-                rec["output_tokens_per_s"] = rec["output_tokens"] / wall if wall > 0 else None
-                rec["roofline_fraction"] = flops / wall / (gemm * cores) if wall > 0 else None
-                rec["cores"] = cores
-                rec["bench_seconds"] = time.perf_counter() - t0
-                records.append(rec)
-                print(f"[bench] {label}: {rec['output_tokens_per_s']:.1f} tok/s, "
-                      f"ITL p50 {rec.get('itl_ms_p50') or float('nan'):.1f} ms, "
-                      f"expert batch {rec.get('mean_expert_batch') or float('nan'):.1f}", file=sys.stderr, flush=True)
-                (output / "results.json").write_text(json.dumps(records, indent=1))
+    top_k = baseline_top_k(cfg, spec)
+    base_k = top_k or spec.top_k  # the baselines' experts per token
+    vllm = None
+    if "vllm" in cfg.systems:
+        from amoe_serve.bench.vllm_baseline import VllmSystem
+        vllm = VllmSystem(cfg.vllm, path, spec.head_dim, cfg.num_requests, top_k, output)
+        if vllm.reason:
+            skipped["vllm"] = vllm.reason
+            print(f"[bench] vllm: skipped: {vllm.reason}", file=sys.stderr, flush=True)
+    try:
+        for workload in cfg.workloads:
+            for rate in cfg.request_rates:
+                reqs = make_requests(workload, cfg.num_requests, rate, spec.vocab_size, cfg.seed)
+                if rate == 0:
+                    offline[workload] = reqs
+                n_in = sum(len(r.prompt_token_ids) for r in reqs)
+                n_out = sum(r.max_tokens for r in reqs)
+                mean_ctx = sum(len(r.prompt_token_ids) + r.max_tokens / 2 for r in reqs) / len(reqs)
+                # hf-transformers and vllm run every token through every block with the
+                # checkpoint's router at base_k experts per token.
+                base_flops = run_flops(spec, (n_in + n_out) * spec.num_blocks,
+                                       (n_in + n_out) * spec.num_blocks * base_k, n_out, mean_ctx)
+                for system in cfg.systems:
+                    if system in skipped:
+                        continue
+                    label = f"{system} {workload} rate={rate or 'offline'}"
+                    rec = {"system": system, "workload": workload, "request_rate": rate,
+                           "num_requests": len(reqs), "input_tokens": n_in}
+                    t0 = time.perf_counter()
+                    if system == "hf-transformers":
+                        if rate > 0:
+                            continue  # generate has no continuous batching: offline only
+                        from amoe_serve.bench.hf_baseline import hf_threads, run_hf
+                        threads = hf_threads()
+                        h = run_hf(path, reqs, hf_batch_sizes(cfg), threads, top_k=top_k)
+                        wall, cores = h["wall_s"], threads
+                        rec.update(output_tokens=h["output_tokens"], hf_batch_size=h["batch_size"],
+                                   hf_sweep=h["sweep"], top_k=base_k,
+                                   ttft_ms_p50=None, ttft_ms_p99=None, itl_ms_p50=None, itl_ms_p99=None,
+                                   mean_expert_batch=None, idle_fraction=None)
+                        flops = base_flops
+                    elif system == "vllm":
+                        from amoe_serve.bench.vllm_baseline import VllmUnavailable
+                        try:
+                            p = vllm.run_point(reqs, label, cfg.point_timeout_s)
+                        except Exception as e:  # a baseline that cannot run is recorded, not fatal
+                            why = str(e) if isinstance(e, VllmUnavailable) else f"{type(e).__name__}: {e}"
+                            skipped["vllm"] = why
+                            print(f"[bench] vllm: skipped: {why}", file=sys.stderr, flush=True)
+                            continue
+                        failed = [t.error for t in p.traces if t.error]
+                        wall = p.wall_s
+                        rec.update(output_tokens=sum(len(t.token_s) for t in p.traces), failed_requests=len(failed),
+                                   errors=failed[:3], **latency_fields(p.traces),
+                                   **request_goodput(p.traces, cfg.slo.ttft_p99_ms, cfg.slo.itl_p50_ms, wall),
+                                   mean_expert_batch=None, idle_fraction=None, top_k=base_k,
+                                   vllm_max_num_seqs=vllm.max_num_seqs, **p.stats)
+                        cores = len(os.sched_getaffinity(0))
+                        flops = base_flops
+                    else:
+                        dp = dataplane_config(cfg, system, path)
+                        p = run_point(dp, reqs, label, cfg.point_timeout_s)
+                        failed = [t.error for t in p.traces if t.error]
+                        wall = p.wall_s
+                        got = sum(len(t.token_s) for t in p.traces)
+                        rec.update(output_tokens=got, failed_requests=len(failed), errors=failed[:3],
+                                   **latency_fields(p.traces),
+                                   **request_goodput(p.traces, cfg.slo.ttft_p99_ms, cfg.slo.itl_p50_ms, wall),
+                                   **rank_fields(p.stats))
+                        cores = min(len(os.sched_getaffinity(0)),
+                                    dp.deployment.attention_ranks + dp.deployment.expert_ranks)
+                        flops = run_flops(spec, rec["attention_tokens"], rec["expert_rows"], got, mean_ctx)
+                    rec["wall_s"] = wall
+                    rec["output_tokens_per_s"] = rec["output_tokens"] / wall if wall > 0 else None
+                    rec["roofline_fraction"] = flops / wall / (gemm * cores) if wall > 0 else None
+                    rec["cores"] = cores
+                    rec["bench_seconds"] = time.perf_counter() - t0
+                    records.append(rec)
+                    extra = f", batch {rec['hf_batch_size']}" if system == "hf-transformers" else ""
+                    print(f"[bench] {label}: {rec['output_tokens_per_s']:.1f} tok/s{extra}, "
+                          f"ITL p50 {rec.get('itl_ms_p50') or float('nan'):.1f} ms, "
+                          f"expert batch {rec.get('mean_expert_batch') or float('nan'):.1f}", file=sys.stderr, flush=True)
+                    write_results(output, cfg, records, skipped)
+    finally:
+        if vllm is not None:
+            vllm.close()
     checks = []
     if cfg.sim_check and {"aep", "lockstep"} <= set(cfg.systems):
         from amoe_serve.bench.sim_check import sim_check
         checks = sim_check(records, dataplane_config(cfg, "aep", path), spec, path, output, offline)
     meta = {"config": asdict(cfg), "model_path": path, "gemm_flops_per_core": gemm}
     (output / "bench_meta.json").write_text(json.dumps(meta, indent=1, default=str))
-    write_report(records, output, checks)
+    doc = write_results(output, cfg, records, skipped)
+    write_report(records, output, checks, goodput=doc["goodput"], skipped=doc["skipped"], slo=doc["slo"])
     return records

@@ -53,3 +53,18 @@ def test_a_wave_is_sampled_in_one_call_once_its_last_block_is_back():
     assert g.sample_ready(0, now=0.6)    # waited past max_wait
     g.returned(1, [0, 0])
     assert g.sample_ready(0, now=0.2)
+
+
+def test_segments_merged_by_attention_count_once_from_then_on():
+    """Attention merges the segments it pops from one queue: the gate's in-flight count follows,
+    so block 0 of the wave opens once the merged segment is sampled (no leaked count)."""
+    g = WaveGate(num_blocks=2, waves=1, max_batch_tokens=100, max_wait_s=10.0)
+    g.dispatched(0, 0, 1)            # two segments left block 0 separately
+    g.dispatched(0, 0, 1)
+    g.returned(0, [0, 0])
+    g.dispatched(1, 0, 2, merged_into=1)  # block 1 ran them as one
+    assert g.in_flight_W[0] == 1 and g.incoming_BW[0, 0] == 1
+    g.returned(1, [0])
+    g.sampled([0])
+    g.queued(0, 0, True, now=0.0)
+    assert g.ready(np.array([[7], [0]]), now=0.1)[0, 0] == 7
