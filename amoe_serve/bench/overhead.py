@@ -8,7 +8,7 @@ def overhead_table(records: list[dict]) -> str:
     rows = [r for r in records if r.get("rank_overhead")]
     if not rows:
         return ""
-    f = lambda x, p=0: "-" if x is None else f"{x:.{p}f}"
+    f = lambda x, p=0: "-" if x is None else f"{x:.{p}f}"  # noqa: E731 (integers by default)
     out = ["", "Per rank (host work per executed batch; the transport's cost per message):", "",
            "| system | rate | rank | role | steps/s | µs busy per step | idle | msgs sent | µs per send | msgs received | µs per receive |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]

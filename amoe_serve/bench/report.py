@@ -9,10 +9,14 @@ from amoe_serve.bench.overhead import overhead_table
 COLORS = {"aep": "tab:blue", "lockstep": "tab:orange", "hf-transformers": "tab:green", "vllm": "tab:red"}
 
 
+def _f(x, p: int = 1) -> str:
+    return "-" if x is None else f"{x:.{p}f}"
+
+
 def ratio_table(records: list[dict]) -> str:
     rows = ["| workload | rate (req/s) | system | tokens/s | vs lockstep | ITL p50 ms | ITL p99 ms | TTFT p50 ms | mean expert batch | idle | roofline |",
             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    f = lambda x, p=1: "-" if x is None else f"{x:.{p}f}"
+    f = _f
     for r in records:
         base = next((b for b in records if b["system"] == "lockstep" and b["workload"] == r["workload"]
                      and b["request_rate"] == r["request_rate"]), None)
@@ -46,7 +50,7 @@ def goodput_md(goodput: list[dict], slo: dict | None) -> str:
     SLO, beside its saturation (offline) tokens/s."""
     if not goodput:
         return ""
-    f = lambda x, p=1: "-" if x is None else f"{x:.{p}f}"
+    f = _f
     head = (f"Goodput at the SLO ITL p50 <= {slo['itl_p50_ms']:g} ms and TTFT p99 <= {slo['ttft_p99_ms']:g} ms "
             "(output tokens/s at the highest Poisson rate that met it):" if slo else "Goodput:")
     rows = ["", head, "",
