@@ -60,10 +60,6 @@ class Segment:
     def num_tokens(self) -> int:
         return self.x_TD.shape[0]
 
-    @property
-    def num_requests(self) -> int:
-        return len(self.reqs)
-
 
 @dataclass
 class TokenEvent:
@@ -208,9 +204,7 @@ class AttentionCore:
             return []
         done: list[Segment] = []
         seg_R = meta_R3[:, 0]
-        first, last = int(seg_R[0]), int(seg_R[-1])
-        # A reply usually carries one segment's rows (the expert ranks answer per step).
-        uniq = [first] if first == last and bool((seg_R == first).all()) else torch.unique(seg_R).tolist()
+        uniq = torch.unique(seg_R).tolist()  # usually one: an expert rank answers per step
         for sid in uniq:
             if len(uniq) == 1:
                 m, o = meta_R3, out_RD
@@ -229,7 +223,7 @@ class AttentionCore:
     # ---- after the last block ----------------------------------------------------------
     def sample(self, segs: list[Segment]) -> tuple[list[TokenEvent], list[Segment]]:
         """Sample the next token of each request; return events and the requests' next decode
-        segment (one for all of them, in the first segment's wave)."""
+        segments (one per wave)."""
         events: list[TokenEvent] = []
         rows: list[int] = []
         live: list[tuple[RequestState, int]] = []  # request, its start + n after this step
@@ -269,15 +263,12 @@ class AttentionCore:
             return events, []
         x_TD = self.model.embed(torch.tensor(nxt_tokens, dtype=torch.long))
         waves = sorted({r.wave for r in nxt_reqs})
-        if len(waves) == 1:
-            return events, [Segment(next(self._seg_ids), nxt_reqs, 0, x_TD, [r.num_cached for r in nxt_reqs],
-                                    [1] * len(nxt_reqs), waves[0])]
         new = []
         for w in waves:  # each wave's requests travel on in their own segment
             idx = [i for i, r in enumerate(nxt_reqs) if r.wave == w]
             reqs = [nxt_reqs[i] for i in idx]
-            new.append(Segment(next(self._seg_ids), reqs, 0, x_TD[torch.tensor(idx)], [r.num_cached for r in reqs],
-                               [1] * len(reqs), w))
+            x_w = x_TD if len(waves) == 1 else x_TD[torch.tensor(idx, device=x_TD.device)]
+            new.append(Segment(next(self._seg_ids), reqs, 0, x_w, [r.num_cached for r in reqs], [1] * len(reqs), w))
         return events, new
     def fail_all(self, error: str) -> list[TokenEvent]:
         events = [TokenEvent(rid, None, "error", error) for rid in list(self.requests)]

@@ -64,11 +64,11 @@ class PagedBatch:
         n_t = torch.tensor(n_S, dtype=torch.int64, device=device)
         klen_S = start_t + n_t
         T = int(sum(n_S))
+        first_S = torch.cumsum(n_t, 0) - n_t  # each span's first row in the batch
         if all(n == 1 for n in n_S):
             pos_T, span_T = start_t, None
         else:
             span_T = torch.repeat_interleave(torch.arange(S, device=device), n_t)
-            first_S = torch.cumsum(n_t, 0) - n_t
             pos_T = start_t[span_T] + torch.arange(T, device=device) - first_S[span_T]
         write_T = cls._slots(tables_SM, pos_T, bs, span_T)
         groups = []
@@ -76,7 +76,6 @@ class PagedBatch:
         if len(dec) == S:
             groups.append(cls._group(tables_SM, klen_S, bs, None, None, start_t[:, None]))
         else:
-            first_S = (torch.cumsum(n_t, 0) - n_t)
             for idx in (dec, [i for i, n in enumerate(n_S) if n > 1]):
                 if not idx:
                     continue
