@@ -11,7 +11,9 @@ from typing import Any, Iterable, Optional
 
 from amoe_serve.sampler import SamplingParams
 
-SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "seed", "stop_token_ids", "ignore_eos")
+SAMPLING_KEYS = ("max_tokens", "min_tokens", "temperature", "top_p", "top_k", "min_p", "presence_penalty",
+                 "frequency_penalty", "repetition_penalty", "logit_bias", "seed", "stop_token_ids", "ignore_eos",
+                 "logprobs", "prompt_logprobs")
 REQUEST_KEYS = ("id", "prompt", "prompt_token_ids", *SAMPLING_KEYS)
 
 
@@ -30,10 +32,34 @@ class GenerateResult:
     text: Optional[str] = None
     finish_reason: Optional[str] = None
     error: Optional[str] = None
+    # With `logprobs` / `prompt_logprobs` in the request: per output token and per prompt token
+    # (None for the first) its logprob and top [[id, logprob], ...].
+    logprobs: Optional[list] = None
+    prompt_logprobs: Optional[list] = None
+
+    def record(self, ev) -> None:
+        """Take one token event (token_events.TokenEvent) into the result."""
+        if ev.token is not None:
+            self.output_token_ids.append(ev.token)
+            if ev.logprobs is not None:
+                if self.logprobs is None:
+                    self.logprobs = []
+                self.logprobs.append({"logprob": ev.logprobs.logprob, "rank": ev.logprobs.rank,
+                                      "top": [list(t) for t in ev.logprobs.top]})
+        if ev.prompt_logprobs is not None:
+            self.prompt_logprobs = [None if p is None else {"logprob": p.logprob, "rank": p.rank,
+                                                            "top": [list(t) for t in p.top]}
+                                    for p in ev.prompt_logprobs]
+        if ev.finish_reason is not None:
+            self.finish_reason, self.error = ev.finish_reason, ev.error
 
     def to_json(self) -> str:
         d: dict[str, Any] = {"id": self.id, "output_token_ids": self.output_token_ids,
                              "text": self.text, "finish_reason": self.finish_reason}
+        if self.logprobs is not None:
+            d["logprobs"] = self.logprobs
+        if self.prompt_logprobs is not None:
+            d["prompt_logprobs"] = self.prompt_logprobs
         if self.error is not None:
             d = {"id": self.id, "error": self.error, "finish_reason": "error"}
         return json.dumps(d, ensure_ascii=False)

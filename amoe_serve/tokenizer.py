@@ -62,15 +62,24 @@ class Tokenizer:
                     eos.append(i)
         return cls(tok, bool(tcfg.get("add_bos_token", False)), bos_id, tuple(eos))
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         # The tokenizer.json post-processor usually adds BOS; add it ourselves if the config asks and it did not.
-        ids = self._tok.encode(text, add_special_tokens=True).ids
-        if self.add_bos and self.bos_token_id is not None and (not ids or ids[0] != self.bos_token_id):
+        ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        if add_special_tokens and self.add_bos and self.bos_token_id is not None and (
+                not ids or ids[0] != self.bos_token_id):
             ids = [self.bos_token_id] + ids
         return ids
 
-    def decode(self, ids: list[int]) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=True)
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_str(self, token_id: int) -> str:
+        """One token as text (its bytes decoded alone; special tokens kept), as logprobs show it."""
+        return self._tok.decode([int(token_id)], skip_special_tokens=False)
+
+    def id_to_token(self, token_id: int) -> Optional[str]:
+        """The vocabulary entry (e.g. 'Ġthe'), as /tokenize's token_strs show it."""
+        return self._tok.id_to_token(int(token_id))
 
     @property
     def vocab_size(self) -> int:

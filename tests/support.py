@@ -53,6 +53,19 @@ def read_results(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
+def run_group(cmd: list[str], timeout: float, **kw) -> subprocess.CompletedProcess:
+    """Run cmd in its own process group (stdout and stderr together, as text); on time-out kill
+    the whole group and return what it wrote (returncode then is the kill's)."""
+    p = subprocess.Popen(cmd, cwd=kw.pop("cwd", REPO), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         start_new_session=True, **kw)
+    try:
+        out, _ = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, _ = p.communicate()
+    return subprocess.CompletedProcess(p.args, p.returncode, out, None)
+
+
 def run_cli(args: list[str], timeout: float = 240, env_extra=None) -> subprocess.CompletedProcess:
     """Run `amoe-serve` in its own process group; kill the whole group on time-out."""
     env = dict(os.environ)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -22,8 +22,10 @@ from amoe_serve.engine.placement import Placement
 from amoe_serve.kv.batch import PagedBatch
 from amoe_serve.model import AttentionSide
 from amoe_serve.placement.trace import TraceRecorder
-from amoe_serve.sampler import Sampler, SamplingParams, finish_reason, make_generator
+from amoe_serve.sampler import (RowState, Sampler, SamplingParams, finish_reason, make_generator, prompt_logprobs,
+                                token_logprobs)
 from amoe_serve.sched.token_pool import TokenPool
+from amoe_serve.token_events import TokenEvent
 
 
 @dataclass
@@ -37,6 +39,7 @@ class RequestState:
     cancelled: bool = False
     wave: int = 0  # AEP micro-wave (the attention μ-queue slot) the request travels in
     table_M: Optional[torch.Tensor] = None  # its KV block table (reserved whole at admission)
+    state: Optional[RowState] = None  # sampler memory, only for params that need it (penalties, grammar)
 
 
 @dataclass
@@ -62,17 +65,6 @@ class Segment:
 
 
 @dataclass
-class TokenEvent:
-    request_id: str
-    token: Optional[int]
-    finish_reason: Optional[str]
-    error: Optional[str] = None
-
-    def to_list(self) -> list:
-        return [self.request_id, self.token, self.finish_reason, self.error]
-
-
-@dataclass
 class Dispatch:
     dst_index: int  # expert-rank index
     header: dict
@@ -82,7 +74,8 @@ class Dispatch:
 class AttentionCore:
     def __init__(self, model: AttentionSide, placement: Placement,
                  kv: PagedKVCache, allocator: BlockAllocator, eos_token_ids: tuple[int, ...],
-                 skew: Optional[ExponentialSkew] = None, trace_window_tokens: int = 512):
+                 skew: Optional[ExponentialSkew] = None, trace_window_tokens: int = 512,
+                 grammar_backend: Optional[Callable[[], object]] = None):
         self.model = model
         self.spec = model.spec
         self.skew = skew
@@ -100,6 +93,9 @@ class AttentionCore:
         self.allocator = allocator
         self.eos = tuple(eos_token_ids)
         self.sampler = Sampler()
+        # Built on the first structured-output request (sampler.grammar.GrammarBackend).
+        self._grammar_factory = grammar_backend
+        self._grammar = None
         self.pool = TokenPool()
         self.requests: dict[str, RequestState] = {}
         self._seg_ids = itertools.count()
@@ -110,12 +106,24 @@ class AttentionCore:
         """Reserve KV for the whole request up front (no preemption needed) and embed the prompt."""
         if rid in self.requests:
             raise ValueError(f"request id {rid!r} is already running")
+        params.check_vocab(self.spec.vocab_size)
+        state = None
+        if params.needs_processing:  # before the KV is reserved: a bad grammar must not leak it
+            matcher = self._grammar_backend().matcher(params.structured) if params.structured is not None else None
+            state = RowState(params, prompt, self.spec.vocab_size, self.eos, matcher)
         table = self.allocator.allocate(rid, len(prompt) + params.max_tokens)
         req = RequestState(rid, list(prompt), params, make_generator(params.seed), wave=wave,
-                           table_M=torch.as_tensor(table, dtype=torch.int64, device=self.device))
+                           table_M=torch.as_tensor(table, dtype=torch.int64, device=self.device), state=state)
         self.requests[rid] = req
         x_TD = self.model.embed(torch.tensor(prompt, dtype=torch.long))
         return Segment(next(self._seg_ids), [req], 0, x_TD, [0], [len(prompt)], wave)
+
+    def _grammar_backend(self):
+        if self._grammar is None:
+            if self._grammar_factory is None:
+                raise ValueError("structured output is not available on this data plane (no tokenizer)")
+            self._grammar = self._grammar_factory()
+        return self._grammar
 
     def cancel(self, rid: str) -> None:
         req = self.requests.get(rid)
@@ -227,18 +235,21 @@ class AttentionCore:
         events: list[TokenEvent] = []
         rows: list[int] = []
         live: list[tuple[RequestState, int]] = []  # request, its start + n after this step
+        prompt_spans: list[tuple[int, int, int]] = []  # (live index, first row, rows) for prompt_logprobs
         base = 0
         parts = []
         for s in segs:
             last = 0
             for req, st, n in zip(s.reqs, s.start_S, s.n_S):
-                last += n
                 if req.cancelled:
                     self._release(req)
                     events.append(TokenEvent(req.id, None, "abort"))
                 else:
-                    rows.append(base + last - 1)
+                    if req.params.prompt_logprobs is not None and not req.output:
+                        prompt_spans.append((len(live), base + last, n))
+                    rows.append(base + last + n - 1)
                     live.append((req, st + n))
+                last += n
             base += s.num_tokens
             parts.append(s.x_TD)
         if not live:
@@ -246,14 +257,22 @@ class AttentionCore:
         x_TD = parts[0] if len(parts) == 1 else torch.cat(parts)
         last_TD = x_TD[torch.tensor(rows, dtype=torch.int64, device=x_TD.device)] if len(rows) != x_TD.shape[0] else x_TD
         logits_TV = self.model.logits(last_TD)
-        tokens = self.sampler.sample(logits_TV, [r.params for r, _ in live], [r.generator for r, _ in live]).tolist()
+        reqs = [r for r, _ in live]
+        tokens_B = self.sampler.sample(logits_TV, [r.params for r in reqs], [r.generator for r in reqs],
+                                       [r.state for r in reqs])
+        tokens = tokens_B.tolist()
+        lps = self._logprobs(logits_TV, tokens_B, reqs)
+        plps = {i: prompt_logprobs(self.model.logits(x_TD[r0:r0 + n]), reqs[i].prompt, reqs[i].params.prompt_logprobs)
+                for i, r0, n in prompt_spans}
         nxt_reqs: list[RequestState] = []
         nxt_tokens: list[int] = []
-        for (req, cached), tok in zip(live, tokens):
+        for i, ((req, cached), tok) in enumerate(zip(live, tokens)):
             req.num_cached = cached
             req.output.append(tok)
+            if req.state is not None:
+                req.state.accept(tok)
             reason = finish_reason(tok, len(req.output), req.params, self.eos)
-            events.append(TokenEvent(req.id, tok, reason))
+            events.append(TokenEvent(req.id, tok, reason, None, lps.get(i), plps.get(i)))
             if reason is None:
                 nxt_reqs.append(req)
                 nxt_tokens.append(tok)
@@ -270,6 +289,16 @@ class AttentionCore:
             x_w = x_TD if len(waves) == 1 else x_TD[torch.tensor(idx, device=x_TD.device)]
             new.append(Segment(next(self._seg_ids), reqs, 0, x_w, [r.num_cached for r in reqs], [1] * len(reqs), w))
         return events, new
+    @staticmethod
+    def _logprobs(logits_BV: torch.Tensor, tokens_B: torch.Tensor, reqs: list[RequestState]) -> dict:
+        """{row: TokenLogprobs} for the rows whose requests asked for logprobs (raw logits)."""
+        want = [i for i, r in enumerate(reqs) if r.params.logprobs is not None]
+        if not want:
+            return {}
+        idx = torch.tensor(want, device=logits_BV.device)
+        got = token_logprobs(logits_BV[idx], tokens_B[idx], [reqs[i].params.logprobs for i in want])
+        return dict(zip(want, got))
+
     def fail_all(self, error: str) -> list[TokenEvent]:
         events = [TokenEvent(rid, None, "error", error) for rid in list(self.requests)]
         for req in list(self.requests.values()):

@@ -7,12 +7,12 @@ import time
 import torch
 
 from amoe_serve.counters import RankCounters
-from amoe_serve.engine.attention_core import AttentionCore, Segment, TokenEvent
+from amoe_serve.engine.attention_core import AttentionCore, Segment
+from amoe_serve.token_events import TokenEvent
 from amoe_serve.engine.protocol import GATEWAY_RANK, Tag
 from amoe_serve.engine.topology import Topology
 from amoe_serve.sampler import SamplingParams
-from amoe_serve.sched.queues import MuQueues
-from amoe_serve.sched.waves import WaveGate
+from amoe_serve.sched.attention_plan import AttentionPlan
 from amoe_transport import Message, Transport
 
 
@@ -27,10 +27,12 @@ class AttentionRank:
         self.max_batch_tokens = max_batch_tokens
         self.max_sleep = max_poll_sleep
         self.num_blocks = core.spec.num_blocks
-        self.queues = MuQueues(self.num_blocks, waves)  # slot = wave
-        self.gate = WaveGate(self.num_blocks, waves, max_batch_tokens, max_wait_s, min_wave_requests)
+        # Every scheduling decision (wave, queue, batch, wave gate, sampling) lives in the plan,
+        # which the cluster simulator runs too.
+        self.plan = AttentionPlan(self.num_blocks, waves, max_batch_tokens, max_wait_s, scheduler,
+                                  min_wave_requests)
+        self.queues = self.plan.queues
         self.counters = RankCounters(self.num_blocks, waves)
-        self.to_sample: list[Segment] = []
         self.stop = False
         self._sync: dict[int, list[Message]] = {}    # lockstep round -> peers' STEP_SYNC
         self._combine: list[Message] = []            # lockstep replies of the current block
@@ -38,9 +40,9 @@ class AttentionRank:
     # ---- messages --------------------------------------------------------------------------
     def handle(self, m: Message) -> None:
         if m.tag == Tag.COMBINE and "step" not in m.header:
-            done = self.core.deliver(m.header["b"], m.tensors[0], m.tensors[1])
-            self.gate.returned(m.header["b"], [s.wave for s in done])
-            self._advance(done)
+            b = m.header["b"]
+            done = self.core.deliver(b, m.tensors[0], m.tensors[1])
+            self.plan.returned(b, [(s, s.wave, s.num_tokens) for s in done], time.perf_counter())
         elif m.tag == Tag.COMBINE:
             self._combine.append(m)
         elif m.tag == Tag.REQUEST:
@@ -64,7 +66,7 @@ class AttentionRank:
     def _admit(self, h: dict) -> None:
         try:
             params = SamplingParams.from_dict(h["params"])
-            wave = self.gate.pick_wave([r.wave for r in self.core.requests.values()]) if self.gate else 0
+            wave = self.plan.wave_for([r.wave for r in self.core.requests.values()])
             seg = self.core.admit(h["id"], h["prompt_token_ids"], params, wave)
         except (ValueError, RuntimeError) as e:
             self._emit([TokenEvent(h["id"], None, "error", str(e))])
@@ -72,37 +74,12 @@ class AttentionRank:
         self._push(0, seg)
 
     def _push(self, b: int, seg: Segment) -> None:
-        w = seg.wave
-        if self.gate is not None:
-            self.gate.queued(b, w, self.queues.lengths[b, w] == 0, time.perf_counter())
-        self.queues.push(b, w, seg, seg.num_tokens)
-
-    def _advance(self, segs: list[Segment]) -> None:
-        waiting = None  # waves with segments waiting for the sampler (built once per call)
-        for s in segs:
-            if s.block < self.num_blocks:
-                self._push(s.block, s)
-                continue
-            if self.gate is not None:
-                if waiting is None:
-                    waiting, now = {t.wave for t in self.to_sample}, time.perf_counter()
-                self.gate.sample_queued(s.wave, s.wave not in waiting, now)
-                waiting.add(s.wave)
-            self.to_sample.append(s)
+        self.plan.push(b, seg.wave, seg, seg.num_tokens, time.perf_counter())
 
     def _sample(self) -> None:
-        if not self.to_sample:
+        segs = self.plan.sample_batch(time.perf_counter())  # one LM-head call per ready wave
+        if not segs:
             return
-        segs, self.to_sample = self.to_sample, []
-        if self.gate is not None:
-            # One LM-head call per wave, not one per expert reply that completes a segment.
-            now = time.perf_counter()
-            ready = {w for w in {s.wave for s in segs} if self.gate.sample_ready(w, now)}
-            self.to_sample = [s for s in segs if s.wave not in ready]
-            segs = [s for s in segs if s.wave in ready]
-            if not segs:
-                return
-            self.gate.sampled([s.wave for s in segs])
         events, new = self.core.sample(segs)
         for s in new:
             self._push(0, s)
@@ -110,7 +87,7 @@ class AttentionRank:
 
     def _emit(self, events: list[TokenEvent]) -> None:
         if events:
-            self.t.isend(GATEWAY_RANK, Tag.TOKENS, {"events": [e.to_list() for e in events]})
+            self.t.isend(GATEWAY_RANK, Tag.TOKENS, {"events": [e.to_wire() for e in events]})
 
     def _drain(self, timeout: float) -> bool:
         msgs = self.t.wait(timeout, self.max_sleep) if timeout > 0 else self.t.poll()
@@ -127,20 +104,17 @@ class AttentionRank:
             last = now
             self._drain(0)
             self._sample()
-            pick = self.scheduler.pick(self.gate.ready(self.queues.lengths, time.perf_counter()))
-            if pick is None:
+            batch = self.plan.next_batch(time.perf_counter())
+            if batch is None:
                 t0 = time.perf_counter()
                 self._drain(self.max_sleep * 25 if not self.queues.total() else self.max_sleep)
                 self.counters.record_idle(time.perf_counter() - t0)
                 continue
             t0 = time.perf_counter()
-            b, w = pick
-            segs = self.queues.pop(b, w, self.max_batch_tokens)
-            n = sum(s.num_tokens for s in segs)
-            for d in self.core.attend(b, segs):
+            b = batch.block
+            for d in self.core.attend(b, batch.items):  # merges them into one segment
                 self.t.isend(self.topo.expert_rank(d.dst_index), Tag.DISPATCH, d.header, d.tensors)
-            self.gate.dispatched(b, w, len(segs), merged_into=1)  # attend merges them
-            self.counters.record_batch(b, w, n)
+            self.counters.record_batch(b, batch.wave, batch.tokens)
             self.counters.record_busy(time.perf_counter() - t0)
         self.t.flush(timeout=10)
 
@@ -159,7 +133,7 @@ class AttentionRank:
         return mine + sum(m.header["tokens"] for m in got), stop or any(m.header["stop"] for m in got)
 
     def run_lockstep(self) -> None:
-        self.gate = None  # the barrier keeps the one wave whole
+        self.plan.ungate()  # the barrier keeps the one wave whole
         step = rnd = 0
         D = self.core.spec.hidden_size
         while True:
@@ -196,7 +170,7 @@ class AttentionRank:
                 if segs and len(done) != 1:
                     raise RuntimeError(f"lockstep block {b}: the step's segment is missing expert outputs")
                 segs = done
-            self.to_sample.extend(segs)
+            self.plan.returned(self.num_blocks - 1, [(s, s.wave, s.num_tokens) for s in segs], 0.0)
             self._sample()
             step += 1
             self.counters.record_busy(time.perf_counter() - t0)

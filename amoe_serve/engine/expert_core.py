@@ -15,6 +15,7 @@ import torch
 
 from amoe_serve.counters import RankCounters
 from amoe_serve.model import ExpertSide
+from amoe_serve.sched.expert_plan import ExpertStep, drain_block_step, next_expert_step
 from amoe_serve.sched.queues import MuQueues
 
 
@@ -86,23 +87,11 @@ class ExpertCore:
 
     def step(self) -> list[Reply]:
         """Run the queue(s) the scheduler picks; [] when every queue is empty."""
-        pick = self.scheduler.pick(self.queues.lengths)
-        if pick is None:
-            return []
-        b, slot = pick
-        if self.group_block:
-            slots = [s for s in range(len(self.expert_of[b])) if self.queues.lengths[b, s] > 0]
-            # The picked queue first, so a batch limit never starves the scheduler's choice.
-            slots.remove(slot)
-            slots.insert(0, slot)
-        else:
-            slots = [slot]
-        return self._run(b, slots, self.max_batch)
+        return self._run(next_expert_step(self.queues, self.scheduler, self.max_batch, self.group_block))
 
     def drain_block(self, b: int) -> list[Reply]:
         """Lockstep: run every queue of block b completely."""
-        slots = [s for s in range(len(self.expert_of[b])) if self.queues.lengths[b, s] > 0]
-        return self._run(b, slots, None)
+        return self._run(drain_block_step(self.queues, b))
 
     def _upcoming(self, b: int, limit: int = 8) -> list[tuple[int, int]]:
         """Prefetch hints, so weights load while this step computes (and while the attention
@@ -117,26 +106,15 @@ class ExpertCore:
         keys += [(nb, e) for e in self._last_run.get(nb, []) if (nb, e) not in keys]
         return keys[:limit]
 
-    def _run(self, b: int, slots: list[int], budget: Optional[int]) -> list[Reply]:
-        chunks: list[Chunk] = []
-        experts: list[int] = []
-        counts: list[int] = []
-        left = budget
-        for s in slots:
-            if left is not None and left <= 0:
-                break
-            got = self.queues.pop(b, s, left)
-            n = sum(c.y_RD.shape[0] for c in got)
-            if n == 0:
-                continue
-            chunks.extend(got)
-            experts.append(self.expert_of[b][s])
-            counts.append(n)
-            self.counters.record_batch(b, s, n)
-            if left is not None:
-                left -= n
-        if not chunks:
+    def _run(self, step: Optional[ExpertStep]) -> list[Reply]:
+        if step is None:
             return []
+        b = step.block
+        chunks: list[Chunk] = [c for got in step.items for c in got]
+        experts = [self.expert_of[b][s] for s in step.slots]
+        counts = step.rows
+        for s, n in zip(step.slots, step.rows):
+            self.counters.record_batch(b, s, n)
         y_RD = torch.cat([c.y_RD for c in chunks]) if len(chunks) > 1 else chunks[0].y_RD
         if self.hints:
             out_RD = self.experts.run_grouped(b, experts, counts, y_RD, upcoming=self._upcoming(b))

@@ -4,13 +4,13 @@ ranks, collects sampled tokens, frees state on finish or cancel."""
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
 from typing import Callable, Iterable, Optional
 
 from amoe_serve.engine.admission import Admission, Limits
 from amoe_serve.engine.protocol import Tag
 from amoe_serve.engine.topology import Topology
 from amoe_serve.requests_io import GenerateRequest, GenerateResult
+from amoe_serve.token_events import TokenEvent
 from amoe_transport import Message, Transport
 
 
@@ -21,7 +21,7 @@ class RankFailed(RuntimeError):
 class Gateway:
     def __init__(self, transport: Transport, topo: Topology, limits: Limits,
                  max_poll_sleep: float = 0.002,
-                 on_event: Optional[Callable[[str, Optional[int], Optional[str], Optional[str]], None]] = None):
+                 on_event: Optional[Callable[[TokenEvent], None]] = None):
         self.t = transport
         self.topo = topo
         self.limits = limits
@@ -49,20 +49,17 @@ class Gateway:
     def _place(self) -> None:
         for req, rank in self.adm.next_placements():
             self.t.isend(rank, Tag.REQUEST, {"id": req.id, "prompt_token_ids": req.prompt_token_ids,
-                                             "params": asdict(req.params)})
+                                             "params": req.params.to_dict()})
 
     def handle(self, m: Message) -> None:
         if m.tag == Tag.TOKENS:
-            for rid, tok, reason, err in m.header["events"]:
-                res = self.results[rid]
-                if tok is not None:
-                    res.output_token_ids.append(tok)
-                if reason is not None:
-                    res.finish_reason = reason
-                    res.error = err
-                    self.adm.release(rid)
+            for w in m.header["events"]:
+                ev = TokenEvent.from_wire(w)
+                self.results[ev.request_id].record(ev)
+                if ev.finish_reason is not None:
+                    self.adm.release(ev.request_id)
                 if self.on_event is not None:
-                    self.on_event(rid, tok, reason, err)
+                    self.on_event(ev)
             self._place()
         elif m.tag == Tag.STATS:
             self.stats[m.src] = m.header

@@ -70,7 +70,12 @@ def make_attention_core(cfg: AmoeConfig, spec: ModelSpec, place: Placement, devi
         # Draws seeded by rank too: data-parallel attention ranks must not draw identical sequences.
         skew = ExponentialSkew(spec.num_blocks, spec.num_experts, r.top_k or spec.top_k, r.rate, r.seed,
                                r.affinity, stream=rank)
-    return AttentionCore(model, place, kv, alloc, spec.eos_token_ids, skew, r.trace_window_tokens)
+    def grammar():
+        from amoe_serve.sampler.grammar import backend_for  # xgrammar loads only if a request needs it
+
+        return backend_for(cfg.model.path, spec.vocab_size, spec.eos_token_ids)
+
+    return AttentionCore(model, place, kv, alloc, spec.eos_token_ids, skew, r.trace_window_tokens, grammar)
 
 
 def make_expert_core(cfg: AmoeConfig, spec: ModelSpec, pairs: list[tuple[int, int]],

@@ -56,10 +56,7 @@ class LocalEngine:
             events, new = self.core.sample(batch)
             ready.extend(new)
             for ev in events:
-                res = results[ev.request_id]
-                if ev.token is not None:
-                    res.output_token_ids.append(ev.token)
+                results[ev.request_id].record(ev)
                 if ev.finish_reason is not None:
-                    res.finish_reason, res.error = ev.finish_reason, ev.error
                     adm.release(ev.request_id)
         return results

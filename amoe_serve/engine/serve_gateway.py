@@ -8,7 +8,8 @@ Link messages (JSON frames), client -> gateway:
                                     "serving": {"kv_blocks_per_rank", "connections", "draining"}}}
   {"type": "ping", "seq"}       -> {"type": "pong", "seq", "healthy": bool, "draining": bool}
 gateway -> client:
-  {"type": "tokens", "events": [[id, token, finish_reason, error], ...]}
+  {"type": "tokens", "events": [[id, token, finish_reason, error(, logprobs, prompt_logprobs)], ...]}
+                                 (token_events.TokenEvent.to_wire)
   {"type": "rejected", "id", "status": 400 | 429 | 503, "error", "retry_after"?}   503: draining
 Request ids are the client's; the gateway namespaces them per connection, and a connection
 that closes has all its requests cancelled (their KV freed).
@@ -28,12 +29,14 @@ launcher restarts it.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Optional
 
+from amoe_serve import link_wire as wire
 from amoe_serve.config import AmoeConfig
 from amoe_serve.engine.gateway import RankFailed
 from amoe_serve.engine.job import make_gateway
@@ -42,6 +45,7 @@ from amoe_serve.engine.protocol import Tag
 from amoe_serve.model import ModelSpec
 from amoe_serve.requests_io import GenerateRequest
 from amoe_serve.sampler import SamplingParams
+from amoe_serve.token_events import TokenEvent
 from amoe_transport import Transport
 
 STATS_INTERVAL_S = 0.5
@@ -60,7 +64,8 @@ class ServingGateway:
         lk = cfg.link
         info = {"name": lk.model_name, "max_model_len": self.gw.limits.max_model_len,
                 "vocab_size": spec.vocab_size, "eos_token_ids": list(spec.eos_token_ids),
-                "max_queued_requests": lk.max_queued_requests}
+                "max_queued_requests": lk.max_queued_requests,
+                "structured_output": (Path(cfg.model.path) / "tokenizer.json").is_file()}
         self.server = LinkServer(lk.host, lk.port, lk.token or "", {"info": info},
                                  lk.max_frame_bytes, lk.auth_timeout_s)
         self.owner: dict[str, tuple[int, str]] = {}        # internal id -> (connection, client id)
@@ -126,15 +131,16 @@ class ServingGateway:
             self.server.poll(0.01)
 
     # ---- data plane -> clients -----------------------------------------------------------
-    def _on_event(self, rid: str, tok: Optional[int], reason: Optional[str], err: Optional[str]) -> None:
-        if reason is not None:
+    def _on_event(self, ev: TokenEvent) -> None:
+        rid = ev.request_id
+        if ev.finish_reason is not None:
             self.gw.results.pop(rid, None)
         owner = self.owner.get(rid)
         if owner is None:  # its connection is gone; the request is being cancelled
             return
         cid, crid = owner
-        self.out[cid].append([crid, tok, reason, err])
-        if reason is not None:
+        self.out[cid].append(ev.renamed(crid).to_wire())
+        if ev.finish_reason is not None:
             del self.owner[rid]
             self.by_conn[cid].discard(rid)
 
@@ -162,7 +168,7 @@ class ServingGateway:
             return
         try:
             params = SamplingParams.from_dict(msg.get("params") or {})
-            params.validate()
+            params.check_vocab(V)
         except (ValueError, TypeError) as e:
             self._reject(cid, crid, 400, str(e))
             return
@@ -185,7 +191,7 @@ class ServingGateway:
         if rid in self.owner:
             self.gw.cancel(rid)
             if rid not in self.gw.adm.placed:  # was still waiting: nothing runs, finish it now
-                self._on_event(rid, None, "abort", None)
+                self._on_event(TokenEvent(rid, None, "abort"))
 
     def _link(self, ev: LinkEvent) -> None:
         if ev.msg is None:  # connection lost: cancel everything it had in flight
@@ -254,10 +260,21 @@ class ServingGateway:
                 self._drain_step()
             for cid, evs in self.out.items():
                 if evs:
-                    self.server.send(cid, {"type": "tokens", "events": evs})
+                    self._send_events(cid, evs)
             self.out.clear()
             self._answer_stats()
             sleep = 0.0 if (events or msgs) else min(self.max_sleep, max(2e-5, sleep * 2))
+
+    def _send_events(self, cid: int, evs: list) -> None:
+        frames, too_big = frame_events(evs, wire.MAX_FRAME_BYTES)
+        for crid in too_big:  # failed in its frame; its request must stop and leave the tables
+            rid = next((r for r, (c, cr) in self.owner.items() if c == cid and cr == crid), None)
+            if rid is not None:
+                self.gw.cancel(rid)
+                del self.owner[rid]
+                self.by_conn[cid].discard(rid)
+        for frame in frames:
+            self.server.send(cid, {"type": "tokens", "events": frame})
 
     def _heartbeat(self, now: float) -> None:
         if now - self._last_hb >= self.hb_interval:
@@ -273,6 +290,34 @@ class ServingGateway:
     def fail_all(self, error: str) -> None:
         for rid, (cid, crid) in list(self.owner.items()):
             self.server.send(cid, {"type": "tokens", "events": [[crid, None, "error", error]]})
+
+
+def frame_events(evs: list, frame_bytes: int) -> tuple[list[list], list]:
+    """Wire token events in as few link frames as fit. An event that alone exceeds a frame (a
+    huge prompt_logprobs answer) becomes an error event for its own request (returned ids), so
+    one request cannot break the link for the others."""
+    budget = frame_bytes - 64
+    frames: list[list] = []
+    frame: list = []
+    size = 0
+    too_big = []
+    for ev in evs:
+        # Only events with logprobs can be large: the rest are sized without encoding them.
+        n = 1 + (len(json.dumps(ev, separators=(",", ":"))) if len(ev) > 4
+                 else 6 * (len(ev[0]) + len(ev[3] or "")) + 64)
+        if n > budget:
+            too_big.append(ev[0])
+            ev = [ev[0], None, "error", f"the answer with its logprobs ({n} bytes) exceeds the link frame "
+                                        f"limit of {frame_bytes} bytes: ask for fewer logprobs"]
+            n = 6 * (len(ev[0]) + len(ev[3])) + 64
+        if frame and size + n > budget:
+            frames.append(frame)
+            frame, size = [], 0
+        frame.append(ev)
+        size += n
+    if frame:
+        frames.append(frame)
+    return frames, too_big
 
 
 def gateway_serve(cfg: AmoeConfig, transport: Transport, address_file: Optional[str]) -> None:

@@ -74,12 +74,16 @@ class ChatTemplate:
             except Exception as exc:
                 raise ValueError(f"invalid chat template: {exc}") from None
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def render(self, messages: list[dict], add_generation_prompt: bool = True,
+               template_kwargs: Optional[dict] = None) -> str:
+        """template_kwargs (the request's chat_template_kwargs) are extra Jinja variables; the
+        default template has none to use."""
         msgs = [_normalize(m) for m in messages]
         if not self.source:
             out = "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in msgs)
             return out + ("<|assistant|>\n" if add_generation_prompt else "")
-        return _render_jinja(self.source, msgs, add_generation_prompt, self.bos_token, self.eos_token)
+        return _render_jinja(self.source, msgs, add_generation_prompt, self.bos_token, self.eos_token,
+                             template_kwargs or {})
 
 
 def _normalize(m: dict) -> dict:
@@ -129,12 +133,20 @@ def _compile(source: str):
     return tmpl
 
 
-def _render_jinja(source: str, messages: list[dict], add_generation_prompt: bool, bos: str, eos: str) -> str:
+_RESERVED = ("messages", "add_generation_prompt", "bos_token", "eos_token")
+
+
+def _render_jinja(source: str, messages: list[dict], add_generation_prompt: bool, bos: str, eos: str,
+                  extra: dict) -> str:
     from jinja2.exceptions import TemplateError
 
+    clash = [k for k in extra if k in _RESERVED]
+    if clash:
+        raise ChatTemplateError(f"chat_template_kwargs must not set {', '.join(clash)}")
     try:
+        variables = {"tools": None, "documents": None, **extra}
         return _compile(source).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                       bos_token=bos, eos_token=eos, tools=None, documents=None)
+                                       bos_token=bos, eos_token=eos, **variables)
     except TemplateError as exc:
         raise ChatTemplateError(f"chat template error: {exc}") from None
     except Exception as exc:  # a template can fail in many ways on odd input; it is the client's input

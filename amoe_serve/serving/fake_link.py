@@ -6,6 +6,9 @@ eos (unless ignore_eos) and stop_token_ids like the real engine, and can simulat
 429/503 refusals (`fail_status`), a data plane going down (`down`), and a mid-stream error
 (`error_after`). Every request is recorded in `requests`; requests closed before they finished
 (the `aclose()` of the ingress) are recorded in `cancels`.
+
+With `logprobs` / `prompt_logprobs` in the params it sends made-up logprobs of a fixed shape:
+token t has logprob -0.5 (rank 1), and the top k are t, t+1, ... with -0.5, -1.5, ...
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import asyncio
 import itertools
 from typing import AsyncIterator, Optional
 
+from amoe_serve.sampler.logprobs import TokenLogprobs
 from amoe_serve.serving.link_api import DataPlaneError, GenEvent, ModelInfo
 
 
@@ -106,13 +110,22 @@ class FakeLink:
                     reason = None
                 if reason is not None:
                     done = True
-                yield GenEvent(tok, reason)
+                ev = GenEvent(tok, reason)
+                if params.get("logprobs") is not None:
+                    ev.logprobs = self.fake_logprobs(tok, params["logprobs"])
+                if i == 0 and params.get("prompt_logprobs") is not None:
+                    ev.prompt_logprobs = [None] + [self.fake_logprobs(t, params["prompt_logprobs"]) for t in prompt[1:]]
+                yield ev
                 if reason is not None:
                     return
             done = True
         finally:
             self.active -= 1
             (self.finished if done else self.cancels).append(rid)
+
+    def fake_logprobs(self, tok: int, k: int) -> TokenLogprobs:
+        V = self.info.vocab_size
+        return TokenLogprobs(-0.5, 1, [((tok + j) % V, -0.5 - j) for j in range(k)])
 
     async def stats(self) -> dict:
         if self.down:

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Optional, Protocol
 
+from amoe_serve.sampler.logprobs import TokenLogprobs
+
 
 class DataPlaneError(Exception):
     """The data plane refused or failed a request. `status` is the HTTP status the ingress
@@ -28,6 +30,7 @@ class ModelInfo:
     vocab_size: int
     eos_token_ids: list[int] = field(default_factory=list)
     max_queued_requests: int = 0
+    structured_output: bool = True  # the data plane can build grammar masks (its checkpoint has a tokenizer)
 
 
 @dataclass
@@ -35,6 +38,8 @@ class GenEvent:
     token: Optional[int]           # a newly sampled token id, or None on a pure finish event
     finish_reason: Optional[str]   # "stop" | "length" | "abort" | "error" on the last event, else None
     error: Optional[str] = None
+    logprobs: Optional[TokenLogprobs] = None  # of `token`, when the request asked for logprobs
+    prompt_logprobs: Optional[list[Optional[TokenLogprobs]]] = None  # first event, with prompt_logprobs
 
 
 class DataPlaneLink(Protocol):
@@ -43,8 +48,8 @@ class DataPlaneLink(Protocol):
     async def connect(self) -> ModelInfo: ...
 
     def generate(self, prompt_token_ids: list[int], params: dict) -> AsyncIterator[GenEvent]:
-        """Stream the request's tokens. `params` holds SamplingParams fields (max_tokens,
-        temperature, top_p, seed, stop_token_ids, ignore_eos). Raises DataPlaneError. Closing the
+        """Stream the request's tokens. `params` holds SamplingParams fields
+        (`SamplingParams.to_dict()`). Raises DataPlaneError. Closing the
         iterator early (`aclose()`, e.g. the HTTP client went away) cancels the request in the
         data plane and frees its KV."""
         ...

@@ -13,6 +13,7 @@ from typing import AsyncIterator, Optional
 
 from amoe_serve import link_wire as wire
 from amoe_serve.serving.link_api import DataPlaneError, GenEvent, ModelInfo
+from amoe_serve.token_events import TokenEvent
 
 
 class LinkClient:
@@ -60,7 +61,7 @@ class LinkClient:
                 raise
             i = ready["info"]
             self.info = ModelInfo(i["name"], i["max_model_len"], i["vocab_size"], list(i.get("eos_token_ids", [])),
-                                  i.get("max_queued_requests", 0))
+                                  i.get("max_queued_requests", 0), bool(i.get("structured_output", False)))
             self._reader, self._writer = r, w
             self._task = asyncio.create_task(self._pump(r, frames))
             return self.info
@@ -84,7 +85,7 @@ class LinkClient:
                     break
                 for msg in frames.feed(data):
                     self._dispatch(msg)
-        except (OSError, wire.LinkProtocolError) as e:
+        except (OSError, wire.LinkProtocolError, ValueError, KeyError, TypeError) as e:
             why = f"link to the data plane failed: {e}"
         finally:
             err = DataPlaneError(why, 503)
@@ -101,10 +102,11 @@ class LinkClient:
     def _dispatch(self, msg: dict) -> None:
         kind = msg["type"]
         if kind == "tokens":
-            for rid, tok, reason, err in msg["events"]:
-                q = self._streams.get(rid)
+            for w in msg["events"]:
+                ev = TokenEvent.from_wire(w)
+                q = self._streams.get(ev.request_id)
                 if q is not None:
-                    q.put_nowait(GenEvent(tok, reason, err))
+                    q.put_nowait(GenEvent(ev.token, ev.finish_reason, ev.error, ev.logprobs, ev.prompt_logprobs))
         elif kind == "rejected":
             q = self._streams.get(msg.get("id"))
             if q is not None:

@@ -1,15 +1,18 @@
 """The OpenAI-compatible HTTP API: `build_app(models, settings) -> FastAPI`.
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health,
-GET /metrics. Each served model is a `ModelEntry` (a `DataPlaneLink` to its gateway plus the
+GET /metrics, and vLLM's POST /tokenize, POST /detokenize, GET /tokenizer_info. Each served model is a `ModelEntry` (a `DataPlaneLink` to its gateway plus the
 checkpoint's tokenizer and chat template); the app only talks to the data plane through the
 link protocol of `link_api`.
 
 Decisions (see also the module docs of `protocol`, `chat`, `settings`):
-- One prompt per request: `prompt` is a string, a list of token ids, or a one-element list of
-  either; a batch of several prompts is answered 400. `n` must be 1, `echo` false, `logprobs` null.
-- Unknown request fields are ignored; known fields with wrong types are 422 (schema), values
-  that are out of range are 400. Every error body is `{"error": {message, type, param, code}}`.
+- vLLM's semantics for completions and chat (see docs/api.md): batched prompts, `n`, `echo`,
+  `logprobs` / `top_logprobs` / `prompt_logprobs`, penalties, `logit_bias`, `top_k`, `min_p`,
+  `min_tokens`, structured output; request -> data-plane parameters in `sampling_args`,
+  answers in `respond`, one data-plane request per prompt and sample in `generation`.
+- Unknown request fields are ignored, except those vLLM knows and this server does not
+  implement (`sampling_args.UNSUPPORTED`: 400 naming them); known fields with wrong types are
+  422 (schema), values that are out of range are 400. Every error body is `{"error": {message, type, param, code}}`.
 - Authentication (`settings.api_keys` non-empty) applies to /v1/*; /health and /metrics stay open.
 - Model: the body's `model`, else the `serve_multiplexed_model_id` header, else the only model.
 - Defaults for temperature/top_p come from the checkpoint's generation_config.json
@@ -28,12 +31,9 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import inspect
 import json
 import logging
-import math
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, AsyncIterator, Optional
 
@@ -43,10 +43,17 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
-from amoe_serve.link_wire import LinkProtocolError
-from amoe_serve.sampler import SamplingParams
-from amoe_serve.serving.chat import ChatTemplate, ChatTemplateError, encode_chat
-from amoe_serve.serving.link_api import DataPlaneError, DataPlaneLink
+from amoe_serve.sampler import MAX_LOGPROBS
+from amoe_serve.serving.chat import ChatTemplate
+from amoe_serve.serving.errors import APIError, retry_after, validation_message
+from amoe_serve.serving.generation import Generation
+from amoe_serve.serving.link_api import DataPlaneLink
+from amoe_serve.serving.logprobs_out import token_str_fn
+from amoe_serve.serving.prompts import render_chat
+from amoe_serve.serving.respond import Choice, Shape, final_body, sse_chunks
+from amoe_serve.serving.sampling_args import (Prepared, check_common, check_ids, prepare, refuse_unsupported,
+                                              sample_seed, structured_spec)
+from amoe_serve.serving.tokenize_routes import add_tokenizer_routes
 from amoe_serve.serving.metrics import CONTENT_TYPE, ServingMetrics
 from amoe_serve.serving.protocol import (
     ChatCompletionChunk,
@@ -55,10 +62,11 @@ from amoe_serve.serving.protocol import (
     CompletionChunk,
     CompletionRequest,
     CompletionResponse,
+    DetokenizeRequest,
+    TokenizeRequest,
     ErrorResponse,
     HealthResponse,
     ModelList,
-    error_body,
     new_id,
     now,
 )
@@ -67,14 +75,8 @@ from amoe_serve.serving.settings import ServingConfig
 log = logging.getLogger(__name__)
 
 MULTIPLEX_HEADER = "serve_multiplexed_model_id"
-_ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
-_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-                405: "invalid_request_error", 413: "invalid_request_error", 422: "invalid_request_error",
-                429: "rate_limit_error", 500: "server_error", 503: "service_unavailable", 504: "timeout"}
-_SEED_MAX = 2**63 - 1
-# Longest stop_token_ids list: each generated token is looked up in it on the attention rank, and
-# the request must fit in one link frame.
-_MAX_STOP_TOKEN_IDS = 1024
+_ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics",
+              "/tokenize", "/detokenize", "/tokenizer_info")
 
 
 # ----------------------------------------------------------------------------- model entries
@@ -90,6 +92,7 @@ class ModelEntry:
     chat_template: ChatTemplate = field(default_factory=ChatTemplate)
     default_temperature: float = 1.0
     default_top_p: float = 1.0
+    tokenizer_config: dict = field(default_factory=dict)  # for /tokenizer_info
 
     @classmethod
     def from_checkpoint(cls, name: str, link: DataPlaneLink, path: str | Path | None) -> "ModelEntry":
@@ -100,7 +103,13 @@ class ModelEntry:
         tmpl = ChatTemplate.from_dir(path)
         tmpl.check()  # a broken template is a deployment error, not the clients'
         temp, top_p = 1.0, 1.0
+        tcfg: dict = {}
         if path is not None:
+            try:
+                tp = Path(path) / "tokenizer_config.json"
+                tcfg = json.loads(tp.read_text(encoding="utf-8")) if tp.is_file() else {}
+            except (ValueError, UnicodeDecodeError):
+                tcfg = {}
             gp = Path(path) / "generation_config.json"
             try:
                 gc = json.loads(gp.read_text(encoding="utf-8")) if gp.is_file() else {}
@@ -113,302 +122,8 @@ class ModelEntry:
             if isinstance(gc.get("top_p"), (int, float)) and 0 < gc["top_p"] <= 1:
                 top_p = float(gc["top_p"])
         return cls(name=name, link=link, tokenizer=tok, chat_template=tmpl,
-                   default_temperature=temp, default_top_p=top_p)
-
-
-# ----------------------------------------------------------------------------- errors
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, param: Optional[str] = None, code: Any = None,
-                 type_: Optional[str] = None, headers: Optional[dict] = None):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
-        self.code = code
-        self.type = type_ or _ERROR_TYPES.get(status, "invalid_request_error")
-        self.headers = headers or {}
-
-    def body(self) -> dict:
-        return error_body(self.message, self.type, self.param, self.code)
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
-
-
-def _retry_after(seconds: Optional[float], default: float) -> dict:
-    s = default if seconds is None or not math.isfinite(seconds) or seconds < 0 else seconds
-    return {"Retry-After": str(max(1, math.ceil(s)))}
-
-
-def _from_dataplane(exc: DataPlaneError, settings: ServingConfig) -> APIError:
-    status = exc.status if exc.status in (400, 429, 503) else 503
-    headers = _retry_after(exc.retry_after, settings.retry_after_s) if status in (429, 503) and (
-        status == 429 or exc.retry_after is not None) else None
-    code = {429: "overloaded", 503: "data_plane_unavailable"}.get(status)
-    return APIError(status, str(exc) or "data plane error", code=code, headers=headers)
-
-
-def _validation_message(exc: ValidationError | RequestValidationError) -> tuple[str, Optional[str]]:
-    parts, first = [], None
-    for err in exc.errors()[:5]:
-        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
-        where = ".".join(loc) or "body"
-        first = first or (loc[0] if loc else None)
-        parts.append(f"{where}: {err.get('msg', 'invalid')}")
-    return "; ".join(parts) or "invalid request", first
-
-
-# ----------------------------------------------------------------------------- decoding
-
-
-class IncrementalDecoder:
-    """Detokenizes a growing list of ids, emitting only stable text: the window
-    ids[prefix:] is decoded and compared with ids[prefix:read]; new text is released unless it
-    ends with U+FFFD (a UTF-8 character still split across tokens). `flush()` releases the rest."""
-
-    def __init__(self, tokenizer):
-        self.tok = tokenizer
-        self.ids: list[int] = []
-        self.prefix = 0
-        self.read = 0
-
-    def _delta(self, final: bool) -> str:
-        if self.tok is None:
-            return ""
-        prefix_text = self.tok.decode(self.ids[self.prefix:self.read])
-        new_text = self.tok.decode(self.ids[self.prefix:])
-        if len(new_text) > len(prefix_text) and (final or not new_text.endswith("\ufffd")):
-            self.prefix, self.read = self.read, len(self.ids)
-            return new_text[len(prefix_text):]
-        return ""
-
-    def add(self, token: int) -> str:
-        self.ids.append(token)
-        return self._delta(False)
-
-    def flush(self) -> str:
-        return self._delta(True)
-
-
-class OutputText:
-    """Generated text with stop strings: holds back the last (longest stop - 1) characters until
-    they cannot start a stop string, and cuts the text before the first stop string found."""
-
-    def __init__(self, tokenizer, stops: list[str]):
-        self.dec = IncrementalDecoder(tokenizer)
-        self.stops = stops
-        self.hold = max((len(s) for s in stops), default=1) - 1
-        self.text = ""
-        self.sent = 0
-        self.token_ids: list[int] = []
-        self._pending_ids: list[int] = []
-        self.stopped = False
-
-    def _append(self, delta: str) -> None:
-        if not delta or self.stopped:
-            return
-        start = max(0, len(self.text) - self.hold)
-        self.text += delta
-        best = -1
-        for s in self.stops:
-            i = self.text.find(s, start)
-            if i >= 0 and (best < 0 or i < best):
-                best = i
-        if best >= 0:
-            self.text = self.text[:best]
-            self.stopped = True
-
-    def add(self, token: int) -> str:
-        self.token_ids.append(token)
-        self._pending_ids.append(token)
-        self._append(self.dec.add(token))
-        return self._release(self.stopped)
-
-    def finish(self) -> str:
-        self._append(self.dec.flush())
-        return self._release(True)
-
-    def _release(self, final: bool) -> str:
-        limit = len(self.text) if final else max(self.sent, len(self.text) - self.hold)
-        out = self.text[self.sent:limit]
-        self.sent = limit
-        return out
-
-    def take_ids(self) -> list[int]:
-        ids, self._pending_ids = self._pending_ids, []
-        return ids
-
-
-# ----------------------------------------------------------------------------- generation
-
-
-class _LinkStream:
-    """The link's generate iterator, closed exactly once (closing cancels the data-plane request)."""
-
-    def __init__(self, it: AsyncIterator):
-        self.it = it
-        self.closed = False
-
-    async def next(self):
-        return await self.it.__anext__()
-
-    async def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        aclose = getattr(self.it, "aclose", None)
-        if aclose is None:
-            return
-
-        async def _do():
-            try:
-                await aclose()
-            except Exception:
-                log.exception("closing a data-plane stream failed")
-
-        # Shielded: a cancellation of the caller (client gone) must not cut the cancel short.
-        task = asyncio.ensure_future(_do())
-        try:
-            await asyncio.shield(task)
-        except asyncio.CancelledError:
-            pass
-
-
-@dataclass
-class _Piece:
-    text: str
-    token_ids: list[int]
-    finish_reason: Optional[str] = None
-
-
-class _Generation:
-    """One admitted request: iterates the link, decodes text, applies stop strings, records metrics."""
-
-    def __init__(self, app_state: "_AppState", entry: ModelEntry, endpoint: str, prompt_ids: list[int],
-                 params: dict, stops: list[str]):
-        self.s = app_state
-        self.entry = entry
-        self.endpoint = endpoint
-        self.prompt_ids = prompt_ids
-        self.params = params
-        self.out = OutputText(entry.tokenizer, stops)
-        self.t0 = time.monotonic()
-        self.deadline = self.t0 + app_state.settings.request_timeout_s if app_state.settings.request_timeout_s > 0 else None
-        self.t_last: Optional[float] = None
-        self.stream: Optional[_LinkStream] = None
-        self.finish_reason: Optional[str] = None
-        self._released = False
-        self._first: Optional[Any] = None
-        m = app_state.metrics
-        m.in_flight.labels(entry.name).inc()
-        m.prompt_tokens.labels(entry.name).inc(len(prompt_ids))
-
-    @property
-    def completion_tokens(self) -> int:
-        return len(self.out.token_ids)
-
-    def usage(self) -> dict:
-        n, c = len(self.prompt_ids), self.completion_tokens
-        return {"prompt_tokens": n, "completion_tokens": c, "total_tokens": n + c}
-
-    async def _next_event(self):
-        if self.deadline is None:
-            return await self.stream.next()
-        remaining = self.deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError
-        async with asyncio.timeout(remaining):
-            return await self.stream.next()
-
-    async def start(self) -> None:
-        """Submit and wait for the first event, so that refusals (429/503/400) happen before any
-        response byte is sent. Raises APIError."""
-        try:
-            it = self.entry.link.generate(self.prompt_ids, self.params)
-            if not hasattr(it, "__anext__") and inspect.isawaitable(it):  # an `async def` returning one
-                it = await it
-            self.stream = _LinkStream(it)
-            self._first = await self._next_event()
-        except StopAsyncIteration:
-            self._first = None
-        except DataPlaneError as exc:
-            raise _from_dataplane(exc, self.s.settings) from None
-        except LinkProtocolError as exc:  # e.g. the request does not fit in one link frame
-            raise APIError(400, f"the request is too large for the data-plane link: {exc}",
-                           code="request_too_large") from None
-        except TimeoutError:
-            raise APIError(504, f"request timed out after {self.s.settings.request_timeout_s:g} s",
-                           code="timeout") from None
-
-    async def pieces(self) -> AsyncIterator[_Piece]:
-        """Text/id deltas; the last piece has finish_reason. Raises APIError on failures."""
-        m = self.s.metrics
-        name = self.entry.name
-        ev = self._first
-        first = True
-        try:
-            while True:
-                if not first:
-                    try:
-                        ev = await self._next_event()
-                    except StopAsyncIteration:
-                        ev = None
-                first = False
-                if ev is None:  # iterator ended without a finish event
-                    self.finish_reason = "stop" if self.out.token_ids else "abort"
-                    yield _Piece(self.out.finish(), self.out.take_ids(), self.finish_reason)
-                    return
-                if ev.token is not None:
-                    t = time.monotonic()
-                    if self.t_last is None:
-                        m.ttft.labels(name).observe(t - self.t0)
-                    else:
-                        m.itl.labels(name).observe(t - self.t_last)
-                    self.t_last = t
-                    m.generated_tokens.labels(name).inc()
-                    text = self.out.add(int(ev.token))
-                    if self.out.stopped:
-                        await self.stream.close()  # cancel the rest in the data plane
-                        self.finish_reason = "stop"
-                        yield _Piece(text, self.out.take_ids(), "stop")
-                        return
-                    if ev.finish_reason is None:
-                        # Without a tokenizer there is no text to wait for: stream the ids.
-                        if text or self.entry.tokenizer is None:
-                            yield _Piece(text, self.out.take_ids())
-                        continue
-                else:
-                    text = ""
-                if ev.finish_reason == "error":
-                    raise APIError(503, f"data plane error: {ev.error or 'unknown'}", code="data_plane_error")
-                if ev.finish_reason is not None:
-                    text += self.out.finish()
-                    reason = "stop" if self.out.stopped else ev.finish_reason
-                    self.finish_reason = reason
-                    yield _Piece(text, self.out.take_ids(), reason)
-                    return
-        except DataPlaneError as exc:
-            raise _from_dataplane(exc, self.s.settings) from None
-        except TimeoutError:
-            raise APIError(504, f"request timed out after {self.s.settings.request_timeout_s:g} s",
-                           code="timeout") from None
-
-    async def release(self) -> None:
-        """Close the link stream (cancels an unfinished request) and free the admission slot."""
-        if self._released:
-            return
-        self._released = True
-        try:
-            if self.stream is not None:
-                await self.stream.close()
-        finally:
-            m = self.s.metrics
-            m.in_flight.labels(self.entry.name).dec()
-            m.latency.labels(self.endpoint, self.entry.name).observe(time.monotonic() - self.t0)
-            m.finished.labels(self.entry.name, self.finish_reason or "cancelled").inc()
-            self.s.active -= 1
+                   default_temperature=temp, default_top_p=top_p,
+                   tokenizer_config=tcfg if isinstance(tcfg, dict) else {})
 
 
 # ----------------------------------------------------------------------------- responses
@@ -428,13 +143,6 @@ async def _wait_disconnect(receive) -> None:
 
 class _ClientGone(Exception):
     pass
-
-
-def _sse(obj: Any) -> bytes:
-    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
-
-
-_DONE = b"data: [DONE]\n\n"
 
 
 class SSEResponse(Response):
@@ -534,6 +242,7 @@ def _openapi_document(app: FastAPI) -> dict:
     if app.openapi_schema is None:
         doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
         _, defs = models_json_schema([(CompletionRequest, "validation"), (ChatCompletionRequest, "validation"),
+                                      (TokenizeRequest, "validation"), (DetokenizeRequest, "validation"),
                                       (CompletionChunk, "serialization"), (ChatCompletionChunk, "serialization")],
                                      ref_template="#/components/schemas/{model}")
         comps = doc.setdefault("components", {})
@@ -579,7 +288,7 @@ def build_app(links: dict[str, ModelEntry], settings: Optional[ServingConfig] = 
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
-        msg, param = _validation_message(exc)
+        msg, param = validation_message(exc)
         return APIError(422, msg, param=param).response()
 
     @app.exception_handler(StarletteHTTPException)
@@ -669,7 +378,7 @@ def build_app(links: dict[str, ModelEntry], settings: Optional[ServingConfig] = 
         try:
             return model_cls.model_validate(data)
         except ValidationError as exc:
-            msg, param = _validation_message(exc)
+            msg, param = validation_message(exc)
             raise APIError(422, msg, param=param) from None
         except RecursionError:
             raise APIError(422, "request body is nested too deeply") from None
@@ -690,99 +399,60 @@ def build_app(links: dict[str, ModelEntry], settings: Optional[ServingConfig] = 
         request.state.amoe_model = entry.name
         return entry
 
-    def check_ids(entry: ModelEntry, ids: list[int], what: str) -> None:
-        vocab = entry.link.info.vocab_size
-        for t in ids:
-            if not (0 <= t < vocab):
-                raise APIError(400, f"{what} contains token id {t}, outside the vocabulary [0, {vocab})",
-                               param=what)
-
-    def sampling(entry: ModelEntry, req, prompt_ids: list[int], max_tokens: Optional[int],
-                 default_max: Optional[int]) -> tuple[dict, list[str]]:
-        if req.n != 1:
-            raise APIError(400, f"n={req.n} is not supported: only n=1", param="n")
-        max_len = entry.link.info.max_model_len
-        n = len(prompt_ids)
-        if n == 0:
-            raise APIError(400, "the prompt is empty", param="prompt")
-        prompt_limit = max_len - 1
-        if settings.max_prompt_tokens > 0:
-            prompt_limit = min(prompt_limit, settings.max_prompt_tokens)
-        if n > prompt_limit:
-            raise APIError(400, f"the prompt has {n} tokens, more than the limit of {prompt_limit} "
-                                f"(max_model_len {max_len})", param="prompt", code="context_length_exceeded")
-        room = max_len - n
-        limit = settings.max_tokens_limit
-        if max_tokens is None:
-            mt = room if default_max is None else default_max
-            mt = min(mt, room)
-            if limit > 0:
-                mt = min(mt, limit)
-        else:
-            mt = max_tokens
-            if mt < 1:
-                raise APIError(400, f"max_tokens must be >= 1, got {mt}", param="max_tokens")
-            if limit > 0 and mt > limit:
-                raise APIError(400, f"max_tokens={mt} exceeds the limit of {limit}", param="max_tokens")
-            if n + mt > max_len:
-                raise APIError(400, f"prompt ({n} tokens) + max_tokens ({mt}) exceeds max_model_len ({max_len})",
-                               param="max_tokens", code="context_length_exceeded")
-        stops = req.stop_list()
-        if stops:
-            if entry.tokenizer is None:
-                raise APIError(400, f"model {entry.name!r} has no tokenizer: text stop strings are not supported",
-                               param="stop")
-            if len(stops) > settings.max_stop_strings:
-                raise APIError(400, f"at most {settings.max_stop_strings} stop strings", param="stop")
-            if any(s == "" for s in stops):
-                raise APIError(400, "stop strings must not be empty", param="stop")
-        stop_ids = list(req.stop_token_ids or [])
-        if len(stop_ids) > _MAX_STOP_TOKEN_IDS:
-            raise APIError(400, f"at most {_MAX_STOP_TOKEN_IDS} stop_token_ids, got {len(stop_ids)}",
-                           param="stop_token_ids")
-        check_ids(entry, stop_ids, "stop_token_ids")
-        if req.seed is not None and not (0 <= req.seed <= _SEED_MAX):
-            raise APIError(400, f"seed must be in [0, 2^63), got {req.seed}", param="seed")
-        params = {
-            "max_tokens": mt,
-            "temperature": entry.default_temperature if req.temperature is None else req.temperature,
-            "top_p": entry.default_top_p if req.top_p is None else req.top_p,
-            "seed": req.seed,
-            "stop_token_ids": stop_ids,
-            "ignore_eos": req.ignore_eos,
-        }
-        try:
-            SamplingParams.from_dict(params)
-        except ValueError as exc:
-            raise APIError(400, str(exc)) from None
-        return params, stops
-
-    def admit() -> None:
-        if st.active >= settings.max_concurrent_requests:
+    def admit(k: int) -> None:
+        if st.active + k > settings.max_concurrent_requests:
             raise APIError(429, f"too many requests in flight on this replica "
                                 f"(max_concurrent_requests={settings.max_concurrent_requests}); retry later",
-                           code="too_many_requests", headers=_retry_after(None, settings.retry_after_s))
-        st.active += 1
+                           code="too_many_requests", headers=retry_after(None, settings.retry_after_s))
+        st.active += k
 
-    async def run(request: Request, entry: ModelEntry, endpoint: str, prompt_ids: list[int], params: dict,
-                  stops: list[str], stream: bool, include_usage: bool, shape: str) -> Response:
-        admit()
-        gen = _Generation(st, entry, endpoint, prompt_ids, params, stops)
+    async def run(request: Request, entry: ModelEntry, endpoint: str, kind: str, req,
+                  prepared: list[Prepared], echo_texts: Optional[list[str]], logprobs: Optional[int]) -> Response:
+        """Submit n generations per prompt, wait for each one's first event (refusals are HTTP
+        errors before any byte is sent), then answer whole or as a stream."""
+        n = req.n
+        admit(len(prepared) * n)
+        choices: list[Choice] = []
+        for i, prep in enumerate(prepared):
+            for j in range(n):
+                params = prep.params if j == 0 else replace(prep.params, seed=sample_seed(prep.params.seed, j))
+                gen = Generation(st, entry, endpoint, prep.prompt_ids, params, prep.stops,
+                                 req.include_stop_str_in_output, req.skip_special_tokens)
+                choices.append(Choice(i * n + j, gen, j == 0, None if echo_texts is None else echo_texts[i],
+                                      logprobs, req.prompt_logprobs is not None))
+
+        async def release_all() -> None:
+            for c in choices:
+                await c.gen.release()
+
         try:
-            await _race_disconnect(request, gen.start(), watch_disconnect)
+            await _race_disconnect(request, asyncio.gather(*(c.gen.start() for c in choices)), watch_disconnect)
         except BaseException:
-            await gen.release()
+            await release_all()
             raise
-        rid = new_id("chatcmpl" if shape == "chat" else "cmpl")
-        created = now()
-        if not stream:
+        shape = Shape(kind, new_id("chatcmpl" if kind == "chat" else "cmpl"), now(), entry.name,
+                      token_str_fn(entry.tokenizer, req.return_tokens_as_token_ids))
+        if not req.stream:
             try:
-                text, ids, reason = await _race_disconnect(request, _collect(gen), watch_disconnect)
+                body = await _race_disconnect(request, final_body(shape, choices), watch_disconnect)
             finally:
-                await gen.release()
-            return JSONResponse(_final_body(shape, rid, created, entry.name, text, ids, reason, gen.usage()))
-        return SSEResponse(_sse_chunks(gen, shape, rid, created, entry.name, include_usage), gen.release,
-                           watch_disconnect)
+                await release_all()
+            return JSONResponse(body)
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return SSEResponse(sse_chunks(shape, choices, include_usage), release_all, watch_disconnect)
+
+    def prompt_ids_of(entry: ModelEntry, prompt) -> tuple[list[int], Optional[str]]:
+        """Token ids of one prompt and its text (for echo)."""
+        if isinstance(prompt, str):
+            if entry.tokenizer is None:
+                raise APIError(400, f"model {entry.name!r} has no tokenizer: send the prompt as token ids",
+                               param="prompt")
+            if not prompt:
+                raise APIError(400, "the prompt is empty", param="prompt")
+            return entry.tokenizer.encode(prompt), prompt
+        ids = list(prompt)
+        check_ids(ids, entry.link.info.vocab_size, "prompt")
+        return ids, None
 
     # -------------------------------------------------------------- routes
 
@@ -791,57 +461,64 @@ def build_app(links: dict[str, ModelEntry], settings: Optional[ServingConfig] = 
     @app.post("/v1/completions", **_gen_route_doc(CompletionRequest, CompletionResponse, CompletionChunk))
     async def completions(request: Request):
         check_auth(request)
-        req: CompletionRequest = parse(CompletionRequest, await read_json(request))
+        body = await read_json(request)
+        req: CompletionRequest = parse(CompletionRequest, body)
         entry = select(request, req.model)
-        if req.echo:
-            raise APIError(400, "echo=true is not supported", param="echo")
-        if req.logprobs is not None:
-            raise APIError(400, "logprobs are not supported", param="logprobs")
-        if req.suffix is not None:
-            raise APIError(400, "suffix is not supported", param="suffix")
+        refuse_unsupported(body)
+        if req.best_of is not None and req.best_of != 1:
+            raise APIError(400, "best_of is not supported (vLLM removed it); use n", param="best_of")
+        if req.logprobs is not None and not 0 <= req.logprobs <= MAX_LOGPROBS:
+            raise APIError(400, f"logprobs must be in [0, {MAX_LOGPROBS}], got {req.logprobs}", param="logprobs")
+        check_common(req, entry, settings)
         prompt = req.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-            if len(prompt) != 1:
-                raise APIError(400, f"batched prompts are not supported: send one prompt per request "
-                                    f"(got {len(prompt)})", param="prompt")
-            prompt = prompt[0]
-        if isinstance(prompt, str):
-            if entry.tokenizer is None:
-                raise APIError(400, f"model {entry.name!r} has no tokenizer: send the prompt as token ids",
-                               param="prompt")
-            if not prompt:
-                raise APIError(400, "the prompt is empty", param="prompt")
-            ids = entry.tokenizer.encode(prompt)
-        else:
-            ids = list(prompt)
-            check_ids(entry, ids, "prompt")
-        params, stops = sampling(entry, req, ids, req.max_tokens, settings.default_max_tokens)
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return await run(request, entry, "/v1/completions", ids, params, stops, req.stream, include_usage,
-                         "completion")
+        batch = prompt if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)) else [prompt]
+        if len(batch) * req.n > settings.max_concurrent_requests:
+            raise APIError(400, f"{len(batch)} prompts x n={req.n} is more than this replica's "
+                                f"max_concurrent_requests ({settings.max_concurrent_requests})", param="prompt")
+        structured = structured_spec(req, entry)
+        # Echo with logprobs needs the prompt tokens' logprobs from the data plane.
+        plp = req.prompt_logprobs
+        if req.echo and req.logprobs is not None:
+            plp = max(req.logprobs, plp or 0)
+        prepared, echo_texts = [], []
+        for p in batch:
+            ids, text = prompt_ids_of(entry, p)
+            prep = prepare(entry, settings, req, ids, req.max_tokens, settings.default_max_tokens,
+                           req.logprobs, plp, structured)
+            prepared.append(prep)
+            if req.echo:
+                echo_texts.append(text if text is not None and prep.prompt_ids == ids else
+                                  (entry.tokenizer.decode(prep.prompt_ids, req.skip_special_tokens)
+                                   if entry.tokenizer is not None else ""))
+        return await run(request, entry, "/v1/completions", "completion", req, prepared,
+                         echo_texts if req.echo else None, req.logprobs)
 
     @app.post("/v1/chat/completions",
               **_gen_route_doc(ChatCompletionRequest, ChatCompletionResponse, ChatCompletionChunk))
     async def chat_completions(request: Request):
         check_auth(request)
-        req: ChatCompletionRequest = parse(ChatCompletionRequest, await read_json(request))
+        body = await read_json(request)
+        req: ChatCompletionRequest = parse(ChatCompletionRequest, body)
         entry = select(request, req.model)
-        if req.logprobs:
-            raise APIError(400, "logprobs are not supported", param="logprobs")
+        refuse_unsupported(body)
         if entry.tokenizer is None:
             raise APIError(400, f"model {entry.name!r} has no tokenizer: use /v1/completions with token ids",
                            param="model")
-        messages = [m.model_dump(exclude_none=False) for m in req.messages]
-        try:
-            text = entry.chat_template.render(messages, add_generation_prompt=req.add_generation_prompt)
-        except ChatTemplateError as exc:
-            raise APIError(400, str(exc), param="messages") from None
-        ids = encode_chat(entry.tokenizer, entry.chat_template, text)
+        if req.top_logprobs is not None:
+            if not 0 <= req.top_logprobs <= MAX_LOGPROBS:
+                raise APIError(400, f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {req.top_logprobs}",
+                               param="top_logprobs")
+            if not req.logprobs:
+                raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+        check_common(req, entry, settings)
+        ids = render_chat(entry, req.messages, req.add_generation_prompt, req.chat_template_kwargs)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        params, stops = sampling(entry, req, ids, max_tokens, None)
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return await run(request, entry, "/v1/chat/completions", ids, params, stops, req.stream, include_usage,
-                         "chat")
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        prep = prepare(entry, settings, req, ids, max_tokens, None, logprobs, req.prompt_logprobs,
+                       structured_spec(req, entry))
+        return await run(request, entry, "/v1/chat/completions", "chat", req, [prep], None, logprobs)
+
+    add_tokenizer_routes(app, check_auth, read_json, parse, select, _body_doc, _errors)
 
     @app.get("/v1/models", response_model=None, openapi_extra={"security": [{"bearerAuth": []}]},
              responses={200: {"model": ModelList}, **_errors({401: "missing or invalid API key"})})
@@ -900,67 +577,3 @@ async def _race_disconnect(request: Request, coro, watch: bool = True):
             if not t.done():
                 t.cancel()
         await asyncio.gather(task, watch, return_exceptions=True)
-
-
-async def _collect(gen: _Generation) -> tuple[str, list[int], str]:
-    text, ids, reason = [], [], None
-    async for p in gen.pieces():
-        text.append(p.text)
-        ids.extend(p.token_ids)
-        reason = p.finish_reason or reason
-    return "".join(text), ids, reason or "stop"
-
-
-def _final_body(shape: str, rid: str, created: int, model: str, text: str, ids: list[int], reason: str,
-                usage: dict) -> dict:
-    if shape == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason,
-                  "logprobs": None, "token_ids": ids}
-        obj = "chat.completion"
-    else:
-        choice = {"index": 0, "text": text, "finish_reason": reason, "logprobs": None, "token_ids": ids}
-        obj = "text_completion"
-    return {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice], "usage": usage}
-
-
-async def _sse_chunks(gen: _Generation, shape: str, rid: str, created: int, model: str,
-                      include_usage: bool) -> AsyncIterator[bytes]:
-    obj = "chat.completion.chunk" if shape == "chat" else "text_completion"
-
-    def chunk(text: Optional[str], ids: list[int], reason: Optional[str], role: bool = False) -> dict:
-        if shape == "chat":
-            delta: dict = {}
-            if role:
-                delta["role"] = "assistant"
-            if text is not None:
-                delta["content"] = text
-            choice = {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None, "token_ids": ids}
-        else:
-            choice = {"index": 0, "text": text or "", "finish_reason": reason, "logprobs": None, "token_ids": ids}
-        c = {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
-        if include_usage:
-            c["usage"] = None
-        return c
-
-    try:
-        if shape == "chat":
-            yield _sse(chunk("", [], None, role=True))
-        async for p in gen.pieces():
-            if p.finish_reason is None:
-                yield _sse(chunk(p.text, p.token_ids, None))
-                continue
-            ids = p.token_ids
-            if p.text:
-                yield _sse(chunk(p.text, ids, None))
-                ids = []
-            yield _sse(chunk(None if shape == "chat" else "", ids, p.finish_reason))
-        if include_usage:
-            yield _sse({"id": rid, "object": obj, "created": created, "model": model, "choices": [],
-                        "usage": gen.usage()})
-    except APIError as exc:
-        log.info("stream %s failed after it started: %s", rid, exc.message)
-        yield _sse(exc.body())
-    except Exception:
-        log.exception("stream %s failed", rid)
-        yield _sse(APIError(500, "internal server error").body())
-    yield _DONE

@@ -22,6 +22,27 @@ class StreamOptions(_Request):
     include_usage: StrictBool = False
 
 
+class JsonSchemaFormat(_Request):
+    name: Optional[StrictStr] = None
+    schema_: Optional[dict[str, Any]] = Field(default=None, alias="schema")
+    strict: Optional[StrictBool] = None
+    description: Optional[StrictStr] = None
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JsonSchemaFormat] = None
+
+
+class StructuredOutputs(_Request):
+    """vLLM's `structured_outputs`: exactly one of these."""
+    json_: Optional[Union[dict[str, Any], StrictStr]] = Field(default=None, alias="json")
+    regex: Optional[StrictStr] = None
+    choice: Optional[list[StrictStr]] = None
+    grammar: Optional[StrictStr] = None
+    json_object: Optional[StrictBool] = None
+
+
 class _SamplingFields(_Request):
     model: Optional[StrictStr] = None
     max_tokens: Optional[StrictInt] = None
@@ -33,9 +54,23 @@ class _SamplingFields(_Request):
     stream_options: Optional[StreamOptions] = None
     n: StrictInt = 1
     user: Optional[StrictStr] = None
+    presence_penalty: Optional[StrictFloat] = None
+    frequency_penalty: Optional[StrictFloat] = None
+    logit_bias: Optional[dict[StrictStr, StrictFloat]] = None
+    response_format: Optional[ResponseFormat] = None
     # vLLM extensions.
     ignore_eos: StrictBool = False
     stop_token_ids: Optional[list[StrictInt]] = None
+    top_k: Optional[StrictInt] = None
+    min_p: Optional[StrictFloat] = None
+    repetition_penalty: Optional[StrictFloat] = None
+    min_tokens: StrictInt = 0
+    include_stop_str_in_output: StrictBool = False
+    skip_special_tokens: StrictBool = True
+    truncate_prompt_tokens: Optional[StrictInt] = None
+    prompt_logprobs: Optional[StrictInt] = None
+    structured_outputs: Optional[StructuredOutputs] = None
+    return_tokens_as_token_ids: StrictBool = False
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -44,11 +79,12 @@ class _SamplingFields(_Request):
 
 
 class CompletionRequest(_SamplingFields):
-    # A string, a list of token ids, or a one-element list of either (batches of >1 prompts: 400).
+    # A string, a list of token ids, or a batch: a list of strings or of token-id lists.
     prompt: Union[StrictStr, list[StrictInt], list[StrictStr], list[list[StrictInt]]]
     echo: StrictBool = False
     logprobs: Optional[StrictInt] = None
     suffix: Optional[StrictStr] = None
+    best_of: Optional[StrictInt] = None
 
 
 class ContentPart(BaseModel):
@@ -70,6 +106,34 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: Optional[StrictBool] = None
     top_logprobs: Optional[StrictInt] = None
     add_generation_prompt: StrictBool = True
+    chat_template_kwargs: Optional[dict[str, Any]] = None
+
+
+class TokenizeRequest(_Request):
+    """POST /tokenize: `prompt`, or `messages` rendered with the chat template (vLLM's shapes)."""
+    model: Optional[StrictStr] = None
+    prompt: Optional[StrictStr] = None
+    messages: Optional[list[ChatMessage]] = None
+    add_special_tokens: StrictBool = True
+    add_generation_prompt: StrictBool = True
+    chat_template_kwargs: Optional[dict[str, Any]] = None
+    return_token_strs: StrictBool = False
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: Optional[list[Optional[str]]] = None
+
+
+class DetokenizeRequest(_Request):
+    model: Optional[StrictStr] = None
+    tokens: list[StrictInt]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
 
 
 # ----------------------------------------------------------------------------- responses
@@ -89,11 +153,42 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class CompletionLogprobs(BaseModel):
+    """Per token of the choice (prompt tokens first with echo): its text, logprob (None for the
+    first prompt token), the top tokens {text: logprob} and its character offset in `text`."""
+    tokens: list[str]
+    token_logprobs: list[Optional[float]]
+    top_logprobs: list[Optional[dict[str, float]]]
+    text_offset: list[int]
+
+
+class PromptLogprob(BaseModel):
+    logprob: float
+    rank: Optional[int] = None
+    decoded_token: Optional[str] = None
+
+
+class ChatTopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: Optional[list[int]] = None
+
+
+class ChatTokenLogprob(ChatTopLogprob):
+    top_logprobs: list[ChatTopLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(BaseModel):
+    content: Optional[list[ChatTokenLogprob]] = None
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
     finish_reason: Optional[str] = None
-    logprobs: None = None
+    logprobs: Optional[CompletionLogprobs] = None
+    # vLLM: with prompt_logprobs, per prompt token {token id: PromptLogprob} (None for the first)
+    prompt_logprobs: Optional[list[Optional[dict[str, PromptLogprob]]]] = None
     token_ids: list[int] = Field(default_factory=list)  # vendor field: the generated ids
 
 
@@ -115,7 +210,7 @@ class ChatChoice(BaseModel):
     index: int = 0
     message: ChatMessageOut
     finish_reason: Optional[str] = None
-    logprobs: None = None
+    logprobs: Optional[ChatLogprobs] = None
     token_ids: list[int] = Field(default_factory=list)
 
 
@@ -126,13 +221,14 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    prompt_logprobs: Optional[list[Optional[dict[str, PromptLogprob]]]] = None  # vLLM extension
 
 
 class CompletionStreamChoice(BaseModel):
     index: int = 0
     text: str
     finish_reason: Optional[str] = None
-    logprobs: None = None
+    logprobs: Optional[CompletionLogprobs] = None
     token_ids: list[int] = Field(default_factory=list)
 
 
@@ -155,7 +251,7 @@ class ChatStreamChoice(BaseModel):
     index: int = 0
     delta: ChatDelta
     finish_reason: Optional[str] = None
-    logprobs: None = None
+    logprobs: Optional[ChatLogprobs] = None
     token_ids: list[int] = Field(default_factory=list)
 
 

@@ -27,14 +27,25 @@ MPI_LATENCY_S = 0.45e-3 / 2
 MPI_BW = 1.8e9
 
 
-def _median(fn, reps: int) -> float:
-    """Median of single calls: robust to another process taking the core for a moment."""
+_SPREAD: list[float] = []   # coefficient of variation of each timed point (-> op_cv)
+
+
+def _median(fn, reps: int, sync=None) -> float:
+    """Median of single calls: robust to another process taking the core for a moment. `sync`
+    (torch.cuda.synchronize on a GPU) makes each call's time its kernels' time."""
     fn()
     ts = []
     for _ in range(reps):
         t0 = time.perf_counter()
         fn()
+        if sync is not None:
+            sync()
         ts.append(time.perf_counter() - t0)
+    a = np.asarray(ts)
+    if a.size > 2 and a.mean() > 0:   # spread without the outliers a shared machine adds
+        lo, hi = np.percentile(a, [10, 90])
+        core = a[(a >= lo) & (a <= hi)]
+        _SPREAD.append(float(core.std() / core.mean()) if core.size > 1 else 0.0)
     return float(np.median(ts))
 
 
@@ -47,7 +58,8 @@ ATTN_COMBOS = ((1, 64), (8, 64), (16, 128), (32, 128), (64, 128), (32, 256), (64
 
 
 def measure_engine(model_path: str, batches=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
-                   combos=ATTN_COMBOS, threads: int = 1, quick: bool = False) -> dict:
+                   combos=ATTN_COMBOS, threads: int = 1, quick: bool = False, device: str = "cpu",
+                   dtype: str = "auto") -> dict:
     """Time the attention and expert ranks' own code on a checkpoint (see the module docstring).
 
     Decode segments are made at the wanted position directly: the KV they attend to is
@@ -68,10 +80,13 @@ def measure_engine(model_path: str, batches=(1, 2, 4, 8, 16, 32, 64, 128, 256, 5
     combos = [(n, min(L, spec.max_position_embeddings - steps - 2)) for n, L in combos]
     kv_tokens = max(n * (L + steps + 2) for n, L in combos)
     cfg = load_config(None, [f"model.path={model_path}", "routing.mode=exponential", "routing.rate=0.5",
-                             "routing.top_k=1", f"kv_cache.num_blocks={kv_tokens // 16 + 64}"])
+                             "routing.top_k=1", f"kv_cache.num_blocks={kv_tokens // 16 + 64}",
+                             f"model.dtype={dtype}"])
     place = Placement.contiguous(NB, spec.num_experts, 1)
-    core = make_attention_core(cfg, spec, place)
-    experts = make_expert_core(cfg, spec, place.pairs_of(0))
+    core = make_attention_core(cfg, spec, place, device)
+    experts = make_expert_core(cfg, spec, place.pairs_of(0), device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else None
+    _SPREAD.clear()
     g = torch.Generator().manual_seed(0)
 
     points = []
@@ -79,22 +94,22 @@ def measure_engine(model_path: str, batches=(1, 2, 4, 8, 16, 32, 64, 128, 256, 5
     # would find its weights still in the CPU cache.
     keys = itertools.cycle([(b, e) for b in range(NB) for e in range(spec.num_experts)])
     for n in batches:
-        meta_R3 = torch.zeros(n, 3, dtype=torch.int32)
-        y_RD = torch.randn(n, D, generator=g, dtype=core.kv.dtype)
+        meta_R3 = torch.zeros(n, 3, dtype=torch.int32, device=device)
+        y_RD = torch.randn(n, D, generator=g, dtype=core.kv.dtype).to(device)
 
         def expert_step():
             b, e = next(keys)
             experts.receive(1, {"b": b, "experts": [e], "counts": [n]}, meta_R3, y_RD)
             experts.drain_block(b)
         reps = 3 if quick else max(8, min(40, 1500 // n))
-        points.append([int(n), _median(expert_step, reps)])
+        points.append([int(n), _median(expert_step, reps, sync)])
 
     attn_rows, lm_rows = [], []
     params = SamplingParams(max_tokens=steps + 2, ignore_eos=True)
     for i, (n, L) in enumerate(combos):
         # n requests whose prompts of L tokens are cached: one decode segment at position L.
         seg = core.merge([core.admit(f"cal-{i}-{j}", [3] * L, params) for j in range(n)])
-        seg.x_TD = torch.randn(n, D, generator=g, dtype=core.kv.dtype)
+        seg.x_TD = torch.randn(n, D, generator=g, dtype=core.kv.dtype).to(device)
         seg.start_S, seg.n_S, seg.paged = [L] * n, [1] * n, None
         segs = [seg]
         for step in range(steps):
@@ -103,6 +118,8 @@ def measure_engine(model_path: str, batches=(1, 2, 4, 8, 16, 32, 64, 128, 256, 5
             for b in range(NB):
                 t0 = time.perf_counter()
                 sends = core.attend(b, segs)
+                if sync is not None:
+                    sync()
                 t_att = time.perf_counter() - t0
                 for d in sends:
                     experts.receive(1, d.header, *d.tensors)
@@ -111,10 +128,14 @@ def measure_engine(model_path: str, batches=(1, 2, 4, 8, 16, 32, 64, 128, 256, 5
                 done = []
                 for r in replies:
                     done.extend(core.deliver(b, *r.tensors))
+                if sync is not None:
+                    sync()
                 t_blocks.append(t_att + time.perf_counter() - t0)
                 segs = done
             t0 = time.perf_counter()
             _, segs = core.sample(segs)
+            if sync is not None:
+                sync()
             t_lm = time.perf_counter() - t0
             if step > 0:  # the first pass warms caches and allocators up
                 attn_rows.append((n, ctx, float(np.median(t_blocks))))
@@ -124,7 +145,8 @@ def measure_engine(model_path: str, batches=(1, 2, 4, 8, 16, 32, 64, 128, 256, 5
             "attention_fit": _fit([[1.0, n, c] for n, c, _ in attn_rows], [t for *_, t in attn_rows]),
             "lm_head_fit": _fit([[1.0, n] for n, _ in lm_rows], [t for _, t in lm_rows]),
             "attention_samples": [[int(n), int(c), t] for n, c, t in attn_rows],
-            "lm_head_samples": [[int(n), t] for n, t in lm_rows]}
+            "lm_head_samples": [[int(n), t] for n, t in lm_rows],
+            "op_cv": float(np.median(_SPREAD)) if _SPREAD else -1.0}
 
 
 def local_table(measured: dict, cores: int | None = None, latency_s: float = MPI_LATENCY_S,

@@ -34,6 +34,8 @@ class SimModelConfig:
     head_dim: int = 128
     vocab: int = 32000
     dtype_bytes: int = 2         # bf16
+    shared_experts: int = 0      # always-on experts (DeepSeek style), run on the attention side
+    shared_ffn: int = 0          # their FFN size each
 
 
 @dataclass
@@ -48,6 +50,9 @@ class SimClusterConfig:
     gpus_per_node: int = 0
     # Override the table's core limit (0 = keep; the local table limits concurrent compute).
     cores: int = 0
+    # YAML of measured host costs overriding the table's (attn/expert_step_overhead_s,
+    # msg_send_s, msg_recv_s), e.g. configs/sim/host-measured.yaml; "" = the table's own.
+    host: str = ""
 
 
 @dataclass
@@ -99,6 +104,31 @@ class SimSystemsConfig:
     lockstep_layout: str = "colocated"
     # Lockstep's duration/warmup are multiplied by this (its tokens come in iteration bursts).
     lockstep_window_scale: float = 4.0
+    # Expert placement for both systems: contiguous | replicate (greedy balancing with 0 copies,
+    # EPLB-style redundant experts otherwise); `replicas` (extra copies per rank per block) swept.
+    placement: str = "contiguous"
+    replicas: list[int] = field(default_factory=lambda: [0])
+    # AEP's attention:expert split sweep, as fractions of the GPUs (empty = cluster.attention_fraction).
+    aep_attention_fractions: list[float] = field(default_factory=list)
+    min_wave_requests: int = 1   # as scheduler.min_wave_requests
+
+
+@dataclass
+class SimNoiseConfig:
+    cv: float = 0.0              # lognormal per-operation time noise (coefficient of variation)
+    slow_gpus: list[int] = field(default_factory=list)
+    slow_factor: float = 0.0     # e.g. 0.2: those GPUs take 20% longer
+
+
+@dataclass
+class SimGoodputConfig:
+    """Goodput at an SLO (the headline): per system, the highest running-request limit (or
+    Poisson rate) whose ITL p50 <= the TPOT SLO and TTFT p99 <= the bound, tokens/s per GPU there."""
+    enabled: bool = False
+    tpot_slo_ms: list[float] = field(default_factory=lambda: [50.0, 100.0])
+    ttft_p99_ms: float = 2000.0
+    ablation: bool = False       # also write the ablation table (ablation.json / .md)
+    ablation_gpus: int = 16
 
 
 @dataclass
@@ -107,6 +137,8 @@ class SimConfig:
     cluster: SimClusterConfig = field(default_factory=SimClusterConfig)
     workload: SimWorkloadConfig = field(default_factory=SimWorkloadConfig)
     run: SimSystemsConfig = field(default_factory=SimSystemsConfig)
+    noise: SimNoiseConfig = field(default_factory=SimNoiseConfig)
+    goodput: SimGoodputConfig = field(default_factory=SimGoodputConfig)
 
 
 def validate_sim(cfg: SimConfig) -> SimConfig:
@@ -146,6 +178,14 @@ def validate_sim(cfg: SimConfig) -> SimConfig:
     if min([r.max_running_requests, r.max_batch_tokens, r.max_expert_batch, *r.lockstep_max_running,
             *r.aep_max_running]) < 1:
         raise ConfigError("run batch limits must be >= 1")
+    if r.placement not in ("contiguous", "replicate") or min(r.replicas or [0]) < 0 or not r.replicas:
+        raise ConfigError("run.placement must be contiguous or replicate and run.replicas a list of >= 0")
+    if any(not (0.0 < f < 1.0) for f in r.aep_attention_fractions):
+        raise ConfigError("run.aep_attention_fractions must lie in (0, 1)")
+    if cfg.noise.cv < 0 or cfg.noise.slow_factor < 0:
+        raise ConfigError("noise.cv and noise.slow_factor must be >= 0")
+    if cfg.goodput.enabled and (not cfg.goodput.tpot_slo_ms or min(cfg.goodput.tpot_slo_ms) <= 0):
+        raise ConfigError("goodput.tpot_slo_ms must list SLOs > 0")
     return cfg
 
 

@@ -36,6 +36,13 @@ class DeviceTable:
     attn_kernels: int = 8          # norm, qkv, rope, kv write, attention, o-proj, norm, gate+top-k
     expert_kernels: int = 4        # gather/permute, grouped w1|w3, activation, grouped w2
     step_overhead_s: float = 50e-6  # host-side work per executed layer step (assumed, both systems)
+    # Measured host work (configs/sim/host-measured.yaml, from the overhead bench): per attention
+    # step, per expert step (-1: step_overhead_s), per message sent / received by a rank.
+    attn_step_overhead_s: float = -1.0
+    expert_step_overhead_s: float = -1.0
+    msg_send_s: float = 0.0
+    msg_recv_s: float = 0.0
+    op_cv: float = -1.0            # measured per-operation time CV (-1: not measured)
     sampler_s: float = 20e-6       # sampling per attention step at block 0
     intra_bw: float = 300e9        # bytes/s per direction between GPUs of one node
     intra_lat_s: float = 10e-6
@@ -111,6 +118,10 @@ class CostModel:
         else:
             self._ex_n = None
         self._cache: dict[int, float] = {}
+        self.shared_params = 3 * m.hidden * m.shared_ffn * m.shared_experts
+        self.attn_overhead_s = table.attn_step_overhead_s if table.attn_step_overhead_s >= 0 else table.step_overhead_s
+        self.expert_overhead_s = (table.expert_step_overhead_s if table.expert_step_overhead_s >= 0
+                                  else table.step_overhead_s)
 
     # -- experts -------------------------------------------------------------------------
     def _expert_core(self, rows: int) -> float:
@@ -140,8 +151,8 @@ class CostModel:
         if not any_rows:
             return 0.0
         if self._ex_n is not None:  # measured times already include the per-call overhead
-            return total + self.t.step_overhead_s
-        return total + self.t.expert_kernels * self.t.kernel_launch_s + self.t.step_overhead_s
+            return total + self.expert_overhead_s
+        return total + self.t.expert_kernels * self.t.kernel_launch_s + self.expert_overhead_s
 
     # -- attention -----------------------------------------------------------------------
     def attention_time(self, tokens: int, ctx_sum: float, prefill_sq: float = 0.0,
@@ -158,13 +169,17 @@ class CostModel:
         t, m = self.t, self.m
         if t.attention_fit:
             c0, c_tok, c_ctx = t.attention_fit
-            s = c0 + c_tok * tokens + c_ctx * ctx_sum + t.step_overhead_s
+            s = c0 + c_tok * tokens + c_ctx * ctx_sum + self.attn_overhead_s
         else:
             flops = 2.0 * tokens * self.attn_params + 4.0 * m.num_heads * m.head_dim * ctx_sum
             nbytes = (self.attn_params * self.bpe + tokens * 4 * m.hidden * self.bpe
                       + ctx_sum_kv_bytes(ctx_sum, tokens, self.kv_bytes_per_token_block))
             s = max(flops / self._flops, nbytes / self._bw) + t.attn_kernels * t.kernel_launch_s \
-                + t.step_overhead_s
+                + self.attn_overhead_s
+            if self.shared_params:  # shared experts run on the attention side, as AttentionCore does
+                s += max(6.0 * tokens * m.hidden * m.shared_ffn * m.shared_experts / self._flops,
+                         (self.shared_params + tokens * 4 * m.hidden) * self.bpe / self._bw) \
+                    + t.expert_kernels * t.kernel_launch_s
         if lm_rows > 0:
             s += self.lm_head_time(lm_rows)
         return s
@@ -200,7 +215,7 @@ class CostModel:
 
     def attention_weight_bytes(self) -> float:
         m = self.m
-        return (m.num_blocks * self.attn_params + 2 * self.lm_head_params) * self.bpe
+        return (m.num_blocks * (self.attn_params + self.shared_params) + 2 * self.lm_head_params) * self.bpe
 
     def expert_weight_bytes(self, experts_per_gpu: float) -> float:
         return self.m.num_blocks * experts_per_gpu * self.expert_params * self.bpe

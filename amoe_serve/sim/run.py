@@ -10,7 +10,12 @@ from amoe_serve.config import ConfigError
 
 from .config import SimConfig, lengths
 from .cost import CostModel, DeviceTable, load_table
-from .engine import SimParams, Workload, make_workload, simulate_aep, simulate_lockstep
+from .aep import simulate_aep
+from .lockstep import simulate_lockstep
+from .noise import NoiseConfig
+from .params import SimParams
+from .placement import experts_per_rank, make_placement
+from .workload import Workload, make_workload, popularity
 
 
 def split_gpus(gpus: int, attention_fraction: float) -> tuple[int, int]:
@@ -24,11 +29,31 @@ def _table(cfg: SimConfig) -> DeviceTable:
         t.gpus_per_node = cfg.cluster.gpus_per_node
     if cfg.cluster.cores:
         t.cores = cfg.cluster.cores
+    if cfg.cluster.host:
+        apply_host(t, cfg.cluster.host)
     return t
 
 
+def apply_host(t: DeviceTable, path: str) -> None:
+    """Measured host costs (a YAML with a `host:` mapping of DeviceTable fields) replace the table's."""
+    if path == "zero":   # ablation: no host cost at all (what the measured figure limits)
+        t.attn_step_overhead_s = t.expert_step_overhead_s = t.step_overhead_s = 0.0
+        t.msg_send_s = t.msg_recv_s = 0.0
+        t.source += "; host costs set to 0"
+        return
+    from omegaconf import OmegaConf
+    data = OmegaConf.to_container(OmegaConf.load(path))
+    host = data.get("host", data)
+    for k, v in host.items():
+        if k not in ("attn_step_overhead_s", "expert_step_overhead_s", "msg_send_s", "msg_recv_s",
+                     "step_overhead_s"):
+            raise ConfigError(f"host costs {path}: unknown key {k!r}")
+        setattr(t, k, float(v))
+    t.source += f"; host costs from {Path(path).name}"
+
+
 def _params(cfg: SimConfig, max_running: int, policy: str, kv_tokens: float,
-            waves: int | None = None) -> SimParams:
+            waves: int | None = None, max_wait_ms: float | None = None) -> SimParams:
     m, w, r = cfg.model, cfg.workload, cfg.run
     return SimParams(num_blocks=m.num_blocks, num_experts=m.num_experts, top_k=m.top_k,
                      max_running=max_running, max_batch_tokens=r.max_batch_tokens,
@@ -38,7 +63,8 @@ def _params(cfg: SimConfig, max_running: int, policy: str, kv_tokens: float,
                      warmup_s=w.warmup_s, kv_tokens=kv_tokens,
                      warm_start=w.warm_start and w.arrival == "offline",
                      attention_waves=r.attention_waves if waves is None else waves,
-                     attention_max_wait_s=r.attention_max_wait_ms * 1e-3)
+                     attention_max_wait_s=(r.attention_max_wait_ms if max_wait_ms is None else max_wait_ms) * 1e-3,
+                     min_wave_requests=r.min_wave_requests)
 
 
 def _kv_tokens(cost: CostModel, table: DeviceTable, experts_per_gpu: float, attention: bool) -> float:
@@ -50,38 +76,50 @@ def _kv_tokens(cost: CostModel, table: DeviceTable, experts_per_gpu: float, atte
     return 0.9 * free / cost.kv_bytes_per_token()
 
 
+def _noise(cfg: SimConfig) -> NoiseConfig:
+    n = cfg.noise
+    return NoiseConfig(cv=n.cv, slow_gpus=list(n.slow_gpus), slow_factor=n.slow_factor, seed=cfg.workload.seed)
+
+
 def run_one(cfg: SimConfig, system: str, gpus: int, *, policy: str = "defrag", max_running: int,
             rate_per_gpu: float | None = None, table: DeviceTable | None = None,
-            waves: int | None = None, workload: Workload | None = None) -> dict:
-    """Simulate one (system, cluster size, batch limit, load) point; returns a result record.
-    workload: these exact requests (e.g. a bench run's) instead of ones drawn from the config."""
+            waves: int | None = None, workload: Workload | None = None, attention_fraction: float | None = None,
+            replicas: int = 0, max_wait_ms: float | None = None) -> dict:
+    """Simulate one (system, cluster size, split, replicas, waves, batch limit, load) point; returns
+    a result record. workload: these exact requests (e.g. a bench run's) instead of drawn ones."""
     table = table or _table(cfg)
     cost = CostModel(table, cfg.model)
     w = cfg.workload
     pin, pout = lengths(w)
     rate = (rate_per_gpu or 1.0) * gpus
     wl = workload or make_workload(w.num_requests, pin, pout, w.arrival, rate, w.seed)
-    E = cfg.model.num_experts
+    m = cfg.model
+    E = m.num_experts
     layout = cfg.run.lockstep_layout
+    frac = cfg.cluster.attention_fraction if attention_fraction is None else attention_fraction
     t0 = time.perf_counter()
     if system == "aep" or layout == "split":
-        A, X = split_gpus(gpus, cfg.cluster.attention_fraction)
+        A, X = split_gpus(gpus, frac)
     else:
         A = X = gpus
+    p_BE = popularity(E, w.skew_rate, m.num_blocks, w.hot_expert_per_block, w.seed)
+    place = make_placement(cfg.run.placement, p_BE, X, replicas)
+    noise = _noise(cfg)
     if system == "aep":
         kv = _kv_tokens(cost, table, 0, True)
-        p = _params(cfg, max_running, policy, kv, waves)
+        p = _params(cfg, max_running, policy, kv, waves, max_wait_ms)
         waves = p.attention_waves
-        st = simulate_aep(cost, wl, p, A, X, table.cores, table.gpus_per_node)
+        st = simulate_aep(cost, wl, p, A, X, table.cores, table.gpus_per_node, placement=place, noise=noise)
     else:
         colocated = layout == "colocated"
-        kv = _kv_tokens(cost, table, max(E / X, 1) if colocated else 0, True)
+        kv = _kv_tokens(cost, table, experts_per_rank(place) if colocated else 0, True)
         p = _params(cfg, max_running, "-", kv)
         # Lockstep emits tokens in whole-iteration bursts; it is cheap to simulate, so a longer
         # window keeps its throughput estimate from being quantized to whole iterations.
         p.duration_s *= cfg.run.lockstep_window_scale
         p.warmup_s *= cfg.run.lockstep_window_scale
-        st = simulate_lockstep(cost, wl, p, A, X, colocated, table.cores, table.gpus_per_node)
+        st = simulate_lockstep(cost, wl, p, A, X, colocated, table.cores, table.gpus_per_node,
+                               placement=place, noise=noise)
         policy = "lockstep"
         waves = None
     rec = {
@@ -90,9 +128,12 @@ def run_one(cfg: SimConfig, system: str, gpus: int, *, policy: str = "defrag", m
         "workload": w.name, "arrival": w.arrival,
         "request_rate": rate if w.arrival == "poisson" else None,
         "max_running_requests": max_running, "attention_waves": waves, "device": table.name,
-        "top_k": cfg.model.top_k, "num_experts": E, "skew_rate": w.skew_rate,
+        "top_k": m.top_k, "num_experts": E, "skew_rate": w.skew_rate, "model": m.name,
+        "placement": cfg.run.placement, "replicas": replicas, "noise_cv": cfg.noise.cv,
+        "slow_gpus": list(cfg.noise.slow_gpus), "slow_factor": cfg.noise.slow_factor,
     }
     rec.update(st.summary())
+    rec["tokens_per_s_per_gpu"] = rec["tokens_per_s"] / gpus
     rec["expert_load_share"] = [round(float(x), 4) for x in
                                 (st.expert_rows.sum(axis=0) / max(st.expert_rows.sum(), 1))]
     rec["wall_s"] = round(time.perf_counter() - t0, 3)
@@ -199,9 +240,47 @@ def write_plots(records: list[dict], out: Path) -> list[Path]:
     return paths
 
 
+def run_goodput(cfg: SimConfig, out: Path, log=print) -> dict:
+    """The goodput headline: results.json = one record per (gpus, system, TPOT SLO)."""
+    from .ablation import ablation, ablation_markdown
+    from .goodput import candidates, headline, ratios, sweep
+    t0 = time.perf_counter()
+    slos, bound = list(cfg.goodput.tpot_slo_ms), cfg.goodput.ttft_p99_ms
+    points = []
+    for g in cfg.cluster.gpus:
+        points += sweep(cfg, g, candidates(cfg), log)
+    head = headline(points, slos, bound)
+    table = _table(cfg)
+    summary = {**ratios(head), "device_table": table.to_dict(),
+               "host_costs_used": {k: getattr(table, k) for k in ("attn_step_overhead_s", "expert_step_overhead_s",
+                                                                 "msg_send_s", "msg_recv_s", "step_overhead_s")},
+               "noise_cv": cfg.noise.cv}
+    (out / "results.json").write_text(json.dumps(head, indent=1, default=_json_default))
+    (out / "points.json").write_text(json.dumps(points, indent=1, default=_json_default))
+    if cfg.goodput.ablation:
+        rows = ablation(cfg, log)
+        (out / "ablation.json").write_text(json.dumps(rows, indent=1, default=_json_default))
+        (out / "ablation.md").write_text(ablation_markdown(rows))
+        summary["ablation_gpus"] = cfg.goodput.ablation_gpus
+    summary["wall_s"] = round(time.perf_counter() - t0, 2)
+    from omegaconf import OmegaConf
+    summary["config"] = OmegaConf.to_container(OmegaConf.structured(cfg))
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=_json_default))
+    for h in head:
+        log(f"{h['gpus']:3d} GPUs {h['system']:8s} TPOT<={h['tpot_slo_ms']:g} ms: goodput "
+            f"{h['goodput_tok_s_per_gpu']:8.0f} tok/s/GPU, saturation {h['saturation_tok_s_per_gpu']:8.0f}, best {h['best']}")
+    log("AEP/lockstep goodput: " + ", ".join(f"{k}: {v:.2f}x" if v else f"{k}: -"
+                                               for k, v in summary["aep_over_lockstep"].items()))
+    log("AEP goodput scaling: " + ", ".join(f"{k}: {v:.2f}x" for k, v in summary["aep_scaling"].items()))
+    log(f"wrote {out / 'results.json'}, {out / 'points.json'}, {out / 'summary.json'}")
+    return summary
+
+
 def run_and_write(cfg: SimConfig, output: str | Path, log=print) -> dict:
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
+    if cfg.goodput.enabled:
+        return run_goodput(cfg, out, log)
     t0 = time.perf_counter()
     records, summary = run_sim(cfg, log)
     summary["wall_s"] = round(time.perf_counter() - t0, 2)

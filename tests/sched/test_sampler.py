@@ -102,9 +102,9 @@ def test_validate_errors(kwargs, msg):
 
 def test_from_dict():
     p = SamplingParams.from_dict({"max_tokens": 4, "temperature": 1, "top_p": 0.5, "seed": 3, "stop_token_ids": [2]})
-    assert p == SamplingParams(4, 1.0, 0.5, 3, [2], False)
+    assert p == SamplingParams(max_tokens=4, temperature=1.0, top_p=0.5, seed=3, stop_token_ids=[2])
     assert SamplingParams.from_dict({}) == SamplingParams()
-    with pytest.raises(ValueError, match="bogus.*top_k|top_k"):
+    with pytest.raises(ValueError, match="bogus"):
         SamplingParams.from_dict({"bogus": 1, "top_k": 2})
     with pytest.raises(ValueError, match="max_tokens"):
         SamplingParams.from_dict({"max_tokens": "16"})
@@ -136,3 +136,47 @@ def test_finish_reason():
     q = SamplingParams(max_tokens=3, stop_token_ids=[7], ignore_eos=True)
     assert finish_reason(2, 1, q, eos) is None
     assert finish_reason(7, 1, q, eos) == "stop"  # explicit stop ids still apply
+
+
+def test_top_k_and_min_p_restrict_the_draws():
+    torch.manual_seed(0)
+    logits_V = torch.randn(V) * 2
+    order = torch.argsort(logits_V, descending=True).tolist()
+    gen = make_generator(4)
+    k2 = SamplingParams(temperature=1.0, top_k=2)
+    toks = Sampler().sample(logits_V.expand(3000, V).contiguous(), [k2] * 3000, [gen] * 3000)
+    assert set(toks.tolist()) == set(order[:2])
+    probs_V = torch.softmax(logits_V, -1)
+    mp = SamplingParams(temperature=1.0, min_p=0.3)
+    allowed = {i for i in range(V) if probs_V[i] >= 0.3 * probs_V.max()}
+    toks = Sampler().sample(logits_V.expand(3000, V).contiguous(), [mp] * 3000, [make_generator(5)] * 3000)
+    assert set(toks.tolist()) == allowed and len(allowed) < V
+
+
+def test_processing_applies_only_with_a_state():
+    from amoe_serve.sampler import RowState
+
+    logits_BV = _logits(2)
+    top = int(torch.argmax(logits_BV[0]))
+    p = SamplingParams(logit_bias={top: -100.0})
+    st = RowState(p, [1], V)
+    got = Sampler().sample(logits_BV, [p, p], [None, None], [st, None]).tolist()
+    assert got[0] != top  # biased away
+    assert got[1] == int(torch.argmax(logits_BV[1]))  # no state: untouched
+
+
+def test_min_tokens_in_finish_reason():
+    p = SamplingParams(max_tokens=5, min_tokens=3, stop_token_ids=[7])
+    assert finish_reason(7, 2, p, (2,)) is None and finish_reason(2, 2, p, (2,)) is None
+    assert finish_reason(7, 3, p, (2,)) == "stop"
+
+
+def test_to_dict_round_trip_and_defaults_left_out():
+    from amoe_serve.sampler import StructuredSpec
+
+    p = SamplingParams(max_tokens=9, logit_bias={3: 1.5}, logprobs=2, structured=StructuredSpec("regex", "a+"))
+    d = p.to_dict()
+    assert d == {"max_tokens": 9, "logit_bias": {"3": 1.5}, "logprobs": 2,
+                 "structured": {"kind": "regex", "value": "a+"}}
+    assert SamplingParams.from_dict(d) == p
+    assert SamplingParams().to_dict() == {}

@@ -139,8 +139,13 @@ def _steer(body: dict, how: str) -> None:
     body["model"] = MODEL
     if how != "sane":
         return
-    for k in ("echo", "suffix", "logprobs", "n", "top_logprobs"):
+    for k in ("suffix", "best_of", "tools", "tool_choice", "functions", "function_call", "truncate_prompt_tokens"):
         body.pop(k, None)
+    if isinstance(body.get("n"), int):
+        body["n"] = 1 + abs(body["n"]) % 3
+    for k in ("logprobs", "top_logprobs", "prompt_logprobs"):
+        if isinstance(body.get(k), int) and not isinstance(body.get(k), bool):
+            body[k] = abs(body[k]) % 21
     for k in ("max_tokens", "max_completion_tokens"):
         if isinstance(body.get(k), int):
             body[k] = 1 + abs(body[k]) % 8
@@ -204,7 +209,8 @@ def test_fuzz_every_operation_against_a_real_data_plane(stack):
               schemathesis.checks.response_schema_conformance, schemathesis.checks.negative_data_rejection]
     ops = [r.ok() for r in schema.get_all_operations()]
     assert {f"{o.method.upper()} {o.path}" for o in ops} == {
-        "POST /v1/completions", "POST /v1/chat/completions", "GET /v1/models", "GET /health", "GET /metrics"}
+        "POST /v1/completions", "POST /v1/chat/completions", "GET /v1/models", "GET /health", "GET /metrics",
+        "POST /tokenize", "POST /detokenize", "GET /tokenizer_info"}
     counts: collections.Counter = collections.Counter()
     statuses: collections.Counter = collections.Counter()
     session = requests.Session()
@@ -236,8 +242,8 @@ def test_fuzz_every_operation_against_a_real_data_plane(stack):
                         case.headers.pop("serve_multiplexed_model_id", None)
                 r = case.call(base_url=srv.base, session=session, headers=dict(AUTH), timeout=30)
                 counts[label] += 1
-                if os.environ.get("AMOE_FUZZ_HTTP_VERBOSE") and r.status_code == 400:
-                    print(label, r.json()["error"]["message"][:100])
+                if os.environ.get("AMOE_FUZZ_HTTP_VERBOSE") and r.status_code in (400, 503):
+                    print(label, r.status_code, r.json()["error"]["message"][:300])
                 statuses[(label, r.status_code)] += 1
                 dead = _ranks_alive()
                 assert not dead, f"threads {dead} died after {case.method} {case.path} {str(case.body)[:500]}"

@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from amoe_serve.sampler import SamplingParams
 from amoe_serve.serving.fake_link import FakeLink
 from amoe_serve.serving.openai_app import ModelEntry, build_app
 from amoe_serve.serving.settings import ServingConfig
@@ -44,8 +45,8 @@ def test_completion_non_stream_exact_ids_text_usage(model_dir):
             assert b["usage"] == {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}
             # Sampling params reach the data plane; the default model's generation_config is greedy.
             p = link.requests[0]["params"]
-            assert p == {"max_tokens": 5, "temperature": 0.0, "top_p": 1.0, "seed": None,
-                         "stop_token_ids": [], "ignore_eos": False}
+            assert SamplingParams.from_dict(p) == SamplingParams(max_tokens=5, temperature=0.0)
+            assert p == {"max_tokens": 5}  # fields at their defaults do not travel
 
             # Token-id prompts (also as a one-element batch), explicit sampling fields, no model.
             r = await c.post("/v1/completions", json={"prompt": [[10, 11]], "temperature": 1, "top_p": 0.5,
@@ -53,8 +54,8 @@ def test_completion_non_stream_exact_ids_text_usage(model_dir):
             assert r.status_code == 200, r.text
             ch = r.json()["choices"][0]
             assert ch["token_ids"] == [12, 13, 14, 15] and ch["finish_reason"] == "stop"
-            assert link.requests[1]["params"] == {"max_tokens": 16, "temperature": 1.0, "top_p": 0.5, "seed": 7,
-                                                  "stop_token_ids": [15], "ignore_eos": True}
+            assert SamplingParams.from_dict(link.requests[1]["params"]) == SamplingParams(
+                max_tokens=16, temperature=1.0, top_p=0.5, seed=7, stop_token_ids=[15], ignore_eos=True)
             r = await c.post("/v1/completions", json={"prompt": ["ab"], "max_tokens": 2})
             assert r.json()["choices"][0]["text"] == "cd"
             # EOS (id 2) ends the request with "stop" and is not in the text.
@@ -129,7 +130,7 @@ def test_incremental_decoder_matches_full_decode_on_random_bytes(model_dir):
     the decode of all ids."""
     import random
 
-    from amoe_serve.serving.openai_app import OutputText
+    from amoe_serve.serving.output_text import OutputText
 
     tok = Tokenizer.from_dir(model_dir)
     rng = random.Random(0)
@@ -302,24 +303,42 @@ def test_400_bad_values(model_dir):
             await bad({"prompt": list(range(3, 40))}, "prompt")             # token ids: too long too
             await bad({"prompt": "hi", "max_tokens": 31}, "max_tokens")     # > max_tokens_limit
             await bad({"prompt": "hi", "max_tokens": 0}, "max_tokens")
-            await bad({"prompt": "hi", "n": 2}, "n")
+            await bad({"prompt": "hi", "n": 0}, "n")
+            await bad({"prompt": "hi", "n": 17}, "n")
             await bad({"prompt": [5, 259]}, "prompt")                       # out of vocab
             await bad({"prompt": [5, -1]}, "prompt")
             await bad({"prompt": []}, "prompt")
             await bad({"prompt": ""}, "prompt")
-            await bad({"prompt": ["a", "b"]}, "prompt")                     # batches: one prompt per request
-            await bad({"prompt": [[1], [2]]}, "prompt")
+            await bad({"prompt": ["a", ""]}, "prompt")                      # each prompt of a batch is checked
+            await bad({"prompt": [[5], [5, 300]]}, "prompt")
             await bad({"prompt": "hi", "stop": [""]}, "stop")
             await bad({"prompt": "hi", "stop_token_ids": [999]}, "stop_token_ids")
             await bad({"prompt": "hi", "temperature": -1})
             await bad({"prompt": "hi", "top_p": 0})
             await bad({"prompt": "hi", "seed": -3}, "seed")
-            await bad({"prompt": "hi", "echo": True}, "echo")
-            await bad({"prompt": "hi", "logprobs": 2}, "logprobs")
+            await bad({"prompt": "hi", "logprobs": 21}, "logprobs")
+            await bad({"prompt": "hi", "best_of": 2}, "best_of")
+            await bad({"prompt": "hi", "suffix": "x"}, "suffix")
+            await bad({"prompt": "hi", "tools": [{"type": "function"}]}, "tools")
+            await bad({"prompt": "hi", "presence_penalty": 2.5}, "presence_penalty")
+            await bad({"prompt": "hi", "repetition_penalty": 0}, "repetition_penalty")
+            await bad({"prompt": "hi", "top_k": -2}, "top_k")
+            await bad({"prompt": "hi", "min_p": 1.5}, "min_p")
+            await bad({"prompt": "hi", "logit_bias": {"999": 1}}, "logit_bias")
+            await bad({"prompt": "hi", "logit_bias": {"x": 1}}, "logit_bias")
+            await bad({"prompt": "hi", "min_tokens": 20, "max_tokens": 5}, "min_tokens")
+            await bad({"prompt": "hi", "prompt_logprobs": 21}, "prompt_logprobs")
+            await bad({"prompt": "hi", "truncate_prompt_tokens": 0}, "truncate_prompt_tokens")
+            await bad({"prompt": "hi", "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+                      "response_format")
+            await bad({"prompt": "hi", "structured_outputs": {"regex": "(unclosed"}}, "structured_outputs")
+            await bad({"prompt": "hi", "structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs")
             await bad({"messages": [{"role": "user", "content": "x" * 30}]}, "prompt", "/v1/chat/completions")
-            await bad({"messages": [{"role": "user", "content": "x"}], "n": 3}, "n", "/v1/chat/completions")
-            await bad({"messages": [{"role": "user", "content": "x"}], "logprobs": True}, "logprobs",
+            await bad({"messages": [{"role": "user", "content": "x"}], "n": 0}, "n", "/v1/chat/completions")
+            await bad({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs",
                       "/v1/chat/completions")
+            await bad({"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21},
+                      "top_logprobs", "/v1/chat/completions")
         assert link.requests == []  # nothing reached the data plane
 
     run(go())
@@ -590,7 +609,7 @@ def test_metrics_histograms_and_data_plane_gauges(model_dir):
         async with client(app) as c:
             await c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 4})
             await c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 4, "stream": True})
-            await c.post("/v1/completions", json={"prompt": "hi", "n": 5})
+            await c.post("/v1/completions", json={"prompt": "hi", "n": 0})
             r = await c.get("/metrics")
             assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
             t = r.text

@@ -68,7 +68,7 @@ def test_serving_gateway_loopback_and_requests_over_the_link_frame_limit(checkpo
     a request within the HTTP body limit but too big for one link frame (1 MiB: 600k
     stop_token_ids with the list cap lifted) is a 400 too, not a 500, and the link keeps working."""
     from amoe_serve.engine.inproc import serve_inproc
-    from amoe_serve.serving import openai_app
+    from amoe_serve.serving import sampling_args
     from amoe_serve.serving.openai_app import ModelEntry, build_app
 
     cfg = load_config(overrides=[f"model.path={checkpoints['mixtral']}", "deployment.attention_ranks=1",
@@ -89,7 +89,7 @@ def test_serving_gateway_loopback_and_requests_over_the_link_frame_limit(checkpo
                     r = await c.post("/v1/completions", json=body)
                     assert r.status_code == 400, (r.status_code, r.text[:300])
                     assert r.json()["error"]["param"] == "stop_token_ids"
-                    monkeypatch.setattr(openai_app, "_MAX_STOP_TOKEN_IDS", 10**9)
+                    monkeypatch.setattr(sampling_args, "MAX_STOP_TOKEN_IDS", 10**9)
                     r = await c.post("/v1/completions", json=body)
                     assert r.status_code == 400, (r.status_code, r.text[:300])
                     assert set(r.json()["error"]) == {"message", "type", "param", "code"}

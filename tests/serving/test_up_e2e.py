@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -20,48 +19,12 @@ import pytest
 from amoe_serve.default_model import ensure_default_model
 from amoe_serve.procs import alive, descendants
 from amoe_serve.serving.attach import free_port
-from tests.support import PROMPTS, REPO, read_results, run_cli, stop_stack, write_requests
+from tests.serving.stack import up_stack
+from tests.support import PROMPTS, REPO, read_results, run_cli, run_group, write_requests
 
 KEY = "test-api-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 pytestmark = [pytest.mark.mpi(ranks=4), pytest.mark.slow]
-
-
-def _up_process(config: Path, log: Path) -> subprocess.Popen:
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-    for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):  # `up` picks Ray's auth itself
-        env.pop(k, None)
-    return subprocess.Popen([sys.executable, "-m", "amoe_serve.cli", "up", "--config", str(config)], cwd=REPO,
-                            env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def _wait_healthy(base: str, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"amoe-serve up exited early:\n{log.read_text()[-4000:]}"
-        try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise AssertionError(f"not healthy within {timeout} s:\n{log.read_text()[-4000:]}")
-
-
-@contextmanager
-def up_stack(tmp: Path, cfg: dict, stop_wait_s: float):
-    """`amoe-serve up` on cfg (written as tmp/serve.json: OmegaConf reads JSON as YAML), once
-    healthy; yields base URL, process, log and tmp; stopped by pid on exit."""
-    config = tmp / "serve.json"
-    config.write_text(json.dumps(cfg))
-    log = tmp / "up.log"
-    proc = _up_process(config, log)
-    base = f"http://127.0.0.1:{cfg['serving']['port']}"
-    try:
-        _wait_healthy(base, proc, log)
-        yield {"base": base, "proc": proc, "log": log, "tmp": tmp}
-    finally:
-        stop_stack(proc, stop_wait_s)
 
 
 @pytest.fixture(scope="module")
@@ -225,14 +188,8 @@ def test_locust_short_workload_against_the_stack(stack):
     cmd = [str(locust), "-f", "loadtests/locustfile.py", "--headless", "-u", "4", "-r", "4", "-t", "32s",
            "--host", stack["base"], "--workload", "short", "--rate", "2", "--model", "mix", "--api-key", KEY,
            "--csv", str(tmp / "short"), "--summary-json", str(tmp / "short.json"), "--only-summary"]
-    p = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         start_new_session=True)
-    try:
-        out, _ = p.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        out, _ = p.communicate()
-    assert p.returncode == 0, out[-3000:]
+    p = run_group(cmd, timeout=120)
+    assert p.returncode == 0, p.stdout[-3000:]
     summary = json.loads((tmp / "short.json").read_text())
     assert summary["requests"]["failed"] == 0
     assert summary["requests"]["ok"] >= 10 and summary["output_tokens"] > 0

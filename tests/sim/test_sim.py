@@ -97,24 +97,25 @@ def test_conservation(system):
     assert st.expert_rows.sum() == tokens * p.top_k * p.num_blocks
     if system.startswith("aep"):   # the wave gate's bookkeeping drains with the work
         for a in sim.attn:
-            assert not a.gate.incoming_BW.any() and not a.gate.in_flight_W.any()
-            assert a.q.total() == 0 and not a.pending and not a.wave
+            assert not a.plan.gate.incoming_BW.any() and not a.plan.gate.in_flight_W.any()
+            assert a.plan.queues.total() == 0 and not a.pool and not a.wave_of
 
 
 def test_wave_gate_keeps_attention_batches_whole():
-    """The sim's AEP attention ranks use sched.waves.WaveGate like the real rank: with 2 waves
-    attention runs whole waves instead of whatever expert replies have landed."""
+    """The sim's AEP attention ranks run sched.AttentionPlan (WaveGate inside) like the real rank:
+    gated, a newly admitted request waits at block 0 for its wave instead of running alone."""
     from amoe_serve.sched.waves import WaveGate
     cm = CostModel(TABLES["a100"], TINY)
     wl = make_workload(64, (3, 12), (20, 40), "offline", 1.0, seed=2)
-    base = dict(max_running=32, max_batch_tokens=512)
+    base = dict(max_running=8, max_batch_tokens=512)   # requests are admitted as others finish
     off = AepSim(cm, wl, _params(attention_waves=1, attention_max_wait_s=0.0, **base), 2, 2)
-    on = AepSim(cm, wl, _params(attention_waves=2, attention_max_wait_s=1.0, **base), 2, 2)
-    assert isinstance(on.attn[0].gate, WaveGate) and on.attn[0].q.lengths.shape == (4, 2)
+    on = AepSim(cm, wl, _params(attention_waves=1, attention_max_wait_s=1.0, **base), 2, 2)
+    two = AepSim(cm, wl, _params(attention_waves=2, attention_max_wait_s=1.0, **base), 2, 2)
+    assert isinstance(on.attn[0].plan.gate, WaveGate) and two.attn[0].plan.queues.lengths.shape == (4, 2)
     s_off, s_on = off.run().summary(), on.run().summary()
     assert s_on["mean_attention_batch"] > 1.2 * s_off["mean_attention_batch"]
     assert s_on["mean_expert_batch"] > s_off["mean_expert_batch"]
-    assert s_on["requests_done"] == s_off["requests_done"] == 64
+    assert s_on["requests_done"] == s_off["requests_done"] == two.run().summary()["requests_done"] == 64
     # max_wait is a safety valve, not the clock: nothing here should wait out a whole second
     assert s_on["simulated_seconds"] < 0.5
 
@@ -125,7 +126,7 @@ def test_max_wait_releases_a_held_queue():
     wl = make_workload(2, (2, 2), (3, 3), "offline", 1.0, seed=0)
     sim = AepSim(cm, wl, _params(attention_waves=1, attention_max_wait_s=0.25), 1, 2)
     a = sim.attn[0]
-    a.gate.incoming_BW[1, 0] += 1      # a phantom segment of wave 0 that never returns to block 1
+    a.plan.gate.incoming_BW[1, 0] += 1      # a phantom segment of wave 0 that never returns to block 1
     st = sim.run()
     assert st.summary()["requests_done"] == 2
     assert st.summary()["simulated_seconds"] >= 0.25   # block 1 waited out max_wait once
@@ -171,7 +172,7 @@ def test_scheduler_policy_from_sched_changes_batching():
     from amoe_serve.sched.queues import MuQueues
     cm = CostModel(TABLES["a100"], TINY)
     sim = AepSim(cm, make_workload(4, (2, 3), (2, 3), "offline", 1.0, 0), _params(policy="flfs"), 2, 2)
-    assert isinstance(sim.attn[0].q, MuQueues) and isinstance(sim.experts[0].sched, FLFS)
+    assert isinstance(sim.attn[0].plan.queues, MuQueues) and isinstance(sim.experts[0].sched, FLFS)
     sim = AepSim(cm, make_workload(4, (2, 3), (2, 3), "offline", 1.0, 0), _params(), 2, 2)
     assert isinstance(sim.experts[0].sched, Defrag)
 

@@ -1,0 +1,45 @@
+"""The token event: what the attention rank says about a request after a step, carried unchanged
+attention rank -> gateway (transport header) -> ingress (link frame).
+
+On the wire it is a list, `[id, token, finish_reason, error]`, with two more entries only when the
+request asked for logprobs (`[..., logprobs, prompt_logprobs]`, see `TokenLogprobs.to_wire`), so a
+request without logprobs pays nothing for them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Optional
+
+from amoe_serve.sampler.logprobs import TokenLogprobs
+
+
+@dataclass
+class TokenEvent:
+    request_id: str
+    token: Optional[int]
+    finish_reason: Optional[str]  # "stop" | "length" | "abort" | "error" on the last event
+    error: Optional[str] = None
+    logprobs: Optional[TokenLogprobs] = None  # of `token`
+    prompt_logprobs: Optional[list[Optional[TokenLogprobs]]] = None  # on a request's first event
+
+    def to_wire(self) -> list:
+        w = [self.request_id, self.token, self.finish_reason, self.error]
+        if self.logprobs is not None or self.prompt_logprobs is not None:
+            w.append(None if self.logprobs is None else self.logprobs.to_wire())
+            w.append(None if self.prompt_logprobs is None else
+                     [None if p is None else p.to_wire() for p in self.prompt_logprobs])
+        return w
+
+    @classmethod
+    def from_wire(cls, w: list) -> "TokenEvent":
+        if not isinstance(w, list) or len(w) not in (4, 6):
+            raise ValueError(f"a token event is a list of 4 or 6 entries, got {w!r:.200}")
+        ev = cls(w[0], w[1], w[2], w[3])
+        if len(w) == 6:
+            ev.logprobs = None if w[4] is None else TokenLogprobs.from_wire(w[4])
+            ev.prompt_logprobs = None if w[5] is None else [
+                None if p is None else TokenLogprobs.from_wire(p) for p in w[5]]
+        return ev
+
+    def renamed(self, request_id: str) -> "TokenEvent":
+        return replace(self, request_id=request_id)
