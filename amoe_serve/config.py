@@ -60,6 +60,10 @@ class SchedulerConfig:
     attention_waves: int = 2
     # A further wave opens only once every active wave would hold this many requests.
     min_wave_requests: int = 16
+    # Expert ranks (AEP): hold a block's queues until they have this many rows or their oldest
+    # row waited expert_max_wait_ms (sched.expert_plan.ExpertGate); 0 = off, run what landed.
+    expert_min_rows: int = 0
+    expert_max_wait_ms: float = 0.0
 
 
 @dataclass
@@ -239,6 +243,8 @@ def validate(cfg: AmoeConfig) -> AmoeConfig:
     if cfg.scheduler.policy not in POLICIES:
         raise ConfigError(
             f"scheduler.policy={cfg.scheduler.policy!r}: expected one of {', '.join(POLICIES)}")
+    if cfg.scheduler.expert_min_rows < 0 or cfg.scheduler.expert_max_wait_ms < 0:
+        raise ConfigError("scheduler.expert_min_rows and expert_max_wait_ms must be >= 0")
     if cfg.scheduler.attention_waves < 1 or cfg.scheduler.attention_max_wait_ms < 0 or cfg.scheduler.min_wave_requests < 1:
         raise ConfigError("scheduler.attention_waves and min_wave_requests must be >= 1, attention_max_wait_ms >= 0")
     if cfg.scheduler.lookahead < 0 or not (0.0 < cfg.scheduler.decay <= 1.0):

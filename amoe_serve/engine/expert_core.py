@@ -8,6 +8,7 @@ Legend: R rows, D hidden, G experts in a grouped step.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -15,7 +16,7 @@ import torch
 
 from amoe_serve.counters import RankCounters
 from amoe_serve.model import ExpertSide
-from amoe_serve.sched.expert_plan import ExpertStep, drain_block_step, next_expert_step
+from amoe_serve.sched.expert_plan import ExpertGate, ExpertStep, drain_block_step, next_expert_step
 from amoe_serve.sched.queues import MuQueues
 
 
@@ -47,7 +48,8 @@ class Reply:
 
 class ExpertCore:
     def __init__(self, experts: ExpertSide, pairs: list[tuple[int, int]], num_blocks: int,
-                 scheduler, max_batch: int, group_block: bool, counters: Optional[RankCounters] = None):
+                 scheduler, max_batch: int, group_block: bool, counters: Optional[RankCounters] = None,
+                 gate: Optional[ExpertGate] = None):
         self.experts = experts
         self.scheduler = scheduler
         self.max_batch = max_batch
@@ -63,6 +65,7 @@ class ExpertCore:
         # A buffered store (expert_buffer.py) takes the next queued experts as prefetch hints.
         self.hints = bool(getattr(experts, "wants_upcoming", False))
         self.num_blocks = num_blocks
+        self.gate = gate or ExpertGate(num_blocks)  # off unless configured
         self._last_run: dict[int, list[int]] = {}   # block -> experts its last step ran
         if counters is None:
             counters = (BufferedRankCounters(num_blocks, num_slots, experts) if hasattr(experts, "stats")
@@ -79,6 +82,8 @@ class ExpertCore:
             sl = slice(start, start + n)
             self.queues.push(b, slot, Chunk(src, meta_R3[sl], y_RD[sl]), n)
             start += n
+        if self.gate.enabled:
+            self.gate.pushed(b, time.perf_counter())
         if start != y_RD.shape[0]:
             raise RuntimeError(f"dispatch counts sum to {start} but {y_RD.shape[0]} rows arrived")
 
@@ -87,7 +92,9 @@ class ExpertCore:
 
     def step(self) -> list[Reply]:
         """Run the queue(s) the scheduler picks; [] when every queue is empty."""
-        return self._run(next_expert_step(self.queues, self.scheduler, self.max_batch, self.group_block))
+        now = time.perf_counter() if self.gate.enabled else 0.0
+        return self._run(next_expert_step(self.queues, self.scheduler, self.max_batch, self.group_block,
+                                          self.gate, now))
 
     def drain_block(self, b: int) -> list[Reply]:
         """Lockstep: run every queue of block b completely."""

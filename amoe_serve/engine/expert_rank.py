@@ -58,7 +58,10 @@ class ExpertRank:
             t0 = time.perf_counter()
             replies = self.core.step()
             if not replies:
-                self._drain(self.max_sleep * 25)
+                wait = self.max_sleep * 25
+                if self.core.gate.enabled and self.core.pending():  # held rows: wake at their deadline
+                    wait = max(0.0, min(wait, self.core.gate.next_deadline() - time.perf_counter()))
+                self._drain(wait)
                 c.record_idle(time.perf_counter() - t0)
                 continue
             for r in replies:

@@ -17,6 +17,7 @@ from amoe_serve.engine.admission import Limits
 from amoe_serve.engine.attention_core import AttentionCore
 from amoe_serve.engine.attention_rank import AttentionRank
 from amoe_serve.engine.expert_core import ExpertCore
+from amoe_serve.sched.expert_plan import ExpertGate
 from amoe_serve.engine.expert_rank import ExpertRank
 from amoe_serve.engine.gateway import Gateway
 from amoe_serve.engine.placement import Placement
@@ -89,7 +90,8 @@ def make_expert_core(cfg: AmoeConfig, spec: ModelSpec, pairs: list[tuple[int, in
         experts = ExpertSide.load(cfg.model.path, spec, torch_dtype(cfg), pairs, device)
     s = cfg.scheduler
     sched = make_scheduler(s.policy, s.lookahead, s.decay)
-    return ExpertCore(experts, pairs, spec.num_blocks, sched, s.max_expert_batch, s.group_block)
+    gate = ExpertGate(spec.num_blocks, s.expert_min_rows, s.expert_max_wait_ms * 1e-3)
+    return ExpertCore(experts, pairs, spec.num_blocks, sched, s.max_expert_batch, s.group_block, gate=gate)
 
 
 def run_worker(cfg: AmoeConfig, transport: Transport, device: str = "cpu") -> None:

@@ -19,7 +19,7 @@ import numpy as np
 
 from amoe_serve.engine.placement import Placement
 from amoe_serve.sched.attention_plan import AttentionPlan
-from amoe_serve.sched.expert_plan import next_expert_step
+from amoe_serve.sched.expert_plan import ExpertGate, next_expert_step
 from amoe_serve.sched.policies import make_scheduler
 from amoe_serve.sched.queues import MuQueues
 from amoe_serve.sched.replicas import replica_shares
@@ -190,8 +190,10 @@ class _ExpertRank:
             self.expert_of[b].append(e)
         self.queues = MuQueues(p.num_blocks, max(1, max(len(x) for x in self.expert_of)))
         self.sched = make_scheduler(p.policy, p.lookahead, p.decay)
+        self.gate = ExpertGate(p.num_blocks, p.expert_min_rows, p.expert_max_wait_s)
         self.inbox: list = []
         self.busy = False
+        self._wake_at = math.inf
 
     def post(self, msg: tuple) -> None:
         self.inbox.append(msg)
@@ -201,13 +203,20 @@ class _ExpertRank:
     def poll(self) -> None:
         sim = self.sim
         n_msgs = len(self.inbox)
+        now = sim.loop.now
         for src, b, sid, chunks in self.inbox:
             for e, rows in chunks:
                 self.queues.push(b, self.slot_of[(b, e)], (src, sid, rows), rows)
+            self.gate.pushed(b, now)
         self.inbox.clear()
-        step = next_expert_step(self.queues, self.sched, sim.p.max_expert_batch, sim.p.group_block)
+        step = next_expert_step(self.queues, self.sched, sim.p.max_expert_batch, sim.p.group_block, self.gate, now)
         if step is None:
             self.busy = False
+            if self.gate.enabled and not self.queues.is_empty():  # held rows: come back when they may run
+                t = self.gate.next_deadline()
+                if t < self._wake_at:
+                    self._wake_at = t
+                    sim.loop.at(t, self._wake)
             return
         self.busy = True
         b = step.block
@@ -226,6 +235,11 @@ class _ExpertRank:
         t = sim.noise.scale(self.gpu, t)
         st.busy[self.gpu] += t
         sim.cores.run(t, self._done, b, by_src, sum(step.rows))
+
+    def _wake(self) -> None:
+        self._wake_at = math.inf
+        if not self.busy:
+            self.poll()
 
     def _done(self, b: int, by_src: dict, rows: int) -> None:
         sim = self.sim

@@ -111,6 +111,11 @@ class SimSystemsConfig:
     # AEP's attention:expert split sweep, as fractions of the GPUs (empty = cluster.attention_fraction).
     aep_attention_fractions: list[float] = field(default_factory=list)
     min_wave_requests: int = 1   # as scheduler.min_wave_requests
+    # AEP expert ranks' ExpertGate (sched.expert_plan): hold a block until it has this many rows
+    # or its oldest row waited expert_max_wait_ms (0: off). aep_expert_min_rows sweeps it.
+    expert_min_rows: int = 0
+    expert_max_wait_ms: float = 0.0
+    aep_expert_min_rows: list[int] = field(default_factory=list)
 
 
 @dataclass

@@ -31,10 +31,11 @@ class Candidate:
     waves: int | None = None
     max_wait_ms: float | None = None
     limits: list[int] = field(default_factory=list)
+    expert_min_rows: int | None = None
 
     def describe(self) -> dict:
         return {"policy": self.policy, "attention_fraction": self.attention_fraction,
-                "replicas": self.replicas, "waves": self.waves}
+                "replicas": self.replicas, "waves": self.waves, "expert_min_rows": self.expert_min_rows}
 
 
 def point_verdicts(rec: dict, slos: list[float], ttft_ms: float) -> dict:
@@ -55,8 +56,10 @@ def candidates(cfg: SimConfig) -> list[Candidate]:
             out.append(Candidate("lockstep", "lockstep", replicas=rep, limits=list(r.lockstep_max_running)))
     if "aep" in r.systems:
         fracs = r.aep_attention_fractions or [cfg.cluster.attention_fraction]
-        for pol, frac, rep, wv in itertools.product(r.policies, fracs, r.replicas, r.aep_waves or [r.attention_waves]):
-            out.append(Candidate("aep", pol, frac, rep, wv, limits=list(r.aep_max_running or [r.max_running_requests])))
+        for pol, frac, rep, wv, gate in itertools.product(r.policies, fracs, r.replicas, r.aep_waves or [r.attention_waves],
+                                                          r.aep_expert_min_rows or [r.expert_min_rows]):
+            out.append(Candidate("aep", pol, frac, rep, wv, limits=list(r.aep_max_running or [r.max_running_requests]),
+                                 expert_min_rows=gate))
     return out
 
 
@@ -71,7 +74,7 @@ def sweep(cfg: SimConfig, gpus: int, cands: list[Candidate], log=print) -> list[
             try:
                 rec = run_one(cfg, c.system, gpus, policy=c.policy, max_running=mr, table=table, waves=c.waves,
                               attention_fraction=c.attention_fraction, replicas=c.replicas,
-                              max_wait_ms=c.max_wait_ms)
+                              max_wait_ms=c.max_wait_ms, expert_min_rows=c.expert_min_rows)
             except ValueError as e:   # a split the model cannot be placed on
                 log(f"{gpus:3d} GPUs {c.system} {c.describe()}: skipped ({e})")
                 break
@@ -108,6 +111,7 @@ def headline(points: list[dict], slos: list[float], ttft_ms: float) -> list[dict
 def _where(p: dict) -> dict:
     return {"split": f"{p['attention_gpus']}+{p['expert_gpus']}" if p["system"] == "aep" or p["layout"] == "split"
             else f"{p['gpus']} colocated", "replicas": p["replicas"], "waves": p["attention_waves"],
+            "expert_min_rows": p.get("expert_min_rows"),
             "limit": p["max_running_requests"], "policy": p["policy"], "placement": p["placement"],
             "itl_ms_p50": p["itl_ms_p50"], "tokens_per_s_per_gpu": p["tokens_per_s_per_gpu"]}
 

@@ -107,7 +107,7 @@ class LockstepSim:
             return
         self.steps += 1
         # The batch is fixed for the iteration: attention cost per rank is the same every block.
-        cost, st = self.cost, self.stats
+        cost = self.cost
         self.tokens_A = np.zeros(self.A, dtype=np.int64)
         self.t_attn_A = np.zeros(self.A)
         msg = self.peers * (cost.t.msg_send_s + cost.t.msg_recv_s)

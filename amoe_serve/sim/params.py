@@ -29,3 +29,6 @@ class SimParams:
     attention_waves: int = 2
     attention_max_wait_s: float = 1.0
     min_wave_requests: int = 1  # as SchedulerConfig.min_wave_requests (a wave opens at this many)
+    # AEP expert ranks' ExpertGate, as SchedulerConfig.expert_min_rows / expert_max_wait_ms (0: off).
+    expert_min_rows: int = 0
+    expert_max_wait_s: float = 0.0

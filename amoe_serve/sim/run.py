@@ -53,7 +53,8 @@ def apply_host(t: DeviceTable, path: str) -> None:
 
 
 def _params(cfg: SimConfig, max_running: int, policy: str, kv_tokens: float,
-            waves: int | None = None, max_wait_ms: float | None = None) -> SimParams:
+            waves: int | None = None, max_wait_ms: float | None = None,
+            expert_min_rows: int | None = None) -> SimParams:
     m, w, r = cfg.model, cfg.workload, cfg.run
     return SimParams(num_blocks=m.num_blocks, num_experts=m.num_experts, top_k=m.top_k,
                      max_running=max_running, max_batch_tokens=r.max_batch_tokens,
@@ -64,7 +65,9 @@ def _params(cfg: SimConfig, max_running: int, policy: str, kv_tokens: float,
                      warm_start=w.warm_start and w.arrival == "offline",
                      attention_waves=r.attention_waves if waves is None else waves,
                      attention_max_wait_s=(r.attention_max_wait_ms if max_wait_ms is None else max_wait_ms) * 1e-3,
-                     min_wave_requests=r.min_wave_requests)
+                     min_wave_requests=r.min_wave_requests,
+                     expert_min_rows=r.expert_min_rows if expert_min_rows is None else expert_min_rows,
+                     expert_max_wait_s=r.expert_max_wait_ms * 1e-3)
 
 
 def _kv_tokens(cost: CostModel, table: DeviceTable, experts_per_gpu: float, attention: bool) -> float:
@@ -84,7 +87,7 @@ def _noise(cfg: SimConfig) -> NoiseConfig:
 def run_one(cfg: SimConfig, system: str, gpus: int, *, policy: str = "defrag", max_running: int,
             rate_per_gpu: float | None = None, table: DeviceTable | None = None,
             waves: int | None = None, workload: Workload | None = None, attention_fraction: float | None = None,
-            replicas: int = 0, max_wait_ms: float | None = None) -> dict:
+            replicas: int = 0, max_wait_ms: float | None = None, expert_min_rows: int | None = None) -> dict:
     """Simulate one (system, cluster size, split, replicas, waves, batch limit, load) point; returns
     a result record. workload: these exact requests (e.g. a bench run's) instead of drawn ones."""
     table = table or _table(cfg)
@@ -107,7 +110,7 @@ def run_one(cfg: SimConfig, system: str, gpus: int, *, policy: str = "defrag", m
     noise = _noise(cfg)
     if system == "aep":
         kv = _kv_tokens(cost, table, 0, True)
-        p = _params(cfg, max_running, policy, kv, waves, max_wait_ms)
+        p = _params(cfg, max_running, policy, kv, waves, max_wait_ms, expert_min_rows)
         waves = p.attention_waves
         st = simulate_aep(cost, wl, p, A, X, table.cores, table.gpus_per_node, placement=place, noise=noise)
     else:
@@ -128,6 +131,7 @@ def run_one(cfg: SimConfig, system: str, gpus: int, *, policy: str = "defrag", m
         "workload": w.name, "arrival": w.arrival,
         "request_rate": rate if w.arrival == "poisson" else None,
         "max_running_requests": max_running, "attention_waves": waves, "device": table.name,
+        "expert_min_rows": p.expert_min_rows if system == "aep" else None,
         "top_k": m.top_k, "num_experts": E, "skew_rate": w.skew_rate, "model": m.name,
         "placement": cfg.run.placement, "replicas": replicas, "noise_cv": cfg.noise.cv,
         "slow_gpus": list(cfg.noise.slow_gpus), "slow_factor": cfg.noise.slow_factor,

@@ -132,3 +132,16 @@ def test_structured_output_on_the_default_model(mode, default_model):
     assert set(obj) == {"ok", "c"} and isinstance(obj["ok"], bool) and obj["c"] in ("red", "blue")
     # The random model left to itself writes none of these.
     assert not text["plain"].startswith(("yes", "no", "{"))
+
+
+def test_expert_gate_on_the_ranks_keeps_outputs_token_exact(checkpoints):
+    """The expert ranks' ExpertGate (sched.expert_plan) only reorders work: greedy outputs equal
+    the ungated run's."""
+    path = checkpoints["mixtral"]
+    reqs = [GenerateRequest(f"r{i}", p, SamplingParams(max_tokens=MAX_NEW)) for i, p in enumerate(PROMPTS)]
+    cfg = load_config(overrides=[f"model.path={path}", "deployment.mode=aep", "scheduler.expert_min_rows=64",
+                                 "scheduler.expert_max_wait_ms=3"])
+    gated, stats = run_inproc(cfg, reqs, timeout=120)
+    plain = _run("local", path, reqs)
+    assert [gated[f"r{i}"].output_token_ids for i in range(len(PROMPTS))] == \
+        [plain[f"r{i}"].output_token_ids for i in range(len(PROMPTS))]

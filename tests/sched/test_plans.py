@@ -40,3 +40,30 @@ def test_expert_step_groups_block_with_pick_first_under_budget():
     assert rest.slots == [2] and rest.rows == [30]
     assert next_expert_step(q, make_scheduler("mtfs"), 40, False).block == 0
     assert next_expert_step(q, make_scheduler("mtfs"), 40, False) is None
+
+
+def test_expert_gate_holds_a_thin_block_until_rows_or_wait():
+    import numpy as np
+
+    from amoe_serve.sched.expert_plan import ExpertGate, next_expert_step
+    from amoe_serve.sched.policies import make_scheduler
+    from amoe_serve.sched.queues import MuQueues
+
+    q = MuQueues(2, 2)
+    gate = ExpertGate(2, min_rows=8, max_wait_s=0.010)
+    sched = make_scheduler("defrag", 3, 0.8)
+    q.push(0, 0, "a", 3)
+    gate.pushed(0, now=1.000)
+    assert next_expert_step(q, sched, 512, True, gate, now=1.005) is None  # 3 rows < 8, waited 5 ms
+    assert gate.next_deadline() == 1.010
+    q.push(0, 1, "b", 5)
+    gate.pushed(0, now=1.006)  # the block's oldest row still dates from 1.000
+    step = next_expert_step(q, sched, 512, True, gate, now=1.006)  # 8 rows: runs, both queues grouped
+    assert step.block == 0 and sorted(step.rows) == [3, 5] and gate.since_B[0] == np.inf
+    q.push(1, 0, "c", 1)
+    gate.pushed(1, now=2.0)
+    assert next_expert_step(q, sched, 512, True, gate, now=2.009) is None
+    assert next_expert_step(q, sched, 512, True, gate, now=gate.next_deadline()).rows == [1]  # waited long enough
+    # Off (min_rows 0): whatever landed runs, as without a gate.
+    q.push(1, 1, "d", 1)
+    assert next_expert_step(q, sched, 512, True, ExpertGate(2), now=0.0).rows == [1]
