@@ -144,7 +144,8 @@ def check_common(req, entry, settings: ServingConfig) -> None:
     if req.prompt_logprobs is not None and not 0 <= req.prompt_logprobs <= MAX_LOGPROBS:
         raise APIError(400, f"prompt_logprobs must be in [0, {MAX_LOGPROBS}], got {req.prompt_logprobs}",
                        param="prompt_logprobs")
-    if req.truncate_prompt_tokens is not None and req.truncate_prompt_tokens < -1 or req.truncate_prompt_tokens == 0:
+    k = req.truncate_prompt_tokens
+    if k is not None and (k == 0 or k < -1):
         raise APIError(400, "truncate_prompt_tokens must be >= 1 (or -1: max_model_len)", param="truncate_prompt_tokens")
     stops = req.stop_list()
     if stops:
