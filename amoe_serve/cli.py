@@ -6,15 +6,32 @@ import argparse
 import sys
 from pathlib import Path
 
-from amoe_serve.config import MODES, AmoeConfig, ConfigError, load_config
+from amoe_serve.bench.config import BenchConfig, load_bench_config
+from amoe_serve.bench.place_bench import load_place_bench_config, run_place_bench
+from amoe_serve.bench.run import bench_model_path, run_bench
+from amoe_serve.bench.trace_record import record_trace
+from amoe_serve.bench.workloads import WORKLOADS
+from amoe_serve.config import MODES, AmoeConfig, load_config
+from amoe_serve.default_model import default_cache_root, ensure_default_model
+from amoe_serve.errors import AmoeError, UserInputError
+from amoe_serve.generate import run_generate
+from amoe_serve.launch import LaunchError  # not (yet) an AmoeError: launch.py has another owner
+from amoe_serve.model.check import check_model
+from amoe_serve.placement.cli import add_placement_parsers
+from amoe_serve.serving.attach import add_ingress_parser
+from amoe_serve.serving.up import up
+from amoe_serve.sim.calibrate import calibrate
+from amoe_serve.sim.config import load_sim_config
+from amoe_serve.sim.run import run_and_write
 
 
-class CliError(Exception):
-    """A user mistake: printed as one line, exit code 2."""
+class CliError(UserInputError):
+    """A user mistake in the arguments: printed as one line, exit code 2."""
 
 
 def _common_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="OmegaConf YAML (e.g. configs/local.yaml)")
+    p.add_argument("--config", action="append", help="OmegaConf YAML (e.g. configs/local.yaml); repeat to "
+                   "merge several in order, e.g. configs/deployments/aep-2a-3e.yaml configs/schedulers/mtfs.yaml")
     p.add_argument("--model", help="Hugging Face checkpoint folder (default: the embedded default model)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
@@ -34,31 +51,19 @@ def _resolve(args: argparse.Namespace) -> AmoeConfig:
         raise CliError(f"override {bad[0]!r} is not KEY=VALUE")
     cfg = load_config(args.config, overrides)
     if cfg.model.path is None:
-        from amoe_serve.default_model import ensure_default_model
         cfg.model.path = str(ensure_default_model())
     cfg.model.path = str(Path(cfg.model.path).expanduser().resolve())
-    spec = _check_model(cfg.model.path)
+    spec = check_model(cfg.model.path)
     if cfg.deployment.mode != "local" and cfg.deployment.expert_ranks > spec.num_experts:
         raise CliError(f"--expert-ranks {cfg.deployment.expert_ranks} exceeds the model's "
                        f"{spec.num_experts} experts per block")
     return cfg
 
 
-def _check_model(path: str):
-    """A bad checkpoint fails here, in one line, before any rank starts."""
-    from amoe_serve.model import load_spec
-    from amoe_serve.model.attention_side import required_weight_names
-    from amoe_serve.model.checkpoint import check_checkpoint
-    spec = load_spec(path)
-    check_checkpoint(path, spec, required_weight_names(spec))
-    return spec
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
     if not Path(args.input).is_file():
         raise CliError(f"input file not found: {args.input}")
     cfg = _resolve(args)
-    from amoe_serve.generate import run_generate
     return run_generate(cfg, args.input, args.output, args.stats)
 
 
@@ -69,18 +74,14 @@ def cmd_up(args: argparse.Namespace) -> int:
     if args.host is not None:
         cfg.serving.host = args.host
     for extra in cfg.serving.extra_models:
-        _check_model(extra.path)
-    from amoe_serve.serving.up import up
+        check_model(extra.path)
     return up(cfg)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from amoe_serve.bench.config import load_bench_config
-    from amoe_serve.bench.run import run_bench
-    from amoe_serve.default_model import default_cache_root
     cfg = load_bench_config(args.config, args.overrides)
     if cfg.model.path:
-        _check_model(cfg.model.path)
+        check_model(cfg.model.path)
     run_bench(cfg, Path(args.output), default_cache_root())
     print(f"[amoe-serve] bench results: {Path(args.output) / 'results.json'}, plot: {Path(args.output) / 'bench.png'}")
     return 0
@@ -92,27 +93,23 @@ def cmd_trace(args: argparse.Namespace) -> int:
     if args.num_requests < 1:
         raise CliError("--num-requests must be >= 1")
     cfg = _resolve(args)
-    from amoe_serve.placement.record import record_trace
     record_trace(cfg, args.output, args.input, args.workload, args.num_requests, args.seed)
     return 0
 
 
 def cmd_place_bench(args: argparse.Namespace) -> int:
-    from amoe_serve.default_model import default_cache_root
-    from amoe_serve.placement.e2e import load_place_bench_config, run_place_bench
     bad = [o for o in args.overrides if "=" not in o]
     if bad:
         raise CliError(f"override {bad[0]!r} is not KEY=VALUE")
     cfg = load_place_bench_config(args.config, list(args.overrides))
     if cfg.model.path:
-        _check_model(cfg.model.path)
+        check_model(cfg.model.path)
     run_place_bench(cfg, Path(args.output), default_cache_root())
     print(f"[amoe-serve] place-bench results: {Path(args.output) / 'results.md'}")
     return 0
 
 
 def cmd_make_default_model(args: argparse.Namespace) -> int:
-    from amoe_serve.default_model import ensure_default_model
     print(ensure_default_model(Path(args.output) if args.output else None))
     return 0
 
@@ -120,13 +117,9 @@ def cmd_make_default_model(args: argparse.Namespace) -> int:
 def cmd_sim(args: argparse.Namespace) -> int:
     """Cluster simulator (amoe_serve.sim): AEP vs lockstep at scale, or calibrate the local table."""
     if args.calibrate:
-        from amoe_serve.sim.calibrate import calibrate
         out = args.calibrate
         model = args.model
         if model is None:  # the bench model (configs/bench: Mixtral-shaped, random weights)
-            from amoe_serve.bench.config import BenchConfig
-            from amoe_serve.bench.run import bench_model_path
-            from amoe_serve.default_model import default_cache_root
             model = bench_model_path(BenchConfig(), default_cache_root())
         elif not (Path(model) / "config.json").is_file():
             raise CliError(f"sim --model {model}: no checkpoint there (config.json missing)")
@@ -136,8 +129,6 @@ def cmd_sim(args: argparse.Namespace) -> int:
         return 0
     if not args.output:
         raise CliError("sim: --output DIR is required (or --calibrate FILE)")
-    from amoe_serve.sim.config import load_sim_config
-    from amoe_serve.sim.run import run_and_write
     bad = [o for o in args.overrides if "=" not in o]
     if bad:
         raise CliError(f"override {bad[0]!r} is not KEY=VALUE")
@@ -177,7 +168,6 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. num_requests=16 systems=[aep]")
     bn.set_defaults(func=cmd_bench)
 
-    from amoe_serve.serving.attach import add_ingress_parser
     add_ingress_parser(sub)  # `amoe-serve ingress`: Serve in front of running gateways (e.g. srun)
 
     sm = sub.add_parser("sim", help="discrete-event cluster simulator: AEP vs lockstep, results.json + plots")
@@ -190,7 +180,6 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. cluster.gpus=[8] run.policies=[mtfs]")
     sm.set_defaults(func=cmd_sim)
 
-    from amoe_serve.bench.workloads import WORKLOADS
     tr = sub.add_parser("trace", help="run a workload and write the routing trace (tokens per expert, "
                         "block-to-block transitions) for `amoe-serve place`")
     tr.add_argument("--output", required=True, help="trace file (JSON, format amoe-trace v1)")
@@ -213,7 +202,6 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. num_requests=16 policies=[greedy]")
     pb.set_defaults(func=cmd_place_bench)
 
-    from amoe_serve.placement.cli import add_placement_parsers
     add_placement_parsers(sub)  # `amoe-serve place` (trace -> placement file), `amoe-serve place-eval`
 
     m = sub.add_parser("make-default-model", help="write the embedded default checkpoint and print its folder")
@@ -224,14 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from amoe_serve.model import CheckpointError
-    from amoe_serve.engine.placement import PlacementError
-    from amoe_serve.placement.trace import TraceError
     try:
         return args.func(args)
-    except (CliError, ConfigError, CheckpointError, PlacementError, TraceError) as e:
+    except (AmoeError, LaunchError) as e:
+        # Every error of the package (amoe_serve.errors): one line and its exit code, no traceback.
         print(f"amoe-serve: error: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_code", 1)
     except KeyboardInterrupt:
         return 130
 

@@ -8,16 +8,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional, Sequence
 
 from omegaconf import OmegaConf
+
+from amoe_serve.errors import UserInputError
 
 MODES = ("local", "lockstep", "aep")
 POLICIES = ("defrag", "mtfs", "flfs")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserInputError, ValueError):
     """A configuration value is invalid; the message says which and why."""
 
 
@@ -34,7 +36,7 @@ class DeploymentConfig:
     mode: str = "aep"
     attention_ranks: int = 1
     expert_ranks: int = 2
-    # Placement file (`amoe-serve place` writes one; format in amoe_serve/engine/placement.py):
+    # Placement file (`amoe-serve place` writes one; format in amoe_serve/placement/layout.py):
     # each (block, expert)'s expert-rank index in [0, expert_ranks), plus optional replicas.
     # None places experts contiguously.
     placement: Optional[str] = None
@@ -56,8 +58,9 @@ class SchedulerConfig:
     attention_max_wait_ms: float = 1000.0
     # Attention ranks (AEP): requests are split into this many waves that move through the
     # blocks independently (μ-queue slot = wave), so attention of one wave overlaps the expert
-    # work of another. Lockstep always runs one.
-    attention_waves: int = 2
+    # work of another. Lockstep always runs one. 0 = auto (sched.waves.auto_waves): 2 on GPUs
+    # and on CPUs where every compute rank of a node has its own cores, else 1.
+    attention_waves: int = 0
     # A further wave opens only once every active wave would hold this many requests.
     min_wave_requests: int = 16
     # Expert ranks (AEP): hold a block's queues until they have this many rows or their oldest
@@ -126,6 +129,10 @@ class RuntimeConfig:
     threads_per_rank: int = 1
     # Longest sleep of an idle poll loop, in microseconds (back-off starts near zero).
     max_poll_sleep_us: int = 500
+    # The same for the gateway (rank 0). It only admits requests and collects sampled tokens,
+    # so it may sleep longer: every wake-up is CPU the compute ranks could use when ranks
+    # share cores. Bounds the latency it adds to admission and to each token.
+    gateway_poll_sleep_us: int = 2000
     # The launcher kills a job that has not finished after this many seconds (0 = no limit).
     job_timeout_s: float = 900.0
     # A serving gateway declares a rank that stops answering its heartbeats for this long hung,
@@ -245,8 +252,9 @@ def validate(cfg: AmoeConfig) -> AmoeConfig:
             f"scheduler.policy={cfg.scheduler.policy!r}: expected one of {', '.join(POLICIES)}")
     if cfg.scheduler.expert_min_rows < 0 or cfg.scheduler.expert_max_wait_ms < 0:
         raise ConfigError("scheduler.expert_min_rows and expert_max_wait_ms must be >= 0")
-    if cfg.scheduler.attention_waves < 1 or cfg.scheduler.attention_max_wait_ms < 0 or cfg.scheduler.min_wave_requests < 1:
-        raise ConfigError("scheduler.attention_waves and min_wave_requests must be >= 1, attention_max_wait_ms >= 0")
+    if cfg.scheduler.attention_waves < 0 or cfg.scheduler.attention_max_wait_ms < 0 or cfg.scheduler.min_wave_requests < 1:
+        raise ConfigError("scheduler.attention_waves must be >= 0 (0 = auto), min_wave_requests >= 1, "
+                          "attention_max_wait_ms >= 0")
     if cfg.scheduler.lookahead < 0 or not (0.0 < cfg.scheduler.decay <= 1.0):
         raise ConfigError("scheduler.lookahead must be >= 0 and 0 < scheduler.decay <= 1")
     if cfg.routing.mode not in ("model", "exponential"):
@@ -267,17 +275,20 @@ def validate(cfg: AmoeConfig) -> AmoeConfig:
         raise ConfigError("kv_cache.block_size and kv_cache.num_blocks must be >= 1")
     if cfg.engine.max_running_requests < 1 or cfg.engine.max_batch_tokens < 1:
         raise ConfigError("engine.max_running_requests and engine.max_batch_tokens must be >= 1")
+    if cfg.runtime.max_poll_sleep_us < 1 or cfg.runtime.gateway_poll_sleep_us < 1:
+        raise ConfigError("runtime.max_poll_sleep_us and runtime.gateway_poll_sleep_us must be >= 1")
     validate_serving(cfg.serving)
     return cfg
 
 
-def merge_structured(schema: type, path: str | Path | None, overrides: list[str] | None, what: str):
-    """Schema defaults, then the YAML file, then dotlist overrides, as a dataclass instance;
-    any problem becomes a one-line ConfigError naming `what`."""
+def merge_structured(schema: type, path: str | Path | Sequence[str | Path] | None, overrides: list[str] | None,
+                     what: str):
+    """Schema defaults, then the YAML file(s) in order (a later one wins), then dotlist
+    overrides, as a dataclass instance; any problem becomes a one-line ConfigError naming `what`."""
     merged = OmegaConf.structured(schema)
+    paths = [] if path is None else [path] if isinstance(path, (str, Path)) else list(path)
     try:
-        if path is not None:
-            p = Path(path)
+        for p in map(Path, paths):
             if not p.is_file():
                 raise ConfigError(f"{what} file not found: {p}")
             merged = OmegaConf.merge(merged, OmegaConf.load(p))
@@ -290,8 +301,11 @@ def merge_structured(schema: type, path: str | Path | None, overrides: list[str]
         raise ConfigError(f"invalid {what}: {e}".splitlines()[0]) from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> AmoeConfig:
-    """Schema defaults, then the YAML file, then dotlist overrides (``scheduler.policy=mtfs``)."""
+def load_config(path: str | Path | Sequence[str | Path] | None = None,
+                overrides: list[str] | None = None) -> AmoeConfig:
+    """Schema defaults, then the YAML file(s) in order (fragments such as
+    ``configs/deployments/aep-2a-3e.yaml`` then ``configs/schedulers/mtfs.yaml`` compose), then
+    dotlist overrides (``scheduler.policy=mtfs``)."""
     return validate(merge_structured(AmoeConfig, path, overrides, "configuration"))
 
 
@@ -302,7 +316,3 @@ def to_yaml(cfg: AmoeConfig) -> str:
 def from_yaml(text: str) -> AmoeConfig:
     merged = OmegaConf.merge(OmegaConf.structured(AmoeConfig), OmegaConf.create(text))
     return validate(OmegaConf.to_object(merged))  # type: ignore[arg-type]
-
-
-def as_dict(cfg: AmoeConfig) -> dict[str, Any]:
-    return OmegaConf.to_container(OmegaConf.structured(cfg))  # type: ignore[return-value]

@@ -123,3 +123,25 @@ def precise_sleeps(slack_ns: int = 1000) -> bool:
         return ctypes.CDLL(None, use_errno=True).prctl(29, int(slack_ns), 0, 0, 0) == 0
     except (OSError, AttributeError):
         return False
+
+
+def ranks_on_this_node(world_size: int) -> int:
+    """How many ranks of this job share this node: from the launcher's environment (Hydra's
+    MPI_LOCALNRANKS, Slurm's SLURM_STEP_TASKS_PER_NODE with SLURM_NODEID), else all of them."""
+    n = os.environ.get("MPI_LOCALNRANKS")
+    if n and n.isdigit():
+        return int(n)
+    per_node, node = os.environ.get("SLURM_STEP_TASKS_PER_NODE"), os.environ.get("SLURM_NODEID")
+    if per_node and node and node.isdigit():
+        counts: list[int] = []
+        for part in per_node.split(","):  # "2(x3),1": 2 tasks on each of 3 nodes, then 1
+            n_s, _, rep = part.partition("(x")
+            if n_s.isdigit():
+                counts += [int(n_s)] * (int(rep.rstrip(")")) if rep.rstrip(")").isdigit() else 1)
+        if int(node) < len(counts):
+            return counts[int(node)]
+    return world_size
+
+
+def cores_available() -> int:
+    return len(os.sched_getaffinity(0))

@@ -1,7 +1,8 @@
 """Operator entry points: validate shapes, then pick a backend.
 
 Rule: Triton when the tensors are on CUDA and triton imports; the PyTorch reference otherwise
-(CPU tensors always get the reference, bit-identical to before the kernels existed).
+(CPU tensors always get the reference numbers; grouped_expert_ffn computes them with
+torch._grouped_mm, bit-identical to the per-expert loop, unless the reference is named).
 `backend="triton"` forces the kernels (tests run them on CPU tensors under TRITON_INTERPRET=1),
 `backend="reference"` forces the reference. The environment variable AMOE_KERNELS_BACKEND
 (auto | reference | triton) sets the default for calls that pass no backend.
@@ -16,7 +17,7 @@ from types import ModuleType
 
 import torch
 
-from . import checks, reference
+from . import checks, grouped_mm, reference
 
 BACKENDS = ("auto", "reference", "triton")
 
@@ -66,8 +67,15 @@ def grouped_expert_ffn(x_TD, counts_G, w1_GFD, w3_GFD, w2_GDF, experts=None, bac
     counts_G = [int(c) for c in counts_G]
     experts = None if experts is None else [int(e) for e in experts]
     checks.grouped_expert_ffn(x_TD, counts_G, w1_GFD, w3_GFD, w2_GDF, experts)
-    if backend_for(x_TD, backend) == "triton":
+    chosen = backend_for(x_TD, backend)
+    if chosen == "triton":
         return _module("triton_moe").grouped_expert_ffn(x_TD, counts_G, w1_GFD, w3_GFD, w2_GDF, experts=experts)
+    # Unless the reference is asked for by name: the same numbers in one GEMM per weight.
+    if (backend or os.environ.get("AMOE_KERNELS_BACKEND", "auto")) != "reference" and x_TD.shape[0] \
+            and not x_TD.is_cuda and grouped_mm.supports(x_TD.shape[1], w1_GFD.shape[1], x_TD.dtype):
+        offs_G = grouped_mm.offsets(counts_G, experts, w1_GFD.shape[0])
+        if offs_G is not None:
+            return grouped_mm.grouped_expert_ffn(x_TD, offs_G.to(x_TD.device), w1_GFD, w3_GFD, w2_GDF)
     return reference.grouped_expert_ffn(x_TD, counts_G, w1_GFD, w3_GFD, w2_GDF, experts)
 
 
@@ -162,9 +170,10 @@ def paged_decode_attention(q_BHd, k_NSGd, v_NSGd, block_tables, seq_lens, scale:
     return reference.paged_decode_attention(q_BHd, k_NSGd, v_NSGd, block_tables, seq_lens, scale)
 
 
-def paged_attention(q_SnHd, k_NSGd, v_NSGd, tables_SM, qpos_Sn, scale: float, backend: str | None = None):
+def paged_attention(q_SnHd, k_NSGd, v_NSGd, tables_SM, qpos_Sn, scale: float, backend: str | None = None,
+                    future_SnL=None):
     """Batched causal attention over a paged KV cache, prefill and decode alike (see
     reference.paged_attention). PyTorch ops on every device: it is a gather and two batched
     GEMMs; all-decode batches on CUDA go through paged_decode_attention's Triton kernel instead."""
     checks.paged_attention(q_SnHd, k_NSGd, v_NSGd, tables_SM, qpos_Sn)
-    return reference.paged_attention(q_SnHd, k_NSGd, v_NSGd, tables_SM, qpos_Sn, scale)
+    return reference.paged_attention(q_SnHd, k_NSGd, v_NSGd, tables_SM, qpos_Sn, scale, future_SnL)

@@ -108,6 +108,11 @@ def combine_slots(out_TKD: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:
     K products are summed in fp32 and the result is cast to out_TKD's dtype.
     """
     p_TKD = out_TKD * w_TK[..., None]
+    if p_TKD.dtype == torch.float32:  # the same sums without the no-op casts
+        acc_TD = p_TKD[:, 0]
+        for k in range(1, p_TKD.shape[1]):
+            acc_TD = acc_TD + p_TKD[:, k]
+        return acc_TD if out_TKD.dtype == torch.float32 else acc_TD.to(out_TKD.dtype)
     acc_TD = p_TKD[:, 0].float()
     for k in range(1, p_TKD.shape[1]):
         acc_TD = acc_TD + p_TKD[:, k].float()
@@ -161,14 +166,17 @@ def paged_decode_attention(
 
 
 def paged_attention(q_SnHd: torch.Tensor, k_NSGd: torch.Tensor, v_NSGd: torch.Tensor,
-                    tables_SM: torch.Tensor, qpos_Sn: torch.Tensor, scale: float) -> torch.Tensor:
+                    tables_SM: torch.Tensor, qpos_Sn: torch.Tensor, scale: float,
+                    future_SnL: torch.Tensor | None = None) -> torch.Tensor:
     """Batched causal attention of n query rows per sequence over its paged KV context, one call
     for a whole batch (decode: n = 1; prefill: n = the longest prompt chunk, shorter ones padded).
     tables_SM: each sequence's first M cache blocks (M = blocks of the longest context; padding:
     any valid block id); qpos_Sn: absolute position of each query; query (s, i) sees positions
     0..qpos[s, i], so padding past a sequence's length is masked by causality.
     GQA/MQA without repeating K/V: the rep = H/G query heads of a KV head share one matmul.
-    Same numerics as gqa_attention (scores in activation dtype, softmax in fp32, cast back)."""
+    Same numerics as gqa_attention (scores in activation dtype, softmax in fp32, cast back).
+    future_SnL (optional): the causal mask arange(L) > qpos, when the caller has it already
+    (kv.batch builds it once per step for all blocks)."""
     S, n, H, d = q_SnHd.shape
     _, bs, G, _ = k_NSGd.shape
     rep, L = H // G, tables_SM.shape[1] * bs
@@ -176,15 +184,25 @@ def paged_attention(q_SnHd: torch.Tensor, k_NSGd: torch.Tensor, v_NSGd: torch.Te
     # 4-D cache): M rows of bs*G*d each, not L rows of G*d.
     flat_X = tables_SM.reshape(-1)
     N = k_NSGd.shape[0]
-    k_SLGd = k_NSGd.reshape(N, -1).index_select(0, flat_X).view(S, L, G, d).to(q_SnHd.dtype)
-    v_SLGd = v_NSGd.reshape(N, -1).index_select(0, flat_X).view(S, L, G, d).to(q_SnHd.dtype)
-    future_SnL = torch.arange(L, device=q_SnHd.device)[None, None, :] > qpos_Sn[:, :, None]
+    k_SLGd = k_NSGd.reshape(N, -1).index_select(0, flat_X).view(S, L, G, d)
+    v_SLGd = v_NSGd.reshape(N, -1).index_select(0, flat_X).view(S, L, G, d)
+    if k_SLGd.dtype != q_SnHd.dtype:
+        k_SLGd, v_SLGd = k_SLGd.to(q_SnHd.dtype), v_SLGd.to(q_SnHd.dtype)
+    if future_SnL is None:
+        future_SnL = torch.arange(L, device=q_SnHd.device)[None, None, :] > qpos_Sn[:, :, None]
+    mask_S1nL = future_SnL[:, None]
+    if G == 1:  # MQA: one GEMM pair, written straight into the output layout
+        s_SmL = torch.matmul(q_SnHd.view(S, n, H, d).transpose(1, 2).reshape(S, H * n, d),
+                             k_SLGd[:, :, 0].transpose(1, 2)) * scale
+        s_SmL = s_SmL.view(S, H, n, L).masked_fill(mask_S1nL, float("-inf"))
+        p_SmL = torch.softmax(s_SmL, dim=-1, dtype=torch.float32).to(q_SnHd.dtype).view(S, H * n, L)
+        return torch.matmul(p_SmL, v_SLGd[:, :, 0]).view(S, H, n, d).transpose(1, 2).reshape(S, n, H * d)
     q_SGmd = q_SnHd.view(S, n, G, rep, d).permute(0, 2, 3, 1, 4)
     out_SnGrd = q_SnHd.new_empty(S, n, G, rep, d)
     for g in range(G):  # KV heads: strided views of the gathered blocks go to the GEMMs uncopied
         k_SLd, v_SLd = k_SLGd[:, :, g], v_SLGd[:, :, g]
         s_SmL = torch.matmul(q_SGmd[:, g].reshape(S, rep * n, d), k_SLd.transpose(1, 2)) * scale
-        s_SmL = s_SmL.view(S, rep, n, L).masked_fill(future_SnL[:, None], float("-inf"))
+        s_SmL = s_SmL.view(S, rep, n, L).masked_fill(mask_S1nL, float("-inf"))
         p_SmL = torch.softmax(s_SmL, dim=-1, dtype=torch.float32).to(q_SnHd.dtype).view(S, rep * n, L)
         out_SnGrd[:, :, g] = torch.matmul(p_SmL, v_SLd).view(S, rep, n, d).transpose(1, 2)
     return out_SnGrd.view(S, n, H * d)

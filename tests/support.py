@@ -7,11 +7,14 @@ import os
 import signal
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Optional
 
 import pytest
 import torch
 
+from amoe_serve.procs import alive
 from amoe_serve.procs import stop_tree as stop_stack  # noqa: F401  (SIGTERM, then SIGKILL the tree)
 from tests.model.hf_factory import load_hf, make_checkpoint
 
@@ -53,17 +56,53 @@ def read_results(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
+def popen_group(cmd: list[str], **kw) -> subprocess.Popen:
+    """Start cmd in its own process group (a new session), so it and everything it starts
+    (mpiexec, ranks, Ray) can be killed together with `kill_group`."""
+    return subprocess.Popen(cmd, start_new_session=True, **kw)
+
+
+def kill_group(p: subprocess.Popen) -> tuple:
+    """If p still runs, SIGKILL its whole process group; then reap it and return what it wrote
+    to its pipes as (stdout, stderr)."""
+    if p.poll() is None:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:  # it ended in between
+            pass
+    return p.communicate()
+
+
+@contextmanager
+def group_process(cmd: list[str], **kw):
+    """`popen_group` for the body of a with-block; the group is killed on leaving it."""
+    p = popen_group(cmd, **kw)
+    try:
+        yield p
+    finally:
+        kill_group(p)
+
+
+def run_in_group(cmd: list[str], timeout: float, *, cwd=REPO, env=None, merge_stderr: bool = False,
+                 on_timeout: Optional[Callable[[str, Optional[str]], None]] = None) -> subprocess.CompletedProcess:
+    """Run cmd in its own process group (text; stderr into stdout with merge_stderr). On time-out
+    kill the whole group, then call on_timeout(stdout, stderr) (which may raise, e.g. pytest.fail);
+    without one, return what it wrote (the returncode then is the kill's)."""
+    p = popen_group(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE, text=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        out, err = kill_group(p)
+        if on_timeout is not None:
+            on_timeout(out, err)
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+
+
 def run_group(cmd: list[str], timeout: float, **kw) -> subprocess.CompletedProcess:
     """Run cmd in its own process group (stdout and stderr together, as text); on time-out kill
     the whole group and return what it wrote (returncode then is the kill's)."""
-    p = subprocess.Popen(cmd, cwd=kw.pop("cwd", REPO), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         start_new_session=True, **kw)
-    try:
-        out, _ = p.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        out, _ = p.communicate()
-    return subprocess.CompletedProcess(p.args, p.returncode, out, None)
+    return run_in_group(cmd, timeout, merge_stderr=True, **kw)
 
 
 def run_cli(args: list[str], timeout: float = 240, env_extra=None) -> subprocess.CompletedProcess:
@@ -71,22 +110,18 @@ def run_cli(args: list[str], timeout: float = 240, env_extra=None) -> subprocess
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
     env.update(env_extra or {})
-    p = subprocess.Popen([sys.executable, "-m", "amoe_serve.cli", *args], cwd=REPO, env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = p.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        out, err = p.communicate()
+
+    def timed_out(out, err):
         raise AssertionError(f"amoe-serve {' '.join(args)} timed out\n{err[-3000:]}")
-    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+
+    return run_in_group([sys.executable, "-m", "amoe_serve.cli", *args], timeout, env=env, on_timeout=timed_out)
 
 
 async def settled_stats(address: tuple[str, int], token: str) -> dict:
     """A data plane's link stats once nothing is running or waiting, with fresh rank counters."""
     import asyncio
 
-    from amoe_serve.serving.link_client import LinkClient
+    from amoe_serve.link.client import LinkClient
     c = LinkClient(*address, token)
     try:
         for _ in range(100):
@@ -98,3 +133,20 @@ async def settled_stats(address: tuple[str, int], token: str) -> dict:
         return await c.stats()
     finally:
         await c.close()
+
+
+def job_processes(job: str) -> dict[int, str]:
+    """pid -> command line of every live process carrying this job's SLURM_JOB_ID (Slurm puts it
+    in the environment of the batch script and of every step; all children inherit it). The
+    nodes share this machine's pid namespace, so this sees every node."""
+    out = {}
+    needle = f"SLURM_JOB_ID={job}".encode()
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            if needle in (d / "environ").read_bytes().split(b"\0") and alive(int(d.name)):
+                out[int(d.name)] = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+    return out

@@ -52,6 +52,7 @@ DTYPES: dict[str, torch.dtype] = {
     "bool": torch.bool,
 }
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+ITEMSIZE: dict[str, int] = {k: torch.empty((), dtype=v).element_size() for k, v in DTYPES.items()}
 
 
 def _align(n: int, a: int = ALIGN) -> int:
@@ -90,39 +91,38 @@ def pack(tag: int, header: dict, tensors: Sequence[torch.Tensor] = (),
     """
     if not isinstance(tag, int) or isinstance(tag, bool) or not 0 <= tag < 2**32:
         raise TransportError(f"tag must be an int in [0, 2**32), got {tag!r}")
-    flat: list[torch.Tensor] = []
+    copies: list[tuple[torch.Tensor, int, int]] = []  # (tensor, offset, bytes) of the non-empty ones
     meta: list = []
-    off = 0
+    off = plen = 0
     for i, t in enumerate(tensors):
         if not isinstance(t, torch.Tensor):
             raise TransportError(f"tensor {i} is a {type(t).__name__}, not a torch.Tensor")
         name = dtype_name(t.dtype)
-        t = t.detach()
+        if t.requires_grad:
+            t = t.detach()
         if t.device.type != "cpu":
             t = t.cpu()
+        nb = t.numel() * ITEMSIZE[name]
         meta.append([name, list(t.shape), off])
-        b = t.contiguous().reshape(-1).view(torch.uint8) if t.numel() else None
-        flat.append(b)
-        off = _align(off + t.numel() * t.element_size())
+        if nb:
+            copies.append((t, off, nb))
+            plen = off + nb  # payload_len: up to the end of the last tensor (no trailing padding)
+        off = _align(off + nb)
     hbytes = encode_header(tag, header, meta)
-    if len(hbytes) > MAX_HEADER:
-        raise TransportError(f"header too large ({len(hbytes)} bytes)")
-    pstart = _align(PREFIX_SIZE + len(hbytes))
-    # payload_len: up to the end of the last tensor (no trailing padding)
-    plen = 0
-    for (name, shape, o), b in zip(meta, flat):
-        if b is not None:
-            plen = max(plen, o + b.numel())
+    hlen = len(hbytes)
+    if hlen > MAX_HEADER:
+        raise TransportError(f"header too large ({hlen} bytes)")
+    pstart = _align(PREFIX_SIZE + hlen)
     total = pstart + plen
-    buf = alloc(total)
-    frame = buf[:total]
-    PREFIX.pack_into(frame, 0, MAGIC, VERSION, 0, tag, len(hbytes), plen)
-    frame[PREFIX_SIZE:PREFIX_SIZE + len(hbytes)] = np.frombuffer(hbytes, dtype=np.uint8)
-    if flat:
+    frame = alloc(total)[:total]
+    PREFIX.pack_into(frame, 0, MAGIC, VERSION, 0, tag, hlen, plen)
+    frame.data[PREFIX_SIZE:PREFIX_SIZE + hlen] = hbytes
+    if copies:
+        # Each tensor is copied straight into a typed view of its slot (offsets are 64-byte
+        # aligned), strided sources included: no intermediate contiguous copy.
         dst = torch.from_numpy(frame)
-        for (name, shape, o), b in zip(meta, flat):
-            if b is not None:
-                dst[pstart + o: pstart + o + b.numel()].copy_(b)
+        for t, o, nb in copies:
+            dst[pstart + o: pstart + o + nb].view(t.dtype).view(t.shape).copy_(t)
     return frame
 
 
@@ -176,7 +176,7 @@ def unpack(buf) -> tuple[int, dict, list[torch.Tensor]]:
         numel = 1
         for s in shape:
             numel *= s
-        itemsize = torch.empty((), dtype=dt).element_size()
+        itemsize = ITEMSIZE[name]
         nb = numel * itemsize
         if nb == 0:
             tensors.append(torch.empty(shape, dtype=dt))

@@ -26,6 +26,10 @@ from typing import Optional
 from amoe_serve.config import load_config
 from amoe_serve.requests_io import GenerateRequest
 from amoe_serve.sampler import SamplingParams
+from amoe_serve.default_model import write_default_model
+from amoe_serve.engine.inproc import inproc_job
+from amoe_serve.model import load_spec
+from amoe_serve.model.expert_buffer import replay
 
 # Small enough that the whole default sweep takes a few minutes on 2 cores, big enough that
 # an expert load (3 x 512 x 1408 fp32 = 8.7 MB) is not free.
@@ -35,8 +39,6 @@ MODEL = {"hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 4, 
 
 
 def bench_model(cache: Path, shape: dict = MODEL) -> str:
-    from amoe_serve.default_model import write_default_model
-
     name = "buffer-" + "-".join(f"{v}" for v in shape.values())
     out = cache / name
     if not (out / "config.json").exists():
@@ -55,8 +57,6 @@ def make_requests(n: int, max_tokens: int, vocab: int, seed: int) -> list[Genera
 def run_point(path: str, slots: int, eviction: str, prefetch: bool, args, traces: Optional[list] = None) -> dict:
     """One data plane, one S/policy: throughput and the expert ranks' summed buffer counters.
     traces: a list that gets (pairs, access trace) of each expert rank's store."""
-    from amoe_serve.engine.inproc import inproc_job
-    from amoe_serve.model import load_spec
 
     cfg = load_config(None, [f"model.path={path}", f"deployment.mode={args.mode}",
                              "deployment.attention_ranks=1", "deployment.expert_ranks=2",
@@ -145,7 +145,6 @@ def table(records: list[dict]) -> str:
 def replay_all(traces: list, slots: list[int]) -> list[dict]:
     """Every policy (and Belady's optimum) on the same recorded accesses, without prefetch:
     hit rates free of run-to-run scheduling differences."""
-    from amoe_serve.model.expert_buffer import replay
 
     rows = []
     for S in slots:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 from amoe_serve.config import ConfigError, RoutingConfig, merge_structured
+from amoe_serve.bench.workloads import WORKLOADS
 
 SYSTEMS = ("aep", "lockstep", "hf-transformers", "vllm")
 
@@ -98,7 +99,6 @@ def load_bench_config(path: str | Path | None, overrides: list[str] | None = Non
     bad = [s for s in cfg.systems if s not in SYSTEMS]
     if bad:
         raise ConfigError(f"bench systems {bad}: expected some of {', '.join(SYSTEMS)}")
-    from amoe_serve.bench.workloads import WORKLOADS
     bad = [w for w in cfg.workloads if w not in WORKLOADS]
     if bad:
         raise ConfigError(f"bench workloads {bad}: expected some of {', '.join(WORKLOADS)}")

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from amoe_serve.bench.workloads import BenchRequest
 from amoe_serve.config import AmoeConfig
-from amoe_serve.serving.link_client import LinkClient
+from amoe_serve.link.client import LinkClient
+from amoe_serve.serving.up import DataPlaneProcess, with_link_token
 
 
 @dataclass
@@ -75,8 +76,6 @@ async def _drive(host: str, port: int, token: str, reqs: list[BenchRequest], lab
 
 
 def run_point(cfg: AmoeConfig, reqs: list[BenchRequest], label: str, timeout: float) -> PointResult:
-    from amoe_serve.serving.up import DataPlaneProcess, with_link_token
-
     with tempfile.TemporaryDirectory(prefix="amoe-bench-") as tmp:
         plane = DataPlaneProcess(label.replace(" ", "_").replace("/", "_"), with_link_token(cfg), Path(tmp))
         plane.start()

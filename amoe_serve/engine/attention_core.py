@@ -18,7 +18,7 @@ import torch
 from amoe_serve.engine.skew import ExponentialSkew
 from amoe_serve.kv.allocator import BlockAllocator
 from amoe_serve.kv.cache import PagedKVCache
-from amoe_serve.engine.placement import Placement
+from amoe_serve.placement.layout import Placement
 from amoe_serve.kv.batch import PagedBatch
 from amoe_serve.model import AttentionSide
 from amoe_serve.placement.trace import TraceRecorder
@@ -82,6 +82,9 @@ class AttentionCore:
         self.top_k = skew.top_k if skew is not None else model.spec.top_k
         self.device = kv.k_LNSGd.device
         self.owner_BE = torch.as_tensor(placement.owner_table(), dtype=torch.int64, device=self.device)
+        # Dispatch sort key of each (block, expert): owner rank * E + expert, looked up in one op.
+        E = self.spec.num_experts
+        self.key_BE = self.owner_BE * E + torch.arange(E, device=self.device)
         self.expert_ranks = placement.expert_ranks
         # Replicated experts: their rows are split evenly (contiguous parts) across n_BE ranks.
         self.replicated = bool(placement.replicas_BE)
@@ -171,8 +174,7 @@ class AttentionCore:
         # Rows r = t*K + k, sorted by (owner rank, expert) so each rank gets contiguous runs.
         E = self.spec.num_experts
         expert_R = ids_TK.reshape(-1)
-        owner_R = self._owners(b, expert_R) if self.replicated else self.owner_BE[b][expert_R]
-        key_R = owner_R * E + expert_R
+        key_R = self._owners(b, expert_R) * E + expert_R if self.replicated else self.key_BE[b][expert_R]
         order_R = torch.argsort(key_R, stable=True)
         t_R = order_R // K
         meta_R3 = torch.stack([torch.full_like(t_R, seg.seg_id), t_R, order_R % K], dim=1).to(torch.int32)

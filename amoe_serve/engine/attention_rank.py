@@ -9,7 +9,7 @@ import torch
 from amoe_serve.counters import RankCounters
 from amoe_serve.engine.attention_core import AttentionCore, Segment
 from amoe_serve.token_events import TokenEvent
-from amoe_serve.engine.protocol import GATEWAY_RANK, Tag
+from amoe_serve.engine.tags import GATEWAY_RANK, Tag
 from amoe_serve.engine.topology import Topology
 from amoe_serve.sampler import SamplingParams
 from amoe_serve.sched.attention_plan import AttentionPlan

@@ -117,17 +117,23 @@ class ExpertCore:
         if step is None:
             return []
         b = step.block
-        chunks: list[Chunk] = [c for got in step.items for c in got]
-        experts = [self.expert_of[b][s] for s in step.slots]
-        counts = step.rows
         for s, n in zip(step.slots, step.rows):
             self.counters.record_batch(b, s, n)
+        # Groups in expert order, so the grouped GEMM indexes the weight stacks directly.
+        groups = sorted(zip(step.slots, step.items, step.rows), key=lambda g: self.expert_of[b][g[0]])
+        chunks: list[Chunk] = [c for _, got, _ in groups for c in got]
+        experts = [self.expert_of[b][s] for s, _, _ in groups]
+        counts = [n for _, _, n in groups]
         y_RD = torch.cat([c.y_RD for c in chunks]) if len(chunks) > 1 else chunks[0].y_RD
         if self.hints:
             out_RD = self.experts.run_grouped(b, experts, counts, y_RD, upcoming=self._upcoming(b))
             self._last_run[b] = experts
         else:
             out_RD = self.experts.run_grouped(b, experts, counts, y_RD)
+        srcs = {c.src for c in chunks}
+        if len(srcs) == 1:  # one attention rank: the rows go back as they are
+            meta_R3 = torch.cat([c.meta_R3 for c in chunks]) if len(chunks) > 1 else chunks[0].meta_R3
+            return [Reply(chunks[0].src, {"b": b}, [meta_R3, out_RD])]
         # Replies grouped by source attention rank.
         by_src: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         start = 0

@@ -8,7 +8,7 @@ from collections import Counter
 import torch
 
 from amoe_serve.engine.expert_core import ExpertCore
-from amoe_serve.engine.protocol import Tag
+from amoe_serve.engine.tags import Tag
 from amoe_serve.engine.topology import Topology
 from amoe_transport import Message, Transport
 

@@ -7,14 +7,15 @@ import time
 from typing import Callable, Iterable, Optional
 
 from amoe_serve.engine.admission import Admission, Limits
-from amoe_serve.engine.protocol import Tag
+from amoe_serve.engine.tags import Tag
 from amoe_serve.engine.topology import Topology
 from amoe_serve.requests_io import GenerateRequest, GenerateResult
 from amoe_serve.token_events import TokenEvent
 from amoe_transport import Message, Transport
+from amoe_serve.errors import AmoeError
 
 
-class RankFailed(RuntimeError):
+class RankFailed(AmoeError, RuntimeError):
     """A data-plane rank reported an error or stopped answering."""
 
 

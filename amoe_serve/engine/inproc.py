@@ -14,6 +14,7 @@ from amoe_serve.engine.job import make_gateway, report_fatal, run_worker, topolo
 from amoe_serve.model import load_spec
 from amoe_serve.requests_io import GenerateRequest, GenerateResult
 from amoe_transport import InProcHub
+from amoe_serve.engine.serve_gateway import ServingGateway
 
 
 def _start_workers(cfg: AmoeConfig) -> tuple[InProcHub, list[threading.Thread], list[str]]:
@@ -67,7 +68,6 @@ def run_inproc(cfg: AmoeConfig, requests: Iterable[GenerateRequest], timeout: fl
 def serve_inproc(cfg: AmoeConfig):
     """A serving data plane as threads: yields the ServingGateway (its `server.address` is the
     link's host:port). Stops every rank on exit."""
-    from amoe_serve.engine.serve_gateway import ServingGateway
 
     hub, threads, errors = _start_workers(cfg)
     g = ServingGateway(cfg, hub.transport(0), load_spec(cfg.model.path))

@@ -20,15 +20,19 @@ from amoe_serve.engine.expert_core import ExpertCore
 from amoe_serve.sched.expert_plan import ExpertGate
 from amoe_serve.engine.expert_rank import ExpertRank
 from amoe_serve.engine.gateway import Gateway
-from amoe_serve.engine.placement import Placement
-from amoe_serve.engine.protocol import GATEWAY_RANK, Tag
+from amoe_serve.placement.layout import Placement
+from amoe_serve.engine.tags import GATEWAY_RANK, Tag
 from amoe_serve.engine.skew import ExponentialSkew
 from amoe_serve.engine.topology import Topology
 from amoe_serve.kv.allocator import BlockAllocator
 from amoe_serve.kv.cache import PagedKVCache
 from amoe_serve.model import AttentionSide, ExpertSide, ModelSpec, load_spec
+from amoe_serve.procs import cores_available, ranks_on_this_node
 from amoe_serve.sched.policies import make_scheduler
+from amoe_serve.sched.waves import auto_waves
 from amoe_transport import Transport
+from amoe_serve.model.expert_buffer import BufferedExpertSide
+from amoe_serve.sampler.grammar import backend_for
 
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -72,8 +76,6 @@ def make_attention_core(cfg: AmoeConfig, spec: ModelSpec, place: Placement, devi
         skew = ExponentialSkew(spec.num_blocks, spec.num_experts, r.top_k or spec.top_k, r.rate, r.seed,
                                r.affinity, stream=rank)
     def grammar():
-        from amoe_serve.sampler.grammar import backend_for  # xgrammar loads only if a request needs it
-
         return backend_for(cfg.model.path, spec.vocab_size, spec.eos_token_ids)
 
     return AttentionCore(model, place, kv, alloc, spec.eos_token_ids, skew, r.trace_window_tokens, grammar)
@@ -83,7 +85,6 @@ def make_expert_core(cfg: AmoeConfig, spec: ModelSpec, pairs: list[tuple[int, in
                      device: str = "cpu") -> ExpertCore:
     eb = cfg.expert_buffer
     if eb.slots > 0:  # Expert Buffering: only eb.slots experts resident, the rest read on demand
-        from amoe_serve.model.expert_buffer import BufferedExpertSide
         experts = BufferedExpertSide.load(cfg.model.path, spec, torch_dtype(cfg), pairs, eb.slots, eb.eviction,
                                           device, eb.prefetch, eb.record_accesses)
     else:
@@ -92,6 +93,17 @@ def make_expert_core(cfg: AmoeConfig, spec: ModelSpec, pairs: list[tuple[int, in
     sched = make_scheduler(s.policy, s.lookahead, s.decay)
     gate = ExpertGate(spec.num_blocks, s.expert_min_rows, s.expert_max_wait_ms * 1e-3)
     return ExpertCore(experts, pairs, spec.num_blocks, sched, s.max_expert_batch, s.group_block, gate=gate)
+
+
+def attention_waves(cfg: AmoeConfig, device: str = "cpu") -> int:
+    """scheduler.attention_waves, with 0 resolved for the node this process runs on (the
+    gateway, rank 0, mostly sleeps: it is not counted where the whole job is on one node)."""
+    if cfg.scheduler.attention_waves:
+        return cfg.scheduler.attention_waves
+    world = topology(cfg).world_size
+    here = ranks_on_this_node(world)
+    compute = here - 1 if here >= world else here
+    return auto_waves(device == "cpu", compute, cfg.runtime.threads_per_rank, cores_available())
 
 
 def run_worker(cfg: AmoeConfig, transport: Transport, device: str = "cpu") -> None:
@@ -107,7 +119,7 @@ def run_worker(cfg: AmoeConfig, transport: Transport, device: str = "cpu") -> No
         s = cfg.scheduler
         r = AttentionRank(make_attention_core(cfg, spec, place, device, rank), transport, topo,
                           make_scheduler(s.policy, s.lookahead, s.decay), cfg.engine.max_batch_tokens, sleep,
-                          s.attention_max_wait_ms * 1e-3, 1 if lockstep else s.attention_waves,
+                          s.attention_max_wait_ms * 1e-3, 1 if lockstep else attention_waves(cfg, device),
                           s.min_wave_requests)
         r.run_lockstep() if lockstep else r.run_aep()
     elif role == "expert":
@@ -136,7 +148,7 @@ def report_fatal(transport: Transport, topo: Topology, exc: BaseException) -> st
 
 
 def make_gateway(cfg: AmoeConfig, transport: Transport, spec: ModelSpec, **kw) -> Gateway:
-    return Gateway(transport, topology(cfg), limits(cfg, spec), cfg.runtime.max_poll_sleep_us * 1e-6, **kw)
+    return Gateway(transport, topology(cfg), limits(cfg, spec), cfg.runtime.gateway_poll_sleep_us * 1e-6, **kw)
 
 
 def print_fatal(text: str) -> None:

@@ -13,7 +13,7 @@ from amoe_serve.config import AmoeConfig
 from amoe_serve.engine.admission import Admission
 from amoe_serve.engine.attention_core import Segment
 from amoe_serve.engine.job import limits, make_attention_core, make_expert_core
-from amoe_serve.engine.placement import Placement
+from amoe_serve.placement.layout import Placement
 from amoe_serve.model import ModelSpec
 from amoe_serve.requests_io import GenerateRequest, GenerateResult
 

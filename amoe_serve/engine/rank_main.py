@@ -15,7 +15,12 @@ from pathlib import Path
 import torch
 
 from amoe_serve.config import from_yaml
+from amoe_serve.engine.batch_job import gateway_generate
+from amoe_serve.engine.job import pick_device, print_fatal, report_fatal, run_worker, topology
+from amoe_serve.engine.serve_gateway import gateway_serve
 from amoe_serve.procs import precise_sleeps
+from amoe_transport import TransportError, make_transport
+from amoe_transport.mpi import mpi_world
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,17 +36,13 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(cfg.runtime.threads_per_rank)
     precise_sleeps()
 
-    from amoe_serve.engine.job import pick_device, print_fatal, report_fatal, run_worker, topology
-    from amoe_transport import TransportError, make_transport
-    from amoe_transport.mpi import mpi_world
-
     topo = topology(cfg)
     try:
         comm = mpi_world(expected_size=topo.world_size)
     except TransportError as e:
         print(f"[amoe-serve] {e}", file=sys.stderr, flush=True)
         return 2
-    from mpi4py import MPI
+    from mpi4py import MPI  # only after mpi_world has set mpi4py's options and initialised MPI
     local_rank = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
     device = pick_device(cfg, local_rank)
     # NCCL between GPU ranks, MPI between CPU ranks; every rank must pick the same kind.
@@ -56,10 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         if transport.rank == 0 and args.serve:
-            from amoe_serve.engine.serve_gateway import gateway_serve
             gateway_serve(cfg, transport, args.address_file)
         elif transport.rank == 0:
-            from amoe_serve.generate import gateway_generate
             gateway_generate(cfg, transport, args.input, args.output, args.stats)
         else:
             run_worker(cfg, transport, device)

@@ -1,5 +1,5 @@
 """Rank 0 of a serving data plane: the gateway loop that answers ingress replicas over the
-link (`link_server.py`) and drives attention ranks over the transport.
+link (`amoe_serve/link/server.py`) and drives attention ranks over the transport.
 
 Link messages (JSON frames), client -> gateway:
   {"type": "generate", "id", "prompt_token_ids", "params"}   params = SamplingParams fields
@@ -36,17 +36,18 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Optional
 
-from amoe_serve import link_wire as wire
+from amoe_serve.link import wire
 from amoe_serve.config import AmoeConfig
 from amoe_serve.engine.gateway import RankFailed
 from amoe_serve.engine.job import make_gateway
-from amoe_serve.engine.link_server import LinkEvent, LinkServer
-from amoe_serve.engine.protocol import Tag
+from amoe_serve.link.server import LinkEvent, LinkServer
+from amoe_serve.engine.tags import Tag
 from amoe_serve.model import ModelSpec
 from amoe_serve.requests_io import GenerateRequest
 from amoe_serve.sampler import SamplingParams
 from amoe_serve.token_events import TokenEvent
 from amoe_transport import Transport
+from amoe_serve.model import load_spec
 
 STATS_INTERVAL_S = 0.5
 STATS_WAIT_S = 1.0  # longest a stats reply waits for fresh counters from every rank
@@ -60,7 +61,7 @@ class ServingGateway:
         self.spec = spec
         self.t = transport
         self.gw = make_gateway(cfg, transport, spec, on_event=self._on_event)
-        self.max_sleep = cfg.runtime.max_poll_sleep_us * 1e-6
+        self.max_sleep = cfg.runtime.gateway_poll_sleep_us * 1e-6
         lk = cfg.link
         info = {"name": lk.model_name, "max_model_len": self.gw.limits.max_model_len,
                 "vocab_size": spec.vocab_size, "eos_token_ids": list(spec.eos_token_ids),
@@ -323,7 +324,6 @@ def frame_events(evs: list, frame_bytes: int) -> tuple[list[list], list]:
 def gateway_serve(cfg: AmoeConfig, transport: Transport, address_file: Optional[str]) -> None:
     import signal
 
-    from amoe_serve.model import load_spec
     g = ServingGateway(cfg, transport, load_spec(cfg.model.path))
 
     signal.signal(signal.SIGTERM, lambda signum, frame: g.begin_drain())

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from typing import Hashable
 
+from amoe_serve.errors import AmoeError
 
-class OutOfBlocks(RuntimeError):
+
+class OutOfBlocks(AmoeError, RuntimeError):
     """Not enough free KV blocks for the request; the caller should wait or preempt."""
 
 

@@ -29,6 +29,7 @@ class QueryGroup:
     qpos_Sn: torch.Tensor
     tables_SM: torch.Tensor  # whole tables, for the Triton decode kernel on CUDA
     klen_S: torch.Tensor
+    future_SnL: Optional[torch.Tensor] = None  # causal mask over the gathered blocks (True: masked)
 
 
 @dataclass
@@ -97,4 +98,5 @@ class PagedBatch:
     @classmethod
     def _group(cls, tables_SM, klen_S, bs, rows, valid, qpos) -> QueryGroup:
         M = (int(klen_S.max()) + bs - 1) // bs  # blocks of the longest context
-        return QueryGroup(rows, valid, tables_SM[:, :M].contiguous(), qpos, tables_SM, klen_S)
+        future_SnL = torch.arange(M * bs, device=qpos.device)[None, None, :] > qpos[:, :, None]
+        return QueryGroup(rows, valid, tables_SM[:, :M].contiguous(), qpos, tables_SM, klen_S, future_SnL)

@@ -7,18 +7,23 @@ Legend: T=new tokens, L=context length, G=kv heads, d=head dim, N=num_blocks, S=
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
 from amoe_serve.kv.batch import PagedBatch
 
-if TYPE_CHECKING:  # the model package imports this module
-    from amoe_serve.model.spec import ModelSpec
+
+class KVShape(Protocol):
+    """What the cache needs of a model: `amoe_serve.model.ModelSpec` is one (the model layer
+    sits above this one, so it is not imported here)."""
+    num_blocks: int      # transformer blocks (layers)
+    num_kv_heads: int
+    head_dim: int
 
 
 class PagedKVCache:
-    def __init__(self, spec: ModelSpec, num_blocks: int, block_size: int, dtype: torch.dtype, device="cpu"):
+    def __init__(self, spec: KVShape, num_blocks: int, block_size: int, dtype: torch.dtype, device="cpu"):
         if num_blocks <= 0 or block_size <= 0:
             raise ValueError(f"num_blocks ({num_blocks}) and block_size ({block_size}) must be positive")
         self.spec = spec
@@ -28,6 +33,9 @@ class PagedKVCache:
         shape = (spec.num_blocks, num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
         self.k_LNSGd = torch.zeros(shape, dtype=dtype, device=device)
         self.v_LNSGd = torch.zeros(shape, dtype=dtype, device=device)
+        # Per-layer [N*S, G, d] views, made once: the write of every block is one index_copy_.
+        self._k_flat = [self.k_LNSGd[l].view(-1, spec.num_kv_heads, spec.head_dim) for l in range(spec.num_blocks)]
+        self._v_flat = [self.v_LNSGd[l].view(-1, spec.num_kv_heads, spec.head_dim) for l in range(spec.num_blocks)]
 
     def _slots(self, block_table: list[int], start: int, n: int) -> torch.Tensor:
         """Flat slot index (block * S + row) of positions start..start+n."""
@@ -58,9 +66,10 @@ class PagedKVCache:
 
     def write_slots(self, layer: int, slots_T: torch.Tensor, k_TGd: torch.Tensor, v_TGd: torch.Tensor) -> None:
         """Write new tokens' K/V at precomputed flat slots (PagedBatch.write_slots_T)."""
-        G, d = self.spec.num_kv_heads, self.spec.head_dim
-        self.k_LNSGd[layer].view(-1, G, d).index_copy_(0, slots_T, k_TGd.to(self.dtype))
-        self.v_LNSGd[layer].view(-1, G, d).index_copy_(0, slots_T, v_TGd.to(self.dtype))
+        if k_TGd.dtype != self.dtype:
+            k_TGd, v_TGd = k_TGd.to(self.dtype), v_TGd.to(self.dtype)
+        self._k_flat[layer].index_copy_(0, slots_T, k_TGd)
+        self._v_flat[layer].index_copy_(0, slots_T, v_TGd)
 
     def batch(self, tables: list, start_S: list[int], n_S: list[int]) -> PagedBatch:
         """KV addressing of a batch of spans (block tables as lists or int64 tensors)."""

@@ -19,7 +19,7 @@ import amoe_kernels as K
 from ..kv.batch import PagedBatch
 from ..kv.cache import PagedKVCache
 from .checkpoint import attention_side_filter, load_weights
-from .layers import apply_rope, rms_norm, rope_cos_sin, rope_inv_freq
+from .layers import apply_rope_tables, rms_norm, rope_cos_sin, rope_inv_freq, rope_tables
 from .spec import CheckpointError, ModelSpec, load_spec
 
 
@@ -127,12 +127,13 @@ class AttentionSide:
             q_TX, k_TX, v_TX = (t.clamp(-s.clip_qkv, s.clip_qkv) for t in (q_TX, k_TX, v_TX))
         if batch.max_pos >= s.max_position_embeddings:
             raise ValueError(f"attention: position {batch.max_pos} >= max_position_embeddings {s.max_position_embeddings}")
-        cos, sin = batch.once(("rope", x_TD.dtype), lambda: rope_cos_sin(batch.pos_T, self.inv_freq, x_TD.dtype))
+        cos, sin = batch.once(("rope", x_TD.dtype),
+                              lambda: rope_tables(*rope_cos_sin(batch.pos_T, self.inv_freq, x_TD.dtype)))
         if s.qk_norm or s.clip_qkv is not None:
-            q_THd = apply_rope(q_TX.reshape(T, H, d), cos, sin)
-            k_TGd = apply_rope(k_TX.reshape(T, G, d), cos, sin)
+            q_THd = apply_rope_tables(q_TX.reshape(T, H, d), cos, sin)
+            k_TGd = apply_rope_tables(k_TX.reshape(T, G, d), cos, sin)
         else:  # q and k heads rotated in one go
-            qk_TXd = apply_rope(qkv_TX[:, :(H + G) * d].view(T, H + G, d), cos, sin)
+            qk_TXd = apply_rope_tables(qkv_TX[:, :(H + G) * d].view(T, H + G, d), cos, sin)
             q_THd, k_TGd = qk_TXd[:, :H], qk_TXd[:, H:]
         v_TGd = v_TX.reshape(T, G, d)
         kv.write_slots(b, batch.write_slots_T, k_TGd, v_TGd)
@@ -141,10 +142,12 @@ class AttentionSide:
             g = batch.groups[0]  # all decode: the batch's rows are the queries, in order
             if q_THd.is_cuda:
                 return self._out(b, x_TD, K.paged_decode_attention(q_THd, k_NSGd, v_NSGd, g.tables_SM, g.klen_S, self.scale))
-            return self._out(b, x_TD, K.paged_attention(q_THd[:, None], k_NSGd, v_NSGd, g.blocks_SM, g.qpos_Sn, self.scale)[:, 0])
+            return self._out(b, x_TD, K.paged_attention(q_THd[:, None], k_NSGd, v_NSGd, g.blocks_SM, g.qpos_Sn, self.scale,
+                                                        future_SnL=g.future_SnL)[:, 0])
         o_TX = torch.empty(T, H * d, dtype=x_TD.dtype, device=x_TD.device)
         for g in batch.groups:  # decode spans, then prefill spans: two calls at most
-            o_SnX = K.paged_attention(q_THd[g.rows_Sn], k_NSGd, v_NSGd, g.blocks_SM, g.qpos_Sn, self.scale)
+            o_SnX = K.paged_attention(q_THd[g.rows_Sn], k_NSGd, v_NSGd, g.blocks_SM, g.qpos_Sn, self.scale,
+                                      future_SnL=g.future_SnL)
             o_TX[g.rows_Sn[g.valid_Sn]] = o_SnX[g.valid_Sn]
         return self._out(b, x_TD, o_TX)
 

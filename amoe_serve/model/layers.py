@@ -10,6 +10,8 @@ import torch
 
 def rms_norm(x_TD: torch.Tensor, w_D: torch.Tensor, eps: float) -> torch.Tensor:
     """HF RMSNorm: normalize in fp32, cast back, then scale (weight multiply in weight/input dtype)."""
+    if x_TD.dtype == torch.float32:  # the same ops without the no-op casts
+        return w_D * (x_TD * torch.rsqrt(x_TD.pow(2).mean(-1, keepdim=True) + eps))
     x32 = x_TD.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return w_D * x32.to(x_TD.dtype)
@@ -31,3 +33,17 @@ def apply_rope(x_THd: torch.Tensor, cos_Td: torch.Tensor, sin_Td: torch.Tensor) 
     half = x_THd.shape[-1] // 2
     rot = torch.cat((-x_THd[..., half:], x_THd[..., :half]), dim=-1)
     return x_THd * cos_Td[:, None, :] + rot * sin_Td[:, None, :]
+
+
+def rope_tables(cos_Td: torch.Tensor, sin_Td: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin shaped [T, 1, d] for apply_rope_tables, with sin's first half negated: then
+    rotate-half is a swap of halves, and (-a) * s == a * (-s) exactly, so the result is bitwise
+    apply_rope's. Built once per step, used by every block."""
+    half = sin_Td.shape[-1] // 2
+    sin_Td = torch.cat((-sin_Td[:, :half], sin_Td[:, half:]), dim=-1)
+    return cos_Td[:, None, :], sin_Td[:, None, :]
+
+
+def apply_rope_tables(x_THd: torch.Tensor, cos_T1d: torch.Tensor, signed_sin_T1d: torch.Tensor) -> torch.Tensor:
+    half = x_THd.shape[-1] // 2
+    return x_THd * cos_T1d + torch.cat((x_THd[..., half:], x_THd[..., :half]), dim=-1) * signed_sin_T1d

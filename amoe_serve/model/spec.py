@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from amoe_serve.errors import UserInputError
+
 SUPPORTED_ARCHITECTURES = {
     "MixtralForCausalLM": "mixtral",
     "Qwen2MoeForCausalLM": "qwen2_moe",
@@ -19,7 +21,7 @@ SUPPORTED_ARCHITECTURES = {
 }
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserInputError):
     """A checkpoint folder is missing, unreadable, or uses an unsupported feature."""
 
 

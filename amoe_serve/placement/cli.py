@@ -15,14 +15,15 @@ from pathlib import Path
 
 import numpy as np
 
-from amoe_serve.engine.placement import PlacementError
+from amoe_serve.placement.layout import PlacementError
+from amoe_serve.placement.evaluate import evaluate, markdown_table, plan_and_evaluate, summary
+from amoe_serve.placement.policies import POLICIES, check_ranks, contiguous, cost_matrix, plan
+from amoe_serve.placement.trace import Trace
 
 _LOGGER = "amoe_serve.placement"
 
 
 def add_placement_parsers(sub) -> None:
-    from amoe_serve.placement.policies import POLICIES
-
     p = sub.add_parser("place", help="plan an expert placement from a routing trace; writes a placement file")
     p.add_argument("--trace", required=True, help="routing trace JSON (amoe-serve trace)")
     p.add_argument("--ranks", required=True, type=int, help="number of expert ranks")
@@ -77,15 +78,12 @@ def _load_bandwidth(path: str | None, ranks: int):
             data = np.loadtxt(f, delimiter="," if "," in text else None, ndmin=2)
         except ValueError as e:
             raise PlacementError(f"bandwidth file {path} is neither JSON nor a numeric table: {e}") from None
-    from amoe_serve.placement.policies import cost_matrix
     cost_matrix(ranks, data)   # validates shape / values with a clear message
     return np.asarray(data, dtype=np.float64).tolist()
 
 
 def _inputs(args: argparse.Namespace):
     """Checked arguments shared by place and place-eval: (trace, bandwidth matrix or None)."""
-    from amoe_serve.placement.policies import check_ranks
-    from amoe_serve.placement.trace import Trace
 
     _setup_logging()
     if args.time_limit <= 0:
@@ -98,9 +96,6 @@ def _inputs(args: argparse.Namespace):
 
 
 def cmd_place(args: argparse.Namespace) -> int:
-    from amoe_serve.placement.evaluate import evaluate, summary
-    from amoe_serve.placement.policies import contiguous, plan
-
     trace, bandwidth = _inputs(args)
     placement, info = plan(args.policy, trace, args.ranks, time_limit=args.time_limit,
                            replica_slots=args.replica_slots, bandwidth=bandwidth, progress=not args.quiet)
@@ -129,13 +124,10 @@ def cmd_place(args: argparse.Namespace) -> int:
 
 
 def cmd_place_eval(args: argparse.Namespace) -> int:
-    from amoe_serve.placement.evaluate import plan_and_evaluate
-
     trace, bandwidth = _inputs(args)
     policies = list(dict.fromkeys(args.policies))
     result = plan_and_evaluate(trace, args.ranks, policies, args.out, time_limit=args.time_limit,
                                replica_slots=args.replica_slots, bandwidth=bandwidth, progress=not args.quiet)
-    from amoe_serve.placement.evaluate import markdown_table
     print(markdown_table(result), end="")
     out = Path(args.out)
     print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'place_eval.png'}")

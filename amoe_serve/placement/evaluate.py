@@ -17,7 +17,7 @@ from typing import Any, Iterable, Optional
 
 import numpy as np
 
-from amoe_serve.engine.placement import Placement
+from amoe_serve.placement.layout import Placement
 from amoe_serve.placement.policies import POLICIES, cost_matrix, plan
 from amoe_serve.placement.trace import Trace
 

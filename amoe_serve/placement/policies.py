@@ -45,7 +45,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.optimize import Bounds, LinearConstraint, linear_sum_assignment, milp
 
-from amoe_serve.engine.placement import Placement, PlacementError
+from amoe_serve.placement.layout import Placement, PlacementError
 from amoe_serve.placement.trace import Trace
 
 log = logging.getLogger("amoe_serve.placement")

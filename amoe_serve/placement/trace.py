@@ -31,12 +31,13 @@ import numpy as np
 import torch
 
 from amoe_serve.jsonfile import read_json
+from amoe_serve.errors import UserInputError
 
 FORMAT = "amoe-trace"
 VERSION = 1
 
 
-class TraceError(ValueError):
+class TraceError(UserInputError, ValueError):
     pass
 
 
@@ -161,25 +162,41 @@ class TraceRecorder:
         self._tokens = 0
         self._load_BE = torch.zeros(self.B * self.E, dtype=torch.int64, device=device)
         self._trans_LEE = torch.zeros(max(self.B - 1, 0) * self.E * self.E, dtype=torch.int64, device=device)
+        self._routed: list[tuple[int, torch.Tensor, Optional[torch.Tensor]]] = []
 
     def record(self, b: int, ids_TK: torch.Tensor, prev_TK: Optional[torch.Tensor]) -> None:
         """Tokens routed to ids_TK at block b; prev_TK their experts at block b-1 (None at b=0).
-        Counts stay on the ids' device (no host sync in the rank loop) until a window closes."""
-        E = self.E
-        if self._load_BE.device != ids_TK.device:
-            self._load_BE, self._trans_LEE = self._load_BE.to(ids_TK.device), self._trans_LEE.to(ids_TK.device)
-        ids = ids_TK.detach().long()
+        Only the tensors are kept here (the rank loop pays a list append); they are counted in
+        a few batched ops when the window closes or a snapshot is taken."""
         if b == 0:
-            self._tokens += ids.shape[0]
-        self._load_BE[b * E:(b + 1) * E] += torch.bincount(ids.reshape(-1), minlength=E)
-        if prev_TK is not None and b > 0:
-            pair = (prev_TK.detach().long()[:, :, None] * E + ids[:, None, :]).reshape(-1)
-            base = (b - 1) * E * E
-            self._trans_LEE[base:base + E * E] += torch.bincount(pair, minlength=E * E)
+            self._tokens += ids_TK.shape[0]
+        self._routed.append((b, ids_TK, prev_TK if b > 0 else None))
         if b == self.B - 1 and self._tokens >= self.window_tokens:
             self.close_window()
 
+    def _fold(self) -> None:
+        """Count the routes recorded since the last fold: one bincount for the loads and one
+        for the transitions, over all of them."""
+        routed, self._routed = self._routed, []
+        if not routed:
+            return
+        E, dev = self.E, routed[0][1].device
+        if self._load_BE.device != dev:
+            self._load_BE, self._trans_LEE = self._load_BE.to(dev), self._trans_LEE.to(dev)
+        ids = [r[1].detach().reshape(-1).long() for r in routed]
+        base_X = torch.repeat_interleave(torch.tensor([r[0] * E for r in routed], device=dev),
+                                         torch.tensor([x.numel() for x in ids], device=dev))
+        self._load_BE += torch.bincount(torch.cat(ids) + base_X, minlength=self.B * E)
+        pairs = [(b, cur, prev) for b, cur, prev in routed if prev is not None]
+        if pairs:
+            pair = [(prev.detach().long()[:, :, None] * E + cur.detach().long()[:, None, :]).reshape(-1)
+                    for _, cur, prev in pairs]
+            base_X = torch.repeat_interleave(torch.tensor([(b - 1) * E * E for b, _, _ in pairs], device=dev),
+                                             torch.tensor([x.numel() for x in pair], device=dev))
+            self._trans_LEE += torch.bincount(torch.cat(pair) + base_X, minlength=self._trans_LEE.numel())
+
     def close_window(self) -> None:
+        self._fold()
         if self._tokens == 0 and not bool(self._load_BE.any()):
             return
         t = self.trace
@@ -208,6 +225,7 @@ class TraceRecorder:
 
     def snapshot(self) -> Trace:
         """The closed windows plus the open one (without closing it)."""
+        self._fold()
         t = self.trace
         out = Trace(t.num_blocks, t.num_experts, t.top_k, list(t.tokens_W), list(t.load_WBE),
                     list(t.trans_WLEE), dict(t.meta))
@@ -219,5 +237,6 @@ class TraceRecorder:
         return out
 
     def _open_counts(self) -> tuple[np.ndarray, np.ndarray]:
+        self._fold()
         return (self._load_BE.view(self.B, self.E).cpu().numpy().copy(),
                 self._trans_LEE.view(max(self.B - 1, 0), self.E, self.E).cpu().numpy().copy())

@@ -17,11 +17,12 @@ from typing import Optional
 import torch
 
 from amoe_serve.sampler.params import StructuredSpec
+from amoe_serve.errors import UserInputError
 
 _CACHE_SIZE = 64
 
 
-class GrammarError(ValueError):
+class GrammarError(UserInputError, ValueError):
     """The grammar does not compile, or the model has no tokenizer to build it for."""
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from amoe_serve.sampler.state import RowState
+from amoe_serve.sampler.grammar import apply_masks
 
 
 def process(logits_bV: torch.Tensor, states: list[RowState]) -> torch.Tensor:
@@ -39,7 +40,5 @@ def process(logits_bV: torch.Tensor, states: list[RowState]) -> torch.Tensor:
         x_bV[idx] -= freq_f1 * counts_fV + pres_f1 * (counts_fV > 0).to(torch.float32)
     gram = [i for i, s in enumerate(states) if s.matcher is not None]
     if gram:
-        from amoe_serve.sampler.grammar import apply_masks
-
         apply_masks(x_bV, [states[i].matcher for i in gram], gram)
     return x_bV

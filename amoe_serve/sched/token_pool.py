@@ -85,22 +85,26 @@ class TokenPool:
         # One host sync for all range checks (this runs once per expert reply).
         lo_t, hi_t = torch.aminmax(tok_R)
         lo_s, hi_s = torch.aminmax(slot_R)
-        if torch.stack([lo_t, lo_s, T - 1 - hi_t, K - 1 - hi_s]).min().item() < 0:
+        lo_t, hi_t, lo_s, hi_s = torch.stack([lo_t, hi_t, lo_s, hi_s]).tolist()
+        if lo_t < 0 or lo_s < 0 or hi_t >= T or hi_s >= K:
             raise ValueError(f"entry {key!r}: (token, slot) index out of range for T={T}, K={K}")
         flat_R = tok_R * K + slot_R
         done_X = entry.delivered_TK.view(-1)
-        if bool(done_X[flat_R].any()):
-            raise ValueError(f"entry {key!r}: a (token, slot) pair was already delivered")
-        # Mark, then count: fewer new marks than rows means a pair repeats within this delivery
-        # (undone, so a rejected delivery leaves the entry as it was).
+        # Mark, then count: fewer new marks than rows means a pair was delivered before or
+        # repeats within this delivery; the marks are undone, so a rejected delivery leaves the
+        # entry as it was.
+        was_R = done_X[flat_R]
         before = entry.filled
         done_X[flat_R] = True
         entry.filled = int(done_X.sum())
         if entry.filled - before != R:
-            done_X[flat_R] = False
+            done_X[flat_R] = was_R
             entry.filled = before
+            if bool(was_R.any()):
+                raise ValueError(f"entry {key!r}: a (token, slot) pair was already delivered")
             raise ValueError(f"entry {key!r}: a (token, slot) pair appears twice in one delivery")
-        entry.out_TKD.view(T * K, D).index_copy_(0, flat_R, out_RD.to(entry.out_TKD.device, entry.out_TKD.dtype))
+        out_RD = out_RD.to(entry.out_TKD.device, entry.out_TKD.dtype)
+        entry.out_TKD.view(T * K, D).index_copy_(0, flat_R, out_RD)
         entry.remaining -= R
         return entry.remaining == 0
 

@@ -17,6 +17,18 @@ from __future__ import annotations
 import numpy as np
 
 
+def auto_waves(on_cpu: bool, compute_ranks_here: int, threads_per_rank: int, cores: int) -> int:
+    """Waves for `scheduler.attention_waves: 0`. A second wave pays off by overlapping one
+    wave's attention with another's expert work on other devices; it also halves every batch
+    (twice the steps, messages and per-step costs for the same tokens). Ranks on their own GPUs
+    overlap, so 2. CPU ranks overlap only when each has its own cores: when a node's compute
+    ranks need more cores than it has, nothing runs beside the attention rank that the second
+    wave could hide, and one wave is faster (docs/bench/overhead)."""
+    if not on_cpu:
+        return 2
+    return 2 if compute_ranks_here * max(1, threads_per_rank) <= cores else 1
+
+
 class WaveGate:
     def __init__(self, num_blocks: int, waves: int, max_batch_tokens: int, max_wait_s: float,
                  min_wave_requests: int = 1):

@@ -21,10 +21,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Optional
 
+from amoe_serve.errors import UserInputError
+
 DEFAULT_TEMPLATE_NAME = "amoe-default"
 
 
-class ChatTemplateError(ValueError):
+class ChatTemplateError(UserInputError, ValueError):
     """The messages cannot be rendered (bad content parts, or the template raised)."""
 
 

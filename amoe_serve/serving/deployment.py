@@ -7,7 +7,7 @@ and chat template), connects them, and serves `openai_app.build_app(...)` throug
 the connected links, so it is built inside the replica, not at import time).
 
 Links are made by `link_factory(spec) -> DataPlaneLink`: by default
-`amoe_serve.serving.link_client.LinkClient(host, port, token)` (imported lazily in the replica);
+`amoe_serve.link.client.LinkClient(host, port, token)` (imported lazily in the replica);
 tests inject another one, either a picklable callable or a "module:function" string, e.g.
 "amoe_serve.serving.fake_link:fake_link_factory".
 
@@ -32,6 +32,9 @@ from typing import Any, Callable, Optional, Union
 from ray import serve
 
 from amoe_serve.serving.settings import ServingConfig
+from amoe_serve.default_model import ensure_default_model
+from amoe_serve.link.client import LinkClient
+from amoe_serve.serving.openai_app import ModelEntry, build_app
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +43,6 @@ _SPEC_KEYS = ("name", "path", "host", "port", "token")
 
 
 def default_link_factory(spec: dict):
-    from amoe_serve.serving.link_client import LinkClient  # written alongside the gateway
-
     return LinkClient(spec["host"], int(spec["port"]), spec.get("token"))
 
 
@@ -89,7 +90,6 @@ async def _connect(link, name: str, timeout_s: float) -> None:
 
 async def build_entries(model_specs: list[dict], settings: ServingConfig, link_factory: LinkFactory = None):
     """Make, connect and wrap one link per spec: {name: ModelEntry}."""
-    from amoe_serve.serving.openai_app import ModelEntry
 
     factory = _resolve_factory(link_factory)
     entries = {}
@@ -98,7 +98,6 @@ async def build_entries(model_specs: list[dict], settings: ServingConfig, link_f
             link = factory(spec)
             path = spec.get("path")
             if path is None:  # as in ModelConfig: None is the embedded default model
-                from amoe_serve.default_model import ensure_default_model
 
                 path = ensure_default_model()
             entries[spec["name"]] = ModelEntry.from_checkpoint(spec["name"], link, path)
@@ -118,8 +117,6 @@ class AmoeIngress:
     """One ingress replica: links to every model's gateway + the OpenAI FastAPI app."""
 
     async def __init__(self, model_specs: list[dict], settings: dict, link_factory: LinkFactory = None):
-        from amoe_serve.serving.openai_app import build_app
-
         known = {f.name for f in dataclasses.fields(ServingConfig)}
         self._settings = ServingConfig(**{k: v for k, v in settings.items() if k in known})
         self._entries = await build_entries(model_specs, self._settings, link_factory)

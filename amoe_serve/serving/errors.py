@@ -10,16 +10,17 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.responses import JSONResponse
 
-from amoe_serve.serving.link_api import DataPlaneError
-from amoe_serve.serving.protocol import error_body
+from amoe_serve.link.api import DataPlaneError
+from amoe_serve.serving.api_models import error_body
 from amoe_serve.serving.settings import ServingConfig
+from amoe_serve.errors import AmoeError
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                405: "invalid_request_error", 413: "invalid_request_error", 422: "invalid_request_error",
                429: "rate_limit_error", 500: "server_error", 503: "service_unavailable", 504: "timeout"}
 
 
-class APIError(Exception):
+class APIError(AmoeError):
     def __init__(self, status: int, message: str, param: Optional[str] = None, code: Any = None,
                  type_: Optional[str] = None, headers: Optional[dict] = None):
         super().__init__(message)

@@ -18,7 +18,7 @@ import itertools
 from typing import AsyncIterator, Optional
 
 from amoe_serve.sampler.logprobs import TokenLogprobs
-from amoe_serve.serving.link_api import DataPlaneError, GenEvent, ModelInfo
+from amoe_serve.link.api import DataPlaneError, GenEvent, ModelInfo
 
 
 class FakeLink:

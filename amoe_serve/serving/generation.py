@@ -10,10 +10,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Optional
 
-from amoe_serve.link_wire import LinkProtocolError
+from amoe_serve.link.wire import LinkProtocolError
 from amoe_serve.sampler import SamplingParams, TokenLogprobs
 from amoe_serve.serving.errors import APIError, from_dataplane
-from amoe_serve.serving.link_api import DataPlaneError
+from amoe_serve.link.api import DataPlaneError
 from amoe_serve.serving.output_text import OutputText
 
 log = logging.getLogger(__name__)

@@ -3,7 +3,7 @@
 Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health,
 GET /metrics, and vLLM's POST /tokenize, POST /detokenize, GET /tokenizer_info. Each served model is a `ModelEntry` (a `DataPlaneLink` to its gateway plus the
 checkpoint's tokenizer and chat template); the app only talks to the data plane through the
-link protocol of `link_api`.
+link protocol of `amoe_serve.link.api`.
 
 Decisions (see also the module docs of `protocol`, `chat`, `settings`):
 - vLLM's semantics for completions and chat (see docs/api.md): batched prompts, `n`, `echo`,
@@ -47,7 +47,7 @@ from amoe_serve.sampler import MAX_LOGPROBS
 from amoe_serve.serving.chat import ChatTemplate
 from amoe_serve.serving.errors import APIError, retry_after, validation_message
 from amoe_serve.serving.generation import Generation
-from amoe_serve.serving.link_api import DataPlaneLink
+from amoe_serve.link.api import DataPlaneLink
 from amoe_serve.serving.logprobs_out import token_str_fn
 from amoe_serve.serving.prompts import render_chat
 from amoe_serve.serving.respond import Choice, Shape, final_body, sse_chunks
@@ -55,7 +55,7 @@ from amoe_serve.serving.sampling_args import (Prepared, check_common, check_ids,
                                               sample_seed, structured_spec)
 from amoe_serve.serving.tokenize_routes import add_tokenizer_routes
 from amoe_serve.serving.metrics import CONTENT_TYPE, ServingMetrics
-from amoe_serve.serving.protocol import (
+from amoe_serve.serving.api_models import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -71,6 +71,7 @@ from amoe_serve.serving.protocol import (
     now,
 )
 from amoe_serve.serving.settings import ServingConfig
+from amoe_serve.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,6 @@ class ModelEntry:
     @classmethod
     def from_checkpoint(cls, name: str, link: DataPlaneLink, path: str | Path | None) -> "ModelEntry":
         """Tokenizer, chat template and sampling defaults from a checkpoint folder (None: none)."""
-        from amoe_serve.tokenizer import Tokenizer
 
         tok = Tokenizer.from_dir(path) if path is not None else None
         tmpl = ChatTemplate.from_dir(path)

@@ -17,6 +17,7 @@ from typing import Any, Optional
 from amoe_serve.sampler import MAX_LOGPROBS, SamplingParams, StructuredSpec
 from amoe_serve.serving.errors import APIError
 from amoe_serve.serving.settings import ServingConfig
+from amoe_serve.sampler.grammar import GrammarError, compile_check
 
 SEED_MAX = 2**63 - 1
 # Longest stop_token_ids list: each generated token is looked up in it on the attention rank, and
@@ -103,7 +104,6 @@ def structured_spec(req, entry) -> Optional[StructuredSpec]:
     if not entry.link.info.structured_output:
         raise APIError(400, f"model {entry.name!r} has no tokenizer in its data plane: structured output is not "
                             f"available", param="response_format" if rf is not None else "structured_outputs")
-    from amoe_serve.sampler.grammar import GrammarError, compile_check
 
     try:
         compile_check(specs[0])

@@ -11,7 +11,7 @@ from fastapi import FastAPI, Request
 
 from amoe_serve.serving.errors import APIError
 from amoe_serve.serving.prompts import render_chat
-from amoe_serve.serving.protocol import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
+from amoe_serve.serving.api_models import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
 from amoe_serve.serving.sampling_args import check_ids
 
 

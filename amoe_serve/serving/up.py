@@ -25,6 +25,7 @@ from amoe_serve.config import AmoeConfig, load_config, to_yaml
 from amoe_serve.engine.job import topology
 from amoe_serve.launch import kill_group, die_with_parent, mpiexec_path
 from amoe_serve.procs import clean_orphaned_mpi_shm, descendants, run_with_timeout, terminate
+from amoe_serve.errors import AmoeError
 
 RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
 # A data plane that ran this long before it died starts the back-off from the beginning again.
@@ -33,7 +34,7 @@ RESTART_RESET_AFTER_S = 60.0
 DRAIN_MARGIN_S = 15.0
 
 
-class UpError(RuntimeError):
+class UpError(AmoeError, RuntimeError):
     pass
 
 

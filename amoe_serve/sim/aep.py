@@ -17,7 +17,7 @@ import math
 
 import numpy as np
 
-from amoe_serve.engine.placement import Placement
+from amoe_serve.placement.layout import Placement
 from amoe_serve.sched.attention_plan import AttentionPlan
 from amoe_serve.sched.expert_plan import ExpertGate, next_expert_step
 from amoe_serve.sched.policies import make_scheduler
@@ -28,7 +28,7 @@ from .cost import CostModel
 from .events import Cores, EventLoop, Net, node_layout
 from .noise import Noise, NoiseConfig
 from .params import SimParams
-from .stats import Gateway, Stats
+from .stats import SimGateway, Stats
 from .workload import Router, Workload, popularity
 
 
@@ -274,7 +274,7 @@ class AepSim:
         self.trace = trace                            # executed (rank, block, slot, rows), if a list
         self.seg_ids = itertools.count()
         self.stats = Stats(wl, p, G)
-        self.gateway = Gateway(wl, p, attention_gpus)
+        self.gateway = SimGateway(wl, p, attention_gpus)
         routers = routers or [Router(self.p_BE, p.top_k, p.seed, i) for i in range(attention_gpus)]
         self.attn = [_AttnRank(self, i, i, routers[i]) for i in range(attention_gpus)]
         self.experts = [_ExpertRank(self, i, attention_gpus + i, placement.pairs_of(i)) for i in range(expert_gpus)]

@@ -20,6 +20,11 @@ from pathlib import Path
 import numpy as np
 
 from .cost import DeviceTable
+from amoe_serve.config import load_config
+from amoe_serve.engine.job import make_attention_core, make_expert_core
+from amoe_serve.model import load_spec
+from amoe_serve.placement.layout import Placement
+from amoe_serve.sampler import SamplingParams
 
 # Measured by the transport team on this machine (mpi4py, 50 us poll sleep): ~0.45 ms small-
 # message round trip, ~1.8 GB/s for 4 MB messages.
@@ -66,11 +71,6 @@ def measure_engine(model_path: str, batches=(1, 2, 4, 8, 16, 32, 64, 128, 256, 5
     whatever the cache holds, which costs the same as a real prefix.
     """
     import torch
-    from amoe_serve.config import load_config
-    from amoe_serve.engine.job import make_attention_core, make_expert_core
-    from amoe_serve.engine.placement import Placement
-    from amoe_serve.model import load_spec
-    from amoe_serve.sampler import SamplingParams
 
     torch.set_num_threads(threads)
     spec = load_spec(model_path)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from amoe_serve.config import ConfigError, merge_structured
+from amoe_serve.sched.policies import POLICIES
 
 SYSTEMS = ("aep", "lockstep")
 ARRIVALS = ("offline", "poisson")
@@ -173,7 +174,6 @@ def validate_sim(cfg: SimConfig) -> SimConfig:
         raise ConfigError("workload.warmup_s must be < duration_s")
     if any(s not in SYSTEMS for s in r.systems) or not r.systems:
         raise ConfigError(f"run.systems: expected a non-empty subset of {', '.join(SYSTEMS)}")
-    from amoe_serve.sched.policies import POLICIES
     if any(p not in POLICIES for p in r.policies) or not r.policies:
         raise ConfigError(f"run.policies: expected a non-empty subset of {', '.join(POLICIES)}")
     if r.lockstep_layout not in ("colocated", "split"):

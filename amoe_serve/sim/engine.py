@@ -5,9 +5,9 @@ from .events import Cores, EventLoop, Net, makespan
 from .lockstep import LockstepSim, simulate_lockstep
 from .noise import Noise, NoiseConfig
 from .params import SimParams
-from .stats import Gateway, Stats
+from .stats import SimGateway, Stats
 from .workload import Router, Workload, make_workload, popularity
 
 __all__ = ["AepSim", "SimSegment", "simulate_aep", "Cores", "EventLoop", "Net", "makespan", "LockstepSim",
-           "simulate_lockstep", "Noise", "NoiseConfig", "SimParams", "Gateway", "Stats", "Router", "Workload",
+           "simulate_lockstep", "Noise", "NoiseConfig", "SimParams", "SimGateway", "Stats", "Router", "Workload",
            "make_workload", "popularity"]

@@ -2,7 +2,7 @@
 configuration is swept (AEP: attention:expert split, replicas, waves, policy, running-request
 limit; lockstep: replicas and its batch limit) and the best tokens/s per GPU among the points
 whose ITL p50 <= SLO and TTFT p99 <= bound is the goodput; the best over all points is the
-saturation column. The verdict per point is the bench's (`amoe_serve.bench.goodput.meets_slo`).
+saturation column. The verdict per point is the bench's (`amoe_serve.slo.meets_slo`).
 
 Offline backlog (the running-request limit is the load knob): TTFT counts from a request's
 admission (its wait in the backlog is the benchmark's artefact, not the system's); Poisson
@@ -15,10 +15,10 @@ import itertools
 import math
 from dataclasses import dataclass, field
 
-from amoe_serve.bench.goodput import meets_slo
+from amoe_serve.slo import meets_slo
 
 from .config import SimConfig
-from .run import _table, run_one
+from .point import _table, run_one
 
 
 @dataclass

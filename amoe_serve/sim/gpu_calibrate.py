@@ -22,6 +22,7 @@ from pathlib import Path
 
 from .calibrate import write_table
 from .cost import TABLES, DeviceTable
+from amoe_serve.sim.calibrate import measure_engine
 
 MIXTRAL_LAYER = {"hidden_size": 4096, "intermediate_size": 14336, "num_local_experts": 8, "num_experts_per_tok": 2,
                  "num_attention_heads": 32, "num_key_value_heads": 1, "head_dim": 128, "vocab_size": 32000,
@@ -99,7 +100,6 @@ def main(argv: list[str] | None = None) -> int:
     if a.dry_run:
         print(json.dumps(plan))
         return 0
-    from .calibrate import measure_engine
     ckpt = write_checkpoint(Path(a.checkpoint), a.blocks)
     measured = measure_engine(str(ckpt), quick=a.quick, device="cuda:0", dtype="bfloat16")
     write_table(table_from(measured, slug), out)

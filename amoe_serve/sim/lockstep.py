@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from amoe_serve.engine.placement import Placement
+from amoe_serve.placement.layout import Placement
 from amoe_serve.sched.replicas import replica_shares_E
 
 from .cost import CostModel
 from .events import EventLoop, makespan, node_layout
 from .noise import Noise, NoiseConfig
 from .params import SimParams
-from .stats import Gateway, Stats
+from .stats import SimGateway, Stats
 from .workload import Router, Workload, popularity
 
 
@@ -67,7 +67,7 @@ class LockstepSim:
         self.noise = Noise(noise or NoiseConfig(cv=0.0), G)
         self.router = Router(self.p_BE, p.top_k, p.seed, 0)
         self.stats = Stats(wl, p, G)
-        self.gateway = Gateway(wl, p, attention_gpus)
+        self.gateway = SimGateway(wl, p, attention_gpus)
         n = len(wl.prompt)
         self.ctx = np.zeros(n, dtype=np.int64)
         self.batch: list[list[int]] = [[] for _ in range(attention_gpus)]   # running per DP rank

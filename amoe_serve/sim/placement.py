@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from amoe_serve.engine.placement import Placement
+from amoe_serve.placement.layout import Placement
+from amoe_serve.placement.policies import greedy, replicate
+from amoe_serve.placement.trace import Trace
 
 PLACEMENTS = ("contiguous", "replicate")
 
@@ -28,8 +30,6 @@ def make_placement(kind: str, p_BE: np.ndarray, ranks: int, replicas: int = 0) -
         return _eplb(p_BE, ranks, replicas)
     if kind == "contiguous":
         return Placement.contiguous(B, E, ranks)
-    from amoe_serve.placement.policies import greedy, replicate
-    from amoe_serve.placement.trace import Trace
     load_BE = np.rint(p_BE * 1e6).astype(np.int64)   # expected rows per expert
     t = Trace(B, E, 1, tokens_W=[int(1e6)], load_WBE=[load_BE],
               trans_WLEE=[np.zeros((max(B - 1, 0), E, E), dtype=np.int64)])

@@ -87,7 +87,7 @@ class Stats:
         }
 
 
-class Gateway:
+class SimGateway:
     """Admits requests in arrival order onto the attention rank with the fewest running."""
 
     def __init__(self, wl: Workload, p: SimParams, num_ranks: int) -> None:

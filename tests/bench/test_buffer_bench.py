@@ -3,6 +3,8 @@ top-2 routing must miss; the table, JSON and plot are written."""
 
 import json
 
+import pytest
+
 from amoe_serve.bench.buffer import bench_model, main
 
 TINY = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_local_experts": 4,
@@ -10,6 +12,7 @@ TINY = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num
         "vocab_size": 300}
 
 
+@pytest.mark.slow  # over ~3 s here: left out of scripts/test.sh --fast
 def test_buffer_sweep_tiny(tmp_path):
     model = bench_model(tmp_path / "cache", TINY)
     out = tmp_path / "out"

@@ -99,6 +99,7 @@ def test_drive_timestamps_every_token_of_a_stream():
     assert p.stats["stream_chunks"] == 5 + 3 and p.wall_s > 0
 
 
+@pytest.mark.slow  # over ~3 s here: left out of scripts/test.sh --fast
 def test_missing_venv_is_recorded_as_skipped(tmp_path):
     cfg = load_bench_config(None, [*TINY, "systems=[vllm]", "num_requests=2", f"vllm.venv={tmp_path / 'none'}"])
     assert run_bench(cfg, tmp_path / "out", tmp_path / "cache") == []
@@ -108,6 +109,7 @@ def test_missing_venv_is_recorded_as_skipped(tmp_path):
     assert "Skipped: `vllm`" in (tmp_path / "out" / "results.md").read_text()
 
 
+@pytest.mark.slow  # over ~3 s here: left out of scripts/test.sh --fast
 def test_head_dim_16_is_skipped_not_started(tmp_path):
     venv = vllm_venv(VllmConfig())
     if unavailable_reason(venv):
@@ -118,6 +120,7 @@ def test_head_dim_16_is_skipped_not_started(tmp_path):
     assert "head_dim 16" in s["reason"] and not (tmp_path / "out" / "vllm-server.log").exists()
 
 
+@pytest.mark.slow  # over ~3 s here: left out of scripts/test.sh --fast
 @pytest.mark.timeout(900)
 def test_vllm_serves_the_bench_requests(tmp_path):
     why = unavailable_reason(vllm_venv(VllmConfig()), 32)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import PROMPTS, REPO, read_results, run_cli, write_requests
+from tests.support import PROMPTS, REPO, group_process, read_results, run_cli, write_requests
 
 
 @pytest.mark.mpi(ranks=4)
@@ -40,6 +40,7 @@ def test_bad_lines_fail_alone_and_the_rest_are_served(checkpoints, hf_reference,
     assert "3 failed" in p.stderr
 
 
+@pytest.mark.slow  # over ~3 s here: left out of scripts/test.sh --fast
 def test_missing_checkpoint_is_one_clear_line(tmp_path):
     inp = write_requests(tmp_path / "in.jsonl")
     p = run_cli(["generate", "--model", str(tmp_path / "nope"), "--input", str(inp), "--output", str(tmp_path / "o")])
@@ -48,6 +49,7 @@ def test_missing_checkpoint_is_one_clear_line(tmp_path):
     assert "Traceback" not in p.stderr
 
 
+@pytest.mark.slow  # over ~3 s here: left out of scripts/test.sh --fast
 @pytest.mark.parametrize("damage", ["truncate", "drop_expert", "bad_json", "unknown_arch"])
 def test_corrupt_checkpoint_is_refused_before_launch(checkpoints, tmp_path, damage):
     ck = tmp_path / "ck"
@@ -75,6 +77,7 @@ def test_corrupt_checkpoint_is_refused_before_launch(checkpoints, tmp_path, dama
     assert expect in p.stderr
 
 
+@pytest.mark.slow  # over ~3 s here: left out of scripts/test.sh --fast
 def test_bad_cli_values_are_refused(checkpoints, tmp_path):
     inp = write_requests(tmp_path / "in.jsonl")
     base = ["generate", "--model", str(checkpoints["mixtral"]), "--input", str(inp), "--output", str(tmp_path / "o")]
@@ -121,12 +124,10 @@ def _rank_pids(root: int) -> dict[int, int]:
 def test_killed_rank_ends_the_job_promptly(checkpoints, tmp_path, victim):
     inp = write_requests(tmp_path / "in.jsonl", prompts=PROMPTS * 8, max_tokens=200)
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-    p = subprocess.Popen([sys.executable, "-m", "amoe_serve.cli", "generate", "--model", str(checkpoints["olmoe"]),
-                          "--input", str(inp), "--output", str(tmp_path / "o.jsonl"), "--mode", "aep",
-                          "--timeout", "120"],
-                         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         start_new_session=True)
-    try:
+    with group_process([sys.executable, "-m", "amoe_serve.cli", "generate", "--model", str(checkpoints["olmoe"]),
+                        "--input", str(inp), "--output", str(tmp_path / "o.jsonl"), "--mode", "aep",
+                        "--timeout", "120"],
+                       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as p:
         deadline = time.monotonic() + 60
         pids = {}
         while len(pids) < 4 and time.monotonic() < deadline:
@@ -138,10 +139,6 @@ def test_killed_rank_ends_the_job_promptly(checkpoints, tmp_path, victim):
         t0 = time.monotonic()
         out, err = p.communicate(timeout=30)
         elapsed = time.monotonic() - t0
-    finally:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.communicate()
     assert p.returncode != 0
     assert "the data-plane job failed" in err
     assert elapsed < 15, f"job took {elapsed:.1f} s to end after rank {victim} died"
@@ -156,6 +153,7 @@ def test_killed_rank_ends_the_job_promptly(checkpoints, tmp_path, victim):
     assert not [f for f in Path("/dev/shm").glob("mpich_shm_*") if f.name not in live], "MPI segments leaked"
 
 
+@pytest.mark.slow  # over ~3 s here: left out of scripts/test.sh --fast
 def test_default_model_with_no_arguments(tmp_path):
     inp = tmp_path / "in.jsonl"
     inp.write_text(json.dumps({"id": "a", "prompt": "Hello, experts", "max_tokens": 6}) + "\n"

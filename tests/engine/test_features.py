@@ -23,6 +23,7 @@ def _run(mode, path, reqs, ranks=(2, 3)):
     return {k: (v.output_token_ids, v.finish_reason) for k, v in res.items()}
 
 
+@pytest.mark.slow  # over ~3 s here: left out of scripts/test.sh --fast
 def test_seeded_sampling_is_reproducible_across_modes(checkpoints):
     def reqs():
         return [GenerateRequest(f"s{i}", p, SamplingParams(max_tokens=10, temperature=0.9, top_p=0.9, seed=100 + i))

@@ -1,11 +1,14 @@
 """Token events are packed into link frames that fit; one oversized answer fails alone."""
 
-from amoe_serve import link_wire as wire
+import pytest
+
+from amoe_serve.link import wire
 from amoe_serve.engine.serve_gateway import frame_events
 from amoe_serve.sampler import TokenLogprobs
 from amoe_serve.token_events import TokenEvent
 
 
+@pytest.mark.slow  # over ~3 s here: left out of scripts/test.sh --fast
 def test_frames_fit_and_an_oversized_event_fails_alone():
     big = TokenEvent("big", 5, None, None, TokenLogprobs(-1.0, 1, [(7, -1.0)] * 20),
                      [None] + [TokenLogprobs(-2.0, 3, [(i, -0.123456789)] * 20) for i in range(3000)])

@@ -1,4 +1,4 @@
-"""Hostile input on the ingress <-> gateway link (`link_wire` frames + HMAC challenge), against a
+"""Hostile input on the ingress <-> gateway link (`amoe_serve.link.wire` frames + HMAC challenge), against a
 real serving gateway with real attention/expert ranks (threads, `serve_inproc`).
 
 Seeded batches: random bytes, truncated frames, frames claiming huge lengths, valid-length
@@ -24,10 +24,10 @@ import time
 
 import pytest
 
-from amoe_serve import link_wire as wire
+from amoe_serve.link import wire
 from amoe_serve.config import load_config
 from amoe_serve.engine.inproc import serve_inproc
-from amoe_serve.serving.link_client import LinkClient
+from amoe_serve.link.client import LinkClient
 from tests.support import settled_stats
 
 TOKEN = "fuzz-link-token"
@@ -148,7 +148,7 @@ BAD_BODIES = [
 
 
 def _is_message(body: bytes) -> bool:
-    """Independent of link_wire: is this a JSON object with a string "type"?"""
+    """Independent of link.wire: is this a JSON object with a string "type"?"""
     try:
         obj = json.loads(body.decode("utf-8"))
     except (ValueError, RecursionError):
@@ -393,6 +393,7 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+@pytest.mark.slow  # over ~3 s here: left out of scripts/test.sh --fast
 def test_each_fuzz_batch_leaves_the_data_plane_intact(served, reference):
     total = 0
     for seed, batch in enumerate(BATCHES):
@@ -405,6 +406,7 @@ def test_each_fuzz_batch_leaves_the_data_plane_intact(served, reference):
     assert total >= 500 * min(1.0, SCALE)
 
 
+@pytest.mark.slow  # over ~3 s here: left out of scripts/test.sh --fast
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc (Linux) for RSS")
 def test_memory_does_not_grow_under_sustained_fuzzing(served, reference):
     def round_(seed):

@@ -7,11 +7,11 @@ import struct
 
 import pytest
 
-from amoe_serve import link_wire as wire
+from amoe_serve.link import wire
 from amoe_serve.config import load_config
 from amoe_serve.engine.inproc import serve_inproc
-from amoe_serve.serving.link_api import DataPlaneError
-from amoe_serve.serving.link_client import LinkClient
+from amoe_serve.link.api import DataPlaneError
+from amoe_serve.link.client import LinkClient
 from tests.support import PROMPTS
 
 TOKEN = "s3cret-link-token"
@@ -120,6 +120,7 @@ def test_bad_requests_get_400_with_a_reason(served):
     asyncio.run(main())
 
 
+@pytest.mark.slow  # over ~3 s here: left out of scripts/test.sh --fast
 def test_overload_gets_429_and_disconnect_frees_kv(served):
     async def main():
         c = _client(served)

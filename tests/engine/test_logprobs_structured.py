@@ -72,6 +72,7 @@ def _reference_penalized_greedy(model, prompt, n, rep, freq, pres, bias):
     return out
 
 
+@pytest.mark.slow  # over ~3 s here: left out of scripts/test.sh --fast
 @pytest.mark.parametrize("mode", ["local", "aep"])
 def test_penalties_and_bias_match_a_plain_reference(mode, checkpoints):
     path = checkpoints["mixtral"]
@@ -109,6 +110,7 @@ def default_model(tmp_path_factory):
     return ensure_default_model(tmp_path_factory.mktemp("dm"))
 
 
+@pytest.mark.slow  # over ~3 s here: left out of scripts/test.sh --fast
 @pytest.mark.parametrize("mode", ["local", "aep"])
 def test_structured_output_on_the_default_model(mode, default_model):
     tok = Tokenizer.from_dir(default_model)

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from amoe_serve.engine.admission import Admission, Limits
-from amoe_serve.engine.placement import Placement, PlacementError
+from amoe_serve.placement.layout import Placement, PlacementError
 from amoe_serve.engine.topology import Topology
 from amoe_serve.requests_io import GenerateRequest
 from amoe_serve.sampler import SamplingParams

@@ -21,6 +21,7 @@ def rnd(*shape):
     return torch.randn(*shape, generator=g)
 
 
+@pytest.mark.slow  # over ~3 s here: left out of scripts/test.sh --fast
 def test_interpreter_suite():
     """Run test_interpreter.py in a fresh process with TRITON_INTERPRET=1 (it must be set before
     triton is imported, which this process may already have done)."""
@@ -142,6 +143,7 @@ def test_tuning_tables_are_data():
     assert 'amoe_kernels = ["configs/*.json"]' in (ROOT / "pyproject.toml").read_text()
 
 
+@pytest.mark.slow  # over ~3 s here: left out of scripts/test.sh --fast
 def test_bench_without_gpu_says_so():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -21,6 +20,7 @@ import pytest
 
 from loadtests.sse_client import CompletionStreamClient, error_message
 from loadtests.workloads import make_request
+from tests.support import run_in_group
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -182,15 +182,10 @@ def test_sse_client_errors(stub):
 
 
 def _run(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
+    def timed_out(out, _):
         pytest.fail(f"locust did not finish in {timeout}s:\n{out[-4000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, None)
+
+    return run_in_group(cmd, timeout, cwd=ROOT, merge_stderr=True, on_timeout=timed_out)
 
 
 def _csv_rows(path: str) -> dict[str, dict[str, str]]:
@@ -207,6 +202,7 @@ def _need(*mods: str) -> None:
             pytest.skip(f"{m} not installed (pip install -e '.[loadtest]')")
 
 
+@pytest.mark.slow  # over ~3 s here: left out of scripts/test.sh --fast
 def test_locust_headless_end_to_end(stub, tmp_path):
     _need("locust", "matplotlib")
     prefix = str(tmp_path / "out" / "short")
@@ -265,6 +261,7 @@ def test_locust_headless_end_to_end(stub, tmp_path):
     assert os.path.getsize(png2) > 10_000
 
 
+@pytest.mark.slow  # over ~3 s here: left out of scripts/test.sh --fast
 def test_locust_counts_server_errors_as_failures(stub, tmp_path):
     """Non-2xx other than 429 are E2E failures carrying the OpenAI error message (closed loop)."""
     _need("locust")

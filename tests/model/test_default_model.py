@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from amoe_serve.default_model import NAME, ensure_default_model, main_make_default
-from amoe_serve.model.reference import generate_greedy_local
+from tests.model.reference import generate_greedy_local
 from amoe_serve.model.spec import load_spec
 from amoe_serve.tokenizer import Tokenizer
 

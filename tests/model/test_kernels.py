@@ -106,3 +106,13 @@ def test_bad_shapes_raise_value_error():
         K.permute(torch.tensor([[0, 9]]), 4)
     with pytest.raises(ValueError, match="disagree"):
         K.combine_slots(rnd(3, 2, 4), rnd(3, 3))
+
+
+def test_rope_tables_bitwise_equal_rotate_half():
+    from amoe_serve.model.layers import apply_rope, apply_rope_tables, rope_cos_sin, rope_inv_freq, rope_tables
+
+    g = torch.Generator().manual_seed(3)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(5, 3, 16, generator=g).to(dtype)
+        cos, sin = rope_cos_sin(torch.tensor([0, 1, 7, 40, 1000]), rope_inv_freq(10000.0, 16), dtype)
+        assert torch.equal(apply_rope_tables(x, *rope_tables(cos, sin)), apply_rope(x, cos, sin))

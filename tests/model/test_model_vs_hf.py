@@ -6,7 +6,7 @@ import torch
 from amoe_serve.kv.cache import PagedKVCache
 from amoe_serve.model.attention_side import AttentionSide, AttnSegment
 from amoe_serve.model.expert_side import ExpertSide
-from amoe_serve.model.reference import forward_local, generate_greedy_local, moe_block_local
+from tests.model.reference import forward_local, generate_greedy_local, moe_block_local
 
 VARIANTS = ["mixtral", "qwen2_moe", "qwen2_moe_nonorm", "olmoe", "olmoe_clip_bias"]
 PROMPTS = [[5, 7, 9, 11, 13], [20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32], [99]]

@@ -3,12 +3,15 @@ plans on its first half, held-out evaluation on the second, one served run per p
 
 import json
 
+import pytest
+
 from tests.support import run_cli
 
 TINY = ["model.hidden_size=64", "model.intermediate_size=128", "model.num_blocks=4", "model.num_experts=8",
         "model.top_k=2", "model.num_heads=4", "model.num_kv_heads=2", "model.head_dim=16", "model.vocab_size=512"]
 
 
+@pytest.mark.slow  # over ~3 s here: left out of scripts/test.sh --fast
 def test_place_bench_tiny_end_to_end(tmp_path):
     out = tmp_path / "place"
     p = run_cli(["place-bench", "--config", "configs/placement/bench-skewed.yaml", "--output", str(out), *TINY,

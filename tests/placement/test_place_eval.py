@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from amoe_serve.cli import main
-from amoe_serve.engine.placement import Placement
+from amoe_serve.placement.layout import Placement
 from amoe_serve.placement.evaluate import evaluate, plan_and_evaluate
-from amoe_serve.placement.synthetic import synthetic_trace
+from tests.placement.synthetic import synthetic_trace
 from amoe_serve.placement.trace import Trace
 
 

@@ -10,10 +10,10 @@ import logging
 import numpy as np
 import pytest
 
-from amoe_serve.engine.placement import Placement, PlacementError
+from amoe_serve.placement.layout import Placement, PlacementError
 from amoe_serve.placement import policies as P
 from amoe_serve.placement.evaluate import evaluate
-from amoe_serve.placement.synthetic import synthetic_trace
+from tests.placement.synthetic import synthetic_trace
 from amoe_serve.placement.trace import Trace
 
 
@@ -124,6 +124,7 @@ def test_stage2_milp_with_a_general_cost_matrix_equals_brute_force(monkeypatch):
     assert res.info["stage2"]["traffic_by_source"]["joint-milp"] == best
 
 
+@pytest.mark.slow  # over ~3 s here: left out of scripts/test.sh --fast
 @pytest.mark.parametrize("B,G,seed", [(4, 3, 0), (5, 3, 1), (3, 4, 2)])
 def test_stage2_exact_methods_on_random_group_traffic(B, G, seed):
     """The DP and both MILP linearisations against enumeration of all G!^B assignments."""

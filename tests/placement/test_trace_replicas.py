@@ -13,7 +13,7 @@ import torch
 from amoe_serve.config import load_config
 from amoe_serve.engine.inproc import run_inproc
 from amoe_serve.engine.local import LocalEngine
-from amoe_serve.engine.placement import Placement, PlacementError
+from amoe_serve.placement.layout import Placement, PlacementError
 from amoe_serve.model import load_spec
 from amoe_serve.placement.trace import Trace, TraceError, TraceRecorder
 from amoe_serve.requests_io import GenerateRequest
@@ -202,6 +202,7 @@ def test_dropless_under_extreme_skew(checkpoints, local_reference):
     assert expert_rows == tokens * 2 * spec.num_blocks  # each routed row computed exactly once
 
 
+@pytest.mark.slow  # over ~3 s here: left out of scripts/test.sh --fast
 def test_trace_cli_writes_a_trace_in_mpi_mode(checkpoints, tmp_path):
     inp = write_requests(tmp_path / "in.jsonl", extra={"ignore_eos": True})
     out = tmp_path / "trace.json"

@@ -1,9 +1,62 @@
 import json
+from typing import Iterable
 
 import numpy as np
 import pytest
 
 from amoe_serve.counters import RankCounters
+
+
+# Merging several ranks' summaries: not used by the package (the gateway keeps them per rank),
+# kept here as the check that a summary carries what a merge needs.
+def merge(dicts: Iterable[dict]) -> dict:
+    """Aggregate several ranks' summaries (same [NB, NS] shape required).
+
+    Per-layer tokens/batches are summed, depth max is the max, depth mean is the
+    sampled-time-weighted mean over ranks; totals and ratios are recomputed.
+    """
+    dicts = list(dicts)
+    if not dicts:
+        raise ValueError("merge needs at least one counters summary")
+    shape = np.asarray(dicts[0]["tokens_per_layer"]).shape
+    for d in dicts:
+        if np.asarray(d["tokens_per_layer"]).shape != shape:
+            raise ValueError(
+                f"cannot merge counters of different shapes {shape} and {np.asarray(d['tokens_per_layer']).shape}"
+            )
+    tokens = sum(np.asarray(d["tokens_per_layer"], dtype=np.int64) for d in dicts)
+    batches = sum(np.asarray(d["batches_per_layer"], dtype=np.int64) for d in dicts)
+    hist: dict[int, int] = {}
+    for d in dicts:
+        for k, v in d["batch_hist"].items():
+            hist[int(k)] = hist.get(int(k), 0) + int(v)
+    busy = sum(float(d["busy_s"]) for d in dicts)
+    idle = sum(float(d["idle_s"]) for d in dicts)
+    depth_max = np.maximum.reduce([np.asarray(d["queue_depth_max"], dtype=np.int64) for d in dicts])
+    times = [float(d.get("queue_depth_time_s", 0.0)) for d in dicts]
+    total_time = sum(times)
+    if total_time > 0:
+        depth_mean = sum(np.asarray(d["queue_depth_mean"], dtype=np.float64) * t for d, t in zip(dicts, times)) / total_time
+    else:
+        depth_mean = np.zeros(shape, dtype=np.float64)
+    total_tokens = int(tokens.sum())
+    total_batches = int(batches.sum())
+    wall = busy + idle
+    return {
+        "num_ranks": sum(int(d.get("num_ranks", 1)) for d in dicts),
+        "tokens_per_layer": tokens.tolist(),
+        "batches_per_layer": batches.tolist(),
+        "total_tokens": total_tokens,
+        "total_batches": total_batches,
+        "mean_batch": total_tokens / total_batches if total_batches else 0.0,
+        "batch_hist": {str(k): v for k, v in sorted(hist.items())},
+        "busy_s": busy,
+        "idle_s": idle,
+        "idle_fraction": idle / wall if wall > 0 else 0.0,
+        "queue_depth_max": depth_max.tolist(),
+        "queue_depth_mean": np.asarray(depth_mean).tolist(),
+        "queue_depth_time_s": total_time,
+    }
 
 
 def test_batches_hist_and_time():
@@ -52,7 +105,7 @@ def test_merge():
     b.record_idle(1.0)
     a.record_queue_depths(np.array([[2, 0]]), 1.0)
     b.record_queue_depths(np.array([[8, 4]]), 3.0)
-    m = RankCounters.merge([a.to_dict(), b.to_dict()])
+    m = merge([a.to_dict(), b.to_dict()])
     json.dumps(m)
     assert m["num_ranks"] == 2
     assert m["tokens_per_layer"] == [[8, 1]] and m["batches_per_layer"] == [[2, 1]]
@@ -62,8 +115,8 @@ def test_merge():
     assert m["queue_depth_max"] == [[8, 4]]
     np.testing.assert_allclose(m["queue_depth_mean"], [[(2 * 1 + 8 * 3) / 4, 3.0]])
     # merging merged summaries is consistent
-    assert RankCounters.merge([m])["tokens_per_layer"] == [[8, 1]]
+    assert merge([m])["tokens_per_layer"] == [[8, 1]]
     with pytest.raises(ValueError, match="shape"):
-        RankCounters.merge([a.to_dict(), RankCounters(2, 2).to_dict()])
+        merge([a.to_dict(), RankCounters(2, 2).to_dict()])
     with pytest.raises(ValueError):
-        RankCounters.merge([])
+        merge([])

@@ -1,8 +1,8 @@
-"""Policy behaviour on the deterministic toy pipeline (amoe_serve.sched.toy_pipeline)."""
+"""Policy behaviour on the deterministic toy pipeline (tests.sched.toy_pipeline)."""
 import pytest
 
 from amoe_serve.sched.policies import make_scheduler
-from amoe_serve.sched.toy_pipeline import ToyPipeline
+from tests.sched.toy_pipeline import ToyPipeline
 
 NB = 8
 STEPS = 500

@@ -68,3 +68,35 @@ def test_segments_merged_by_attention_count_once_from_then_on():
     g.sampled([0])
     g.queued(0, 0, True, now=0.0)
     assert g.ready(np.array([[7], [0]]), now=0.1)[0, 0] == 7
+
+
+def test_auto_waves_overlap_only_with_cores_to_spare():
+    from amoe_serve.sched.waves import auto_waves
+
+    assert auto_waves(on_cpu=False, compute_ranks_here=9, threads_per_rank=1, cores=2) == 2  # GPUs overlap
+    assert auto_waves(on_cpu=True, compute_ranks_here=2, threads_per_rank=1, cores=2) == 2
+    assert auto_waves(on_cpu=True, compute_ranks_here=3, threads_per_rank=1, cores=2) == 1  # oversubscribed
+    assert auto_waves(on_cpu=True, compute_ranks_here=2, threads_per_rank=2, cores=2) == 1
+
+
+def test_ranks_on_this_node_reads_the_launchers(monkeypatch):
+    from amoe_serve.procs import ranks_on_this_node
+
+    for k in ("MPI_LOCALNRANKS", "SLURM_STEP_TASKS_PER_NODE", "SLURM_NODEID"):
+        monkeypatch.delenv(k, raising=False)
+    assert ranks_on_this_node(5) == 5
+    monkeypatch.setenv("SLURM_STEP_TASKS_PER_NODE", "2(x2),1")
+    monkeypatch.setenv("SLURM_NODEID", "2")
+    assert ranks_on_this_node(5) == 1
+    monkeypatch.setenv("SLURM_NODEID", "1")
+    assert ranks_on_this_node(5) == 2
+    monkeypatch.setenv("MPI_LOCALNRANKS", "3")
+    assert ranks_on_this_node(5) == 3
+
+
+def test_explicit_waves_win_over_auto():
+    from amoe_serve.config import load_config
+    from amoe_serve.engine.job import attention_waves
+
+    assert attention_waves(load_config(None, ["scheduler.attention_waves=3"])) == 3
+    assert attention_waves(load_config(None, ["scheduler.attention_waves=0"]), device="cuda:0") == 2

@@ -10,15 +10,15 @@ from pathlib import Path
 
 import httpx
 
-from tests.support import REPO, stop_stack
+from tests.support import REPO, popen_group, stop_stack
 
 
 def _up_process(config: Path, log: Path) -> subprocess.Popen:
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):  # `up` picks Ray's auth itself
         env.pop(k, None)
-    return subprocess.Popen([sys.executable, "-m", "amoe_serve.cli", "up", "--config", str(config)], cwd=REPO,
-                            env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    return popen_group([sys.executable, "-m", "amoe_serve.cli", "up", "--config", str(config)], cwd=REPO,
+                       env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
 
 
 def _wait_healthy(base: str, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:

@@ -16,7 +16,7 @@ from tests.model.hf_factory import load_hf
 from tests.serving.stack import up_stack
 from tests.support import PROMPTS, REPO, run_group
 
-pytestmark = [pytest.mark.mpi(ranks=4), pytest.mark.slow]
+pytestmark = [pytest.mark.mpi(ranks=4), pytest.mark.slow, pytest.mark.ray]
 openai = pytest.importorskip("openai")
 
 

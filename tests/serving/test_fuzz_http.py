@@ -36,7 +36,7 @@ from schemathesis import GenerationMode  # noqa: E402
 
 from amoe_serve.config import load_config  # noqa: E402
 from amoe_serve.engine.inproc import serve_inproc  # noqa: E402
-from amoe_serve.serving.link_client import LinkClient  # noqa: E402
+from amoe_serve.link.client import LinkClient  # noqa: E402
 from amoe_serve.serving.openai_app import ModelEntry, build_app  # noqa: E402
 from amoe_serve.serving.settings import ServingConfig  # noqa: E402
 from tests.support import settled_stats
@@ -191,6 +191,7 @@ def _check_answer(case, r):
         _check_sse(r.text)
 
 
+@pytest.mark.slow  # over ~3 s here: left out of scripts/test.sh --fast
 def test_fuzz_every_operation_against_a_real_data_plane(stack):
     import requests
 

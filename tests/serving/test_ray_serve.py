@@ -16,6 +16,7 @@ def _metric(text: str, prefix: str) -> float:
     return 0.0
 
 
+@pytest.mark.ray
 @pytest.mark.timeout(120)
 def test_ray_serve_http_end_to_end(model_dir, monkeypatch):
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")

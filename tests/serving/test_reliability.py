@@ -33,12 +33,12 @@ from amoe_serve.default_model import ensure_default_model
 from amoe_serve.launch import mpiexec_path
 from amoe_serve.procs import alive, descendants
 from amoe_serve.serving.attach import free_port
-from amoe_serve.serving.link_api import DataPlaneError
-from amoe_serve.serving.link_client import LinkClient
-from tests.serving.test_up_e2e import up_stack
-from tests.support import REPO
+from amoe_serve.link.api import DataPlaneError
+from amoe_serve.link.client import LinkClient
+from tests.serving.stack import up_stack
+from tests.support import REPO, kill_group, popen_group
 
-pytestmark = [pytest.mark.mpi(ranks=4), pytest.mark.slow]
+pytestmark = [pytest.mark.mpi(ranks=4), pytest.mark.slow, pytest.mark.ray]
 
 TOKEN = "reliability-link-token"
 ANSWER_WITHIN_S = 5.0  # the contract: a dead rank fails in-flight requests within seconds
@@ -370,10 +370,10 @@ class StandaloneDataPlane:
                                  *overrides])
         (tmp / "dp.yaml").write_text(to_yaml(cfg))
         addr = tmp / "dp.address"
-        self.p = subprocess.Popen([mpiexec_path(), "-n", "4", sys.executable, "-m", "amoe_serve.engine.rank_main",
-                                   "--config", str(tmp / "dp.yaml"), "--serve", "--address-file", str(addr)],
-                                  cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        self.p = popen_group([mpiexec_path(), "-n", "4", sys.executable, "-m", "amoe_serve.engine.rank_main",
+                              "--config", str(tmp / "dp.yaml"), "--serve", "--address-file", str(addr)],
+                             cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
         deadline = time.monotonic() + 90
         while not addr.exists():
             assert self.p.poll() is None and time.monotonic() < deadline, "the data plane did not start"
@@ -389,9 +389,7 @@ class StandaloneDataPlane:
                 os.kill(pid, signal.SIGCONT)
             except ProcessLookupError:
                 pass
-        if self.p.poll() is None:
-            os.killpg(self.p.pid, signal.SIGKILL)
-            self.p.wait()
+        kill_group(self.p)
 
 
 @pytest.mark.timeout(180)

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from amoe_serve import link_wire as wire
+from amoe_serve.link import wire
 from amoe_serve.config import LinkConfig, ServingConfig, load_config
-from amoe_serve.engine.link_server import LinkServer
+from amoe_serve.link.server import LinkServer
 from amoe_serve.serving.fake_link import FakeLink
-from amoe_serve.serving.link_client import LinkClient
+from amoe_serve.link.client import LinkClient
 
 from .conftest import client, make_app, run
 

@@ -24,7 +24,7 @@ from tests.support import PROMPTS, REPO, read_results, run_cli, run_group, write
 
 KEY = "test-api-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-pytestmark = [pytest.mark.mpi(ranks=4), pytest.mark.slow]
+pytestmark = [pytest.mark.mpi(ranks=4), pytest.mark.slow, pytest.mark.ray]
 
 
 @pytest.fixture(scope="module")

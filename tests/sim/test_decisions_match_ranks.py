@@ -1,11 +1,15 @@
 """One decision code: the real in-process ranks and the simulator, on the same tiny deployment,
 routing draws and requests, execute the same sequence of (rank, block, slot, rows) on every rank.
 
-One attention rank, one wave and a max_wait longer than the run keep the real run's order
-independent of thread timing (each rank's next step depends only on what it was sent), so the
-per-rank sequences must be identical, whatever the simulator's cost model says (a fixed table)."""
+One attention rank, one wave and a max_wait longer than the run keep the attention rank's order
+independent of thread timing. An expert rank runs whatever has landed when it polls, so two
+dispatches sent back to back (the batch limit splits the prompts) would merge or not by
+chance: the real run sends a dispatch to an expert rank once that rank has answered the
+previous one (an expert that keeps up, as the simulator's does with its cost table), and then
+the per-rank sequences must be identical."""
 import json
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -14,6 +18,7 @@ from amoe_serve.config import load_config
 from amoe_serve.counters import RankCounters
 from amoe_serve.engine.job import make_gateway, placement, run_worker, topology
 from amoe_serve.engine.skew import ExponentialSkew
+from amoe_serve.engine.tags import Tag
 from amoe_serve.model import load_spec
 from amoe_serve.requests_io import GenerateRequest
 from amoe_serve.sampler import SamplingParams
@@ -58,6 +63,30 @@ def _real(cfg, spec, monkeypatch) -> dict[int, list]:
     for i, (p, m) in enumerate(zip(PROMPTS, MAX_TOKENS)):
         gw.submit(GenerateRequest(f"r{i}", p, SamplingParams(max_tokens=m, ignore_eos=True)))
     errors: list[str] = []
+
+    dispatched: dict[int, int] = {}  # expert rank -> dispatches sent to it
+    answered: dict[int, int] = {}    # expert rank -> replies it sent
+    attn = hub.transport(1)
+    send = attn.isend
+
+    def paced_send(dst, tag, header, tensors=()):
+        if tag == Tag.DISPATCH:
+            deadline = time.monotonic() + TIMEOUT_S
+            while answered.get(dst, 0) < dispatched.get(dst, 0) and time.monotonic() < deadline:
+                time.sleep(1e-4)
+            dispatched[dst] = dispatched.get(dst, 0) + 1
+        send(dst, tag, header, tensors)
+
+    attn.isend = paced_send
+    for r in topo.experts:
+        t = hub.transport(r)
+
+        def counted_send(dst, tag, header, tensors=(), _send=t.isend, _r=r):
+            _send(dst, tag, header, tensors)
+            if tag == Tag.COMBINE:
+                answered[_r] = answered.get(_r, 0) + 1
+
+        t.isend = counted_send
 
     def worker(rank: int) -> None:
         try:

@@ -65,6 +65,7 @@ def test_eplb_replicas_balance_more_ranks_than_experts():
     assert (n_BE == 1).all()
 
 
+@pytest.mark.slow  # over ~3 s here: left out of scripts/test.sh --fast
 def test_gpu_calibrate_cpu_safe_parts(tmp_path):
     from amoe_serve.sim.cost import load_table
     from amoe_serve.sim.calibrate import write_table

@@ -189,6 +189,7 @@ def test_cores_limit_slows_cpu_runs():
         assert tokens_per_s(system, 1) < tokens_per_s(system, 3)
 
 
+@pytest.mark.slow  # over ~3 s here: left out of scripts/test.sh --fast
 def test_cli_writes_results_and_plot(tmp_path):
     from amoe_serve.cli import main
     rc = main(["sim", "--config", "configs/sim/tiny.yaml", "--output", str(tmp_path)])
@@ -206,6 +207,7 @@ def test_cli_writes_results_and_plot(tmp_path):
     assert {r["attention_waves"] for r in recs if r["system"] == "lockstep"} == {None}
 
 
+@pytest.mark.slow  # over ~3 s here: left out of scripts/test.sh --fast
 def test_aep_waves_sweep_is_part_of_aep_tuning():
     from amoe_serve.sim.run import run_sim
     cfg = load_sim_config("configs/sim/tiny.yaml", ["cluster.gpus=[4]", "run.aep_waves=[1,2,4]",
@@ -220,6 +222,7 @@ def test_aep_waves_sweep_is_part_of_aep_tuning():
         load_sim_config("configs/sim/tiny.yaml", ["run.aep_waves=[0]"])
 
 
+@pytest.mark.slow  # over ~3 s here: left out of scripts/test.sh --fast
 def test_cli_poisson_sweep_plot(tmp_path):
     from amoe_serve.cli import main
     rc = main(["sim", "--config", "configs/sim/tiny.yaml", "--output", str(tmp_path), "cluster.gpus=[4]",

@@ -22,6 +22,7 @@ def test_endpoint_url():
     assert endpoint_url("0.0.0.0", 8000).endswith(":8000/v1") and "0.0.0.0" not in endpoint_url("0.0.0.0", 8000)
 
 
+@pytest.mark.slow  # over ~3 s here: left out of scripts/test.sh --fast
 def test_unreachable_gateway_exits_nonzero_with_a_clear_message(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -35,6 +36,7 @@ def test_unreachable_gateway_exits_nonzero_with_a_clear_message(tmp_path):
     assert f"gateway 'default' at 127.0.0.1:{port}" in r.stderr and "unreachable" in r.stderr, r.stderr
 
 
+@pytest.mark.slow  # over ~3 s here: left out of scripts/test.sh --fast
 def test_bad_arguments_exit_2(tmp_path):
     r = run_cli(["ingress", "--gateway", "nohostport", "--token-file", str(tmp_path / "missing")], timeout=60)
     assert r.returncode == 2 and "amoe-serve: error:" in r.stderr, r.stderr

@@ -19,7 +19,7 @@ import pytest
 from amoe_serve.default_model import ensure_default_model
 from amoe_serve.procs import alive
 from tests.slurm.cluster import SlurmCluster, available, free_port
-from tests.support import REPO, read_results, run_cli
+from tests.support import REPO, job_processes, read_results, run_cli
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 _why_not = available()
@@ -89,22 +89,6 @@ def _wait_gone(c: SlurmCluster, job: str, timeout: float) -> float:
     raise AssertionError(f"job {job} still in the queue after {timeout:.0f} s: {_squeue(c, job)}")
 
 
-def _job_processes(job: str) -> dict[int, str]:
-    """pid -> command line of every live process carrying this job's SLURM_JOB_ID (Slurm puts it
-    in the environment of the batch script; every child, Ray's workers included, inherits it)."""
-    out = {}
-    needle = f"SLURM_JOB_ID={job}".encode()
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit() or int(d.name) == os.getpid():
-            continue
-        try:
-            if needle in (d / "environ").read_bytes().split(b"\0") and alive(int(d.name)):
-                out[int(d.name)] = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-    return out
-
-
 def test_sbatch_serves_completions_and_scancel_leaves_nothing(cluster, model, tmp_path):
     port = free_port()
     job = _sbatch(cluster, tmp_path, "--model", str(model), "--port", str(port))
@@ -131,7 +115,7 @@ def test_sbatch_serves_completions_and_scancel_leaves_nothing(cluster, model, tm
         served_ids = got["choices"][0]["token_ids"]
         assert len(served_ids) == MAX_TOKENS, got
 
-        procs = _job_processes(job)
+        procs = job_processes(job)
         cmds = list(procs.values())
         assert sum("amoe_serve.engine.rank_main" in c and "srun" not in c for c in cmds) == 4, cmds
         assert any("raylet" in c for c in cmds) and any("gcs_server" in c for c in cmds), cmds
@@ -142,7 +126,7 @@ def test_sbatch_serves_completions_and_scancel_leaves_nothing(cluster, model, tm
     out = _output(tmp_path, job)
     assert "received SIGTERM" in out and "stopped" in out, out
     time.sleep(1)
-    left = {p: c for p, c in _job_processes(job).items()}
+    left = {p: c for p, c in job_processes(job).items()}
     left.update({p: procs[p] for p in procs if alive(p) and p not in left})
     assert not left, f"processes of job {job} left after scancel: {left}"
     assert not endpoint.exists(), "the endpoint file of a stopped job must go"
@@ -170,7 +154,7 @@ def test_broken_checkpoint_fails_the_job_at_once(cluster, model, tmp_path):
     assert "ERROR: invalid configuration or checkpoint" in out, out
     assert "amoe-serve: error:" in out and "safetensors" in out.lower(), out
     assert time.monotonic() - t0 < 60
-    assert not _job_processes(job)
+    assert not job_processes(job)
 
 
 def test_data_plane_that_dies_at_start_ends_the_job(cluster, model, tmp_path):
@@ -187,5 +171,5 @@ def test_data_plane_that_dies_at_start_ends_the_job(cluster, model, tmp_path):
     assert "ERROR: the data plane (srun step) exited with code" in out, out
     assert "before the gateway came up" in out and "stopped" in out, out
     assert time.monotonic() - t0 < 90 and took < 90
-    assert not _job_processes(job)
+    assert not job_processes(job)
     assert not (tmp_path / "endpoint").exists()

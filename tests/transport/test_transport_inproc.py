@@ -230,6 +230,7 @@ def test_make_transport_inproc_and_unknown():
         make_transport("carrier-pigeon")
 
 
+@pytest.mark.slow  # over ~3 s here: left out of scripts/test.sh --fast
 def test_import_does_not_initialise_mpi():
     import subprocess
     import sys

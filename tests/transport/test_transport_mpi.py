@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.support import run_in_group
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "mpi_worker.py"
@@ -27,15 +28,10 @@ def _clean_env() -> dict:
 
 
 def run(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, env=_clean_env())
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
+    def timed_out(out, err):
         pytest.fail(f"{' '.join(cmd)} timed out after {timeout}s\n--- stdout\n{out}\n--- stderr\n{err}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+    return run_in_group(cmd, timeout, cwd=None, env=_clean_env(), on_timeout=timed_out)
 
 
 def run_mpi(n: int, scenario: str, timeout: float = 60.0) -> str:
@@ -72,6 +68,7 @@ def test_mpi_idle_wait_low_cpu():
     assert out.count(": wall ") == 2
 
 
+@pytest.mark.slow  # over ~3 s here: left out of scripts/test.sh --fast
 def test_mpi_world_singleton_fails_clearly():
     code = ("from amoe_transport.mpi import mpi_world\n"
             "mpi_world(expected_size=4)\n")
@@ -82,6 +79,7 @@ def test_mpi_world_singleton_fails_clearly():
     assert "mpiexec -n 4" in r.stderr and "singleton" in r.stderr
 
 
+@pytest.mark.slow  # over ~3 s here: left out of scripts/test.sh --fast
 def test_mpi_world_singleton_ok_without_expectation():
     code = ("from amoe_transport import make_transport\n"
             "t = make_transport('mpi')\n"

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from amoe_serve import link_wire as wire
+from amoe_serve.link import wire
 
 # Largest frame a connection may send before it has authenticated (the auth frame is ~100 bytes):
 # an unauthenticated peer cannot make the gateway buffer a max_frame_bytes frame.

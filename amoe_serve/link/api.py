@@ -1,6 +1,6 @@
 """The contract between the HTTP ingress and a data plane's gateway (the "link").
 
-The ingress only sees this interface; `amoe_serve/serving/link_client.py` implements it over an
+The ingress only sees this interface; `amoe_serve/link/client.py` implements it over an
 authenticated socket, and tests may implement it in memory.
 """
 
@@ -10,9 +10,10 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Optional, Protocol
 
 from amoe_serve.sampler.logprobs import TokenLogprobs
+from amoe_serve.errors import AmoeError
 
 
-class DataPlaneError(Exception):
+class DataPlaneError(AmoeError):
     """The data plane refused or failed a request. `status` is the HTTP status the ingress
     should answer with: 400 (bad request), 429 (overloaded: retry later), 503 (down)."""
 

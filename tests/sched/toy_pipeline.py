@@ -13,8 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from .policies import Scheduler
-from .queues import MuQueues
+from amoe_serve.sched.policies import Scheduler
+from amoe_serve.sched.queues import MuQueues
 
 # arrivals(step) -> iterable of (block, num_tokens) entering at that step
 Arrivals = Callable[[int], Iterable[tuple[int, int]]]

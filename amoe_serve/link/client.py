@@ -11,8 +11,8 @@ import asyncio
 import itertools
 from typing import AsyncIterator, Optional
 
-from amoe_serve import link_wire as wire
-from amoe_serve.serving.link_api import DataPlaneError, GenEvent, ModelInfo
+from amoe_serve.link import wire
+from amoe_serve.link.api import DataPlaneError, GenEvent, ModelInfo
 from amoe_serve.token_events import TokenEvent
 
 

@@ -12,12 +12,14 @@ import json
 import secrets
 import struct
 
+from amoe_serve.errors import AmoeError
+
 VERSION = 1
 MAX_FRAME_BYTES = 1 << 20
 _LEN = struct.Struct(">I")
 
 
-class LinkProtocolError(Exception):
+class LinkProtocolError(AmoeError):
     """The peer sent something that is not a valid frame; the connection must be closed."""
 
 

@@ -13,9 +13,9 @@ import torch
 
 import amoe_kernels as K
 
-from ..kv.cache import PagedKVCache
-from .attention_side import AttentionSide, AttnSegment
-from .expert_side import ExpertSide
+from amoe_serve.kv.cache import PagedKVCache
+from amoe_serve.model.attention_side import AttentionSide, AttnSegment
+from amoe_serve.model.expert_side import ExpertSide
 
 
 @torch.inference_mode()

@@ -20,6 +20,16 @@ import numpy as np
 
 from amoe_serve.bench.config import BenchModelConfig
 from amoe_serve.config import ConfigError, RoutingConfig, merge_structured
+from amoe_serve.bench.config import BenchConfig
+from amoe_serve.bench.driver import run_point
+from amoe_serve.bench.run import bench_model_path
+from amoe_serve.bench.trace_record import record_trace
+from amoe_serve.bench.workloads import WORKLOADS, make_requests
+from amoe_serve.config import load_config
+from amoe_serve.model import load_spec
+from amoe_serve.placement.evaluate import evaluate
+from amoe_serve.placement.policies import POLICIES, plan
+from amoe_serve.placement.trace import Trace
 
 
 @dataclass
@@ -45,8 +55,6 @@ class PlaceBenchConfig:
 
 def load_place_bench_config(path: Optional[str], overrides: Optional[list[str]] = None) -> PlaceBenchConfig:
     cfg: PlaceBenchConfig = merge_structured(PlaceBenchConfig, path, overrides, "place-bench configuration")
-    from amoe_serve.bench.workloads import WORKLOADS
-    from amoe_serve.placement.policies import POLICIES
     bad = [p for p in cfg.policies if p not in POLICIES]
     if bad:
         raise ConfigError(f"place-bench policies {bad}: expected some of {', '.join(POLICIES)}")
@@ -58,7 +66,6 @@ def load_place_bench_config(path: Optional[str], overrides: Optional[list[str]] 
 
 
 def _dataplane(cfg: PlaceBenchConfig, path: str, placement: Optional[Path]):
-    from amoe_serve.config import load_config
     r = cfg.routing
     over = [f"model.path={path}", "deployment.mode=aep", f"deployment.attention_ranks={cfg.attention_ranks}",
             f"deployment.expert_ranks={cfg.expert_ranks}", f"routing.mode={r.mode}", f"routing.rate={r.rate}",
@@ -80,16 +87,6 @@ def measured_rank_load(stats: dict) -> dict:
 
 
 def run_place_bench(cfg: PlaceBenchConfig, out: Path, cache: Path) -> list[dict]:
-    from amoe_serve.bench.config import BenchConfig
-    from amoe_serve.bench.driver import run_point
-    from amoe_serve.bench.run import bench_model_path
-    from amoe_serve.bench.workloads import make_requests
-    from amoe_serve.model import load_spec
-    from amoe_serve.placement.evaluate import evaluate
-    from amoe_serve.placement.policies import plan
-    from amoe_serve.placement.record import record_trace
-    from amoe_serve.placement.trace import Trace
-
     out.mkdir(parents=True, exist_ok=True)
     path = bench_model_path(BenchConfig(model=cfg.model), cache)
     spec = load_spec(path)

@@ -25,12 +25,13 @@ from typing import Any, Optional
 import numpy as np
 
 from amoe_serve.jsonfile import read_json
+from amoe_serve.errors import UserInputError
 
 FORMAT = "amoe-placement"
 VERSION = 1
 
 
-class PlacementError(ValueError):
+class PlacementError(UserInputError, ValueError):
     pass
 
 

@@ -15,10 +15,12 @@ from typing import Optional
 
 from amoe_serve.config import AmoeConfig
 from amoe_serve.placement.trace import Trace, TraceError
+from amoe_serve.bench.workloads import make_requests
+from amoe_serve.generate import run_generate
+from amoe_serve.model import load_spec
 
 
 def write_workload(path: Path, workload: str, num_requests: int, vocab: int, seed: int) -> None:
-    from amoe_serve.bench.workloads import make_requests
     with open(path, "w", encoding="utf-8") as f:
         for i, r in enumerate(make_requests(workload, num_requests, 0.0, vocab, seed)):
             f.write(json.dumps({"id": f"t{i}", "prompt_token_ids": r.prompt_token_ids,
@@ -35,8 +37,6 @@ def traces_from_stats(stats: dict) -> Trace:
 
 def record_trace(cfg: AmoeConfig, output: str | Path, input_path: Optional[str] = None,
                  workload: str = "short", num_requests: int = 64, seed: int = 0) -> Trace:
-    from amoe_serve.generate import run_generate
-    from amoe_serve.model import load_spec
     spec = load_spec(cfg.model.path)
     source = f"file:{input_path}" if input_path else f"{workload} x {num_requests} (seed {seed})"
     with tempfile.TemporaryDirectory(prefix="amoe-trace-") as tmp:
