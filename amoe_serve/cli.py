@@ -6,16 +6,18 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch
+
 from amoe_serve.bench.config import BenchConfig, load_bench_config
 from amoe_serve.bench.place_bench import load_place_bench_config, run_place_bench
 from amoe_serve.bench.run import bench_model_path, run_bench
+from amoe_serve.bench.synth_checkpoint import SHAPES, write_checkpoint
 from amoe_serve.bench.trace_record import record_trace
 from amoe_serve.bench.workloads import WORKLOADS
 from amoe_serve.config import MODES, AmoeConfig, load_config
 from amoe_serve.default_model import default_cache_root, ensure_default_model
 from amoe_serve.errors import AmoeError, UserInputError
 from amoe_serve.generate import run_generate
-from amoe_serve.launch import LaunchError  # not (yet) an AmoeError: launch.py has another owner
 from amoe_serve.model.check import check_model
 from amoe_serve.placement.cli import add_placement_parsers
 from amoe_serve.serving.attach import add_ingress_parser
@@ -114,6 +116,24 @@ def cmd_make_default_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_make_checkpoint(args: argparse.Namespace) -> int:
+    """A random-weight checkpoint in a published shape (weights cannot be downloaded here)."""
+    dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+    overrides = {}
+    if args.blocks is not None:
+        if args.blocks < 1:
+            raise CliError(f"--blocks {args.blocks}: expected >= 1")
+        overrides["num_hidden_layers"] = args.blocks
+    if args.shard_gb <= 0:
+        raise CliError(f"--shard-gb {args.shard_gb}: expected > 0")
+    out = Path(args.output)
+    if (out / "config.json").exists():
+        raise CliError(f"{out} already holds a checkpoint")
+    report = write_checkpoint(args.shape, out, dtypes[args.dtype], args.shard_gb, args.seed, overrides)
+    print(report.line())
+    return 0
+
+
 def cmd_sim(args: argparse.Namespace) -> int:
     """Cluster simulator (amoe_serve.sim): AEP vs lockstep at scale, or calibrate the local table."""
     if args.calibrate:
@@ -204,6 +224,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_placement_parsers(sub)  # `amoe-serve place` (trace -> placement file), `amoe-serve place-eval`
 
+    mc = sub.add_parser("make-checkpoint", help="write a seeded random-weight checkpoint in a published shape "
+                        "(sharded safetensors, tokenizer), streaming: peak memory is one tensor")
+    mc.add_argument("--shape", required=True, choices=sorted(SHAPES), help="; ".join(
+        f"{k}: {v.note}" for k, v in sorted(SHAPES.items())))
+    mc.add_argument("--output", required=True, help="new folder")
+    mc.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    mc.add_argument("--shard-gb", type=float, default=5.0, help="largest shard (GiB; the hub uses ~5)")
+    mc.add_argument("--blocks", type=int, help="fewer blocks than published (same widths)")
+    mc.add_argument("--seed", type=int, default=0)
+    mc.set_defaults(func=cmd_make_checkpoint)
+
     m = sub.add_parser("make-default-model", help="write the embedded default checkpoint and print its folder")
     m.add_argument("--output", help="folder (default: the cache folder)")
     m.set_defaults(func=cmd_make_default_model)
@@ -214,10 +245,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (AmoeError, LaunchError) as e:
+    except AmoeError as e:
         # Every error of the package (amoe_serve.errors): one line and its exit code, no traceback.
         print(f"amoe-serve: error: {e}", file=sys.stderr)
-        return getattr(e, "exit_code", 1)
+        return e.exit_code
     except KeyboardInterrupt:
         return 130
 

@@ -27,8 +27,11 @@ class ConfigError(UserInputError, ValueError):
 class ModelConfig:
     # Folder with config.json + *.safetensors; None means the embedded default model.
     path: Optional[str] = None
-    # "auto" keeps the checkpoint's dtype.
+    # Weights at rest; "auto" keeps the checkpoint's dtype.
     dtype: str = "float32"
+    # Activations, KV cache and GEMM accumulation; "auto" = model.dtype. "float32" over bf16
+    # weights is the CPU choice where bf16 GEMMs are slow (no AVX512-BF16/AMX; docs/bench/fullsize).
+    compute_dtype: str = "auto"
 
 
 @dataclass
@@ -106,6 +109,9 @@ class KVCacheConfig:
     block_size: int = 16
     # Blocks per attention rank (each holds block_size tokens of every layer).
     num_blocks: int = 1024
+    # "auto": the activations' dtype (model.compute_dtype). bfloat16 under fp32 compute halves
+    # the cache; attention widens the gathered blocks, so it is not token-exact with fp32 KV.
+    dtype: str = "auto"
 
 
 @dataclass
@@ -271,6 +277,13 @@ def validate(cfg: AmoeConfig) -> AmoeConfig:
         raise ConfigError(f"expert_buffer.eviction={cfg.expert_buffer.eviction!r}: expected lifo, lru or fifo")
     if cfg.model.dtype not in DTYPES:
         raise ConfigError(f"model.dtype={cfg.model.dtype!r}: expected one of {', '.join(DTYPES)}")
+    if cfg.model.compute_dtype not in DTYPES:
+        raise ConfigError(f"model.compute_dtype={cfg.model.compute_dtype!r}: expected one of {', '.join(DTYPES)}")
+    if cfg.model.compute_dtype not in ("auto", "float32") and cfg.model.dtype != cfg.model.compute_dtype:
+        raise ConfigError(f"model.compute_dtype={cfg.model.compute_dtype!r} with model.dtype={cfg.model.dtype!r}: "
+                          "compute can only be float32 over narrower weights, or the weights' own dtype")
+    if cfg.kv_cache.dtype not in DTYPES:
+        raise ConfigError(f"kv_cache.dtype={cfg.kv_cache.dtype!r}: expected one of {', '.join(DTYPES)}")
     if cfg.kv_cache.block_size < 1 or cfg.kv_cache.num_blocks < 1:
         raise ConfigError("kv_cache.block_size and kv_cache.num_blocks must be >= 1")
     if cfg.engine.max_running_requests < 1 or cfg.engine.max_batch_tokens < 1:

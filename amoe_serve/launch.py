@@ -13,11 +13,12 @@ from pathlib import Path
 
 from amoe_serve.config import AmoeConfig, to_yaml
 from amoe_serve.engine.job import topology
+from amoe_serve.errors import AmoeError
 from amoe_serve.procs import clean_orphaned_mpi_shm
 
 
-class LaunchError(RuntimeError):
-    pass
+class LaunchError(AmoeError, RuntimeError):
+    """The data-plane job cannot be started (no mpiexec): one line, exit code 1."""
 
 
 def mpiexec_path() -> str:

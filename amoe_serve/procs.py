@@ -145,3 +145,19 @@ def ranks_on_this_node(world_size: int) -> int:
 
 def cores_available() -> int:
     return len(os.sched_getaffinity(0))
+
+
+def memory_mb() -> dict[str, float]:
+    """This process's resident memory now and at its peak (VmRSS, VmHWM), and the anonymous
+    part (RssAnon: what it allocated, not the checkpoint pages it maps), in MB."""
+    out: dict[str, float] = {}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "VmHWM", "RssAnon"):
+                out[{"VmRSS": "rss_mb", "VmHWM": "peak_rss_mb", "RssAnon": "rss_anon_mb"}[key]] = int(rest.split()[0]) / 1024
+    except OSError:  # not Linux: peak only
+        import resource
+
+        out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out

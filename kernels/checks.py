@@ -31,7 +31,7 @@ def expert_ffn(x_TD, w1_FD, w3_FD, w2_DF) -> None:
     if w1_FD.shape != (F, D) or w3_FD.shape != (F, D) or w2_DF.shape != (D, F):
         _fail(op, f"weights w1 {tuple(w1_FD.shape)}, w3 {tuple(w3_FD.shape)}, w2 {tuple(w2_DF.shape)} "
                   f"do not match x {tuple(x_TD.shape)}: expected w1/w3 [F, {D}], w2 [{D}, F]")
-    if len({x_TD.dtype, w1_FD.dtype, w3_FD.dtype, w2_DF.dtype}) != 1:
+    if len({w1_FD.dtype, w3_FD.dtype, w2_DF.dtype}) != 1 or not _computable(x_TD.dtype, w1_FD.dtype):
         _fail(op, f"dtypes differ: x {x_TD.dtype}, w1 {w1_FD.dtype}, w3 {w3_FD.dtype}, w2 {w2_DF.dtype}")
 
 
@@ -54,8 +54,26 @@ def grouped_expert_ffn(x_TD, counts_G, w1_GFD, w3_GFD, w2_GDF, experts=None) -> 
         _fail(op, f"{len(counts_G)} counts for {G} experts")
     if any(int(c) < 0 for c in counts_G) or sum(int(c) for c in counts_G) != T:
         _fail(op, f"counts {list(counts_G)} must be >= 0 and sum to T={T}")
-    if len({x_TD.dtype, w1_GFD.dtype, w3_GFD.dtype, w2_GDF.dtype}) != 1:
-        _fail(op, "x and weights must share one dtype")
+    if len({w1_GFD.dtype, w3_GFD.dtype, w2_GDF.dtype}) != 1 or not _computable(x_TD.dtype, w1_GFD.dtype):
+        _fail(op, f"x ({x_TD.dtype}) and weights ({w1_GFD.dtype}) must share one dtype, or x be float32 "
+                  "over bf16/fp16 weights")
+
+
+def _computable(x_dtype: torch.dtype, w_dtype: torch.dtype) -> bool:
+    """Same dtype, or fp32 activations over narrower weights at rest (widened per call)."""
+    return x_dtype == w_dtype or (x_dtype == torch.float32 and w_dtype in (torch.bfloat16, torch.float16))
+
+
+def linear(x_TD, w_OD, b_O=None) -> None:
+    op = "linear"
+    _dims(op, "w_OD", w_OD, 2)
+    _float(op, "x_TD", x_TD)
+    if x_TD.shape[-1] != w_OD.shape[1]:
+        _fail(op, f"x {tuple(x_TD.shape)} and w {tuple(w_OD.shape)}: in features differ")
+    if b_O is not None and tuple(b_O.shape) != (w_OD.shape[0],):
+        _fail(op, f"bias {tuple(b_O.shape)} must be [{w_OD.shape[0]}]")
+    if not _computable(x_TD.dtype, w_OD.dtype):
+        _fail(op, f"x ({x_TD.dtype}) and w ({w_OD.dtype}) must share one dtype, or x be float32 over bf16/fp16 w")
 
 
 def topk_gating(logits_TE, k) -> None:

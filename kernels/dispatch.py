@@ -17,7 +17,9 @@ from types import ModuleType
 
 import torch
 
-from . import checks, grouped_mm, reference
+import torch.nn.functional as Fn
+
+from . import checks, grouped_mm, reference, upcast
 
 BACKENDS = ("auto", "reference", "triton")
 
@@ -54,8 +56,31 @@ def backend_for(t: torch.Tensor, backend: str | None = None) -> str:
     return "triton" if t.is_cuda and triton_available() else "reference"
 
 
+def _named_reference(backend: str | None) -> bool:
+    return (backend or os.environ.get("AMOE_KERNELS_BACKEND", "auto") or "auto") == "reference"
+
+
+def _widening(x: torch.Tensor, w: torch.Tensor) -> bool:
+    return x.dtype != w.dtype  # checks allow only fp32 over bf16/fp16 weights
+
+
+def linear(x_TD, w_OD, b_O=None):
+    """x @ w.T + b; weights narrower than x (bf16 at rest, fp32 compute) are widened per call,
+    a slice at a time (upcast.py); the reference widens the whole weight."""
+    checks.linear(x_TD, w_OD, b_O)
+    if not _widening(x_TD, w_OD):
+        return Fn.linear(x_TD, w_OD, b_O)
+    if _named_reference(None):
+        return Fn.linear(x_TD, w_OD.to(x_TD.dtype), None if b_O is None else b_O.to(x_TD.dtype))
+    return upcast.linear(x_TD, w_OD, b_O)
+
+
 def expert_ffn(x_TD, w1_FD, w3_FD, w2_DF, backend: str | None = None):
     checks.expert_ffn(x_TD, w1_FD, w3_FD, w2_DF)
+    if _widening(x_TD, w1_FD):
+        if _named_reference(backend):
+            return reference.expert_ffn(x_TD, *(w.to(x_TD.dtype) for w in (w1_FD, w3_FD, w2_DF)))
+        return upcast.expert_ffn(x_TD, w1_FD, w3_FD, w2_DF)
     if backend_for(x_TD, backend) == "triton":
         return _module("triton_moe").grouped_expert_ffn(x_TD, [x_TD.shape[0]], w1_FD[None], w3_FD[None], w2_DF[None])
     return reference.expert_ffn(x_TD, w1_FD, w3_FD, w2_DF)
@@ -67,11 +92,17 @@ def grouped_expert_ffn(x_TD, counts_G, w1_GFD, w3_GFD, w2_GDF, experts=None, bac
     counts_G = [int(c) for c in counts_G]
     experts = None if experts is None else [int(e) for e in experts]
     checks.grouped_expert_ffn(x_TD, counts_G, w1_GFD, w3_GFD, w2_GDF, experts)
+    named_reference = _named_reference(backend)
+    if _widening(x_TD, w1_GFD):
+        if named_reference:  # the definition: fp32 on the whole widened stacks
+            ws = (w.to(x_TD.dtype) for w in (w1_GFD, w3_GFD, w2_GDF))
+            return reference.grouped_expert_ffn(x_TD, counts_G, *ws, experts)
+        return upcast.grouped_expert_ffn(x_TD, counts_G, w1_GFD, w3_GFD, w2_GDF, experts)
     chosen = backend_for(x_TD, backend)
     if chosen == "triton":
         return _module("triton_moe").grouped_expert_ffn(x_TD, counts_G, w1_GFD, w3_GFD, w2_GDF, experts=experts)
     # Unless the reference is asked for by name: the same numbers in one GEMM per weight.
-    if (backend or os.environ.get("AMOE_KERNELS_BACKEND", "auto")) != "reference" and x_TD.shape[0] \
+    if not named_reference and x_TD.shape[0] \
             and not x_TD.is_cuda and grouped_mm.supports(x_TD.shape[1], w1_GFD.shape[1], x_TD.dtype):
         offs_G = grouped_mm.offsets(counts_G, experts, w1_GFD.shape[0])
         if offs_G is not None:

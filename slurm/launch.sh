@@ -25,7 +25,9 @@
 # data-plane step is started with --overcommit. Environment knobs: AMOE_CONFIG, AMOE_MODEL,
 # AMOE_PORT, AMOE_ENDPOINT_FILE, AMOE_JOB_DIR, AMOE_PYTHON, AMOE_HEAD_ADDR, AMOE_ENDPOINT_HOST,
 # AMOE_RAY_PORT, AMOE_SRUN_ARGS (extra options of the data-plane srun, e.g. --gpus-per-task=1),
-# AMOE_MPI_NET (auto | tcp | ofi | default: how MPI ranks on different nodes talk, see below).
+# AMOE_MPI_NET (auto | tcp | ofi | default: how MPI ranks on different nodes talk, see below),
+# AMOE_NODE_WATCH=0 (no watch for lost nodes), AMOE_DOWN_DRAIN_S (3: seconds the ingress stays up,
+# answering 503 and failing in-flight requests, after a lost node stopped the gateway).
 #
 # Several nodes (sbatch -N 2 ...): nothing is assumed to be local. The head's address is the one
 # Slurm reaches it by (its NodeAddr; AMOE_HEAD_ADDR overrides), Ray, the gateway link and the
@@ -260,9 +262,12 @@ RAY_PORT=${AMOE_RAY_PORT:-$("$PY" -m amoe_serve.serving.attach free-port)}
 RAY_TMP=${AMOE_RAY_TMPDIR:-/tmp/ray-amoe-$SLURM_JOB_ID}  # short: Ray's socket paths are length-limited
 RAY_OPTS=(--block --num-cpus "$AMOE_RAY_CPUS" --num-gpus 0 --disable-usage-stats
           --object-store-memory "${AMOE_RAY_OBJECT_STORE_BYTES:-200000000}")
+# The head alone advertises the custom resource amoe_head: the Serve ingress replicas ask for a
+# sliver of it (serving/up.py, HEAD_RESOURCE), so they run here next to the HTTP proxy (Serve's
+# proxy_location=HeadOnly) and the gateway, and a lost worker node cannot take the ingress with it.
 start_ray_head() {
   start ray-head "$RAY" start --head --port "$RAY_PORT" --node-ip-address "$HEAD_ADDR" --include-dashboard=false \
-    --temp-dir "$RAY_TMP" "${RAY_OPTS[@]}" >"$JOB_DIR/ray-head.log" 2>&1
+    --resources '{"amoe_head": 1}' --temp-dir "$RAY_TMP" "${RAY_OPTS[@]}" >"$JOB_DIR/ray-head.log" 2>&1
 }
 start_ray_head
 log "Ray head at $HEAD_ADDR:$RAY_PORT (pid ${PIDS[ray-head]}, log $JOB_DIR/ray-head.log)"
@@ -510,8 +515,9 @@ printf 'pids: ray-head=%s data-plane=%s ingress=%s%s\n' "${PIDS[ray-head]}" "${P
 # MPI over TCP may block on the lost peer rather than fail: the job would hang for SlurmdTimeout.
 # Each other node's raylet port is probed every second; once it has answered, two misses in a
 # row (refused, or no answer within 1 s) count as a lost node: the gateway is killed at once
-# (the ingress then fails in-flight requests and /health turns red) and the job is torn down.
-# AMOE_NODE_WATCH=0 turns this off.
+# (the ingress then fails in-flight requests and /health answers 503) and, after a short drain
+# (AMOE_DOWN_DRAIN_S, 3 s: in-flight streams get their error event and health checks see the 503
+# before the endpoint goes away), the job is torn down. AMOE_NODE_WATCH=0 turns the watch off.
 declare -A SEEN=() MISSES=()
 node_lost() {
   local w n a
@@ -534,6 +540,8 @@ while true; do
   fi
   if [ "${#WATCH[@]}" -gt 0 ] && node_lost; then
     [ -n "$GW_PID" ] && kill -KILL "$GW_PID" 2>/dev/null
+    log "node $LOST is lost: stopped the gateway; the ingress fails in-flight requests, tearing down in ${AMOE_DOWN_DRAIN_S:-3} s"
+    nap "${AMOE_DOWN_DRAIN_S:-3}"
     fail "node $LOST is lost (its Ray worker's port $RAY_NODE_PORT stopped answering): stopped the gateway, so in-flight requests fail; tearing the job down"
   fi
   nap 1

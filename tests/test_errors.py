@@ -18,9 +18,8 @@ from amoe_serve.placement.layout import PlacementError
 from amoe_serve.placement.trace import TraceError
 from amoe_serve.serving.up import UpError
 
-# Not errors reported to a user: a private signal inside the ingress, and LaunchError, whose
-# module (launch.py) has another owner for now; the CLI maps it like an AmoeError (below).
-OUTSIDE = {"amoe_serve.serving.openai_app._ClientGone", "amoe_serve.launch.LaunchError"}
+# Not an error reported to a user: a private signal inside the ingress.
+OUTSIDE = {"amoe_serve.serving.openai_app._ClientGone"}
 
 
 def _error_classes():
@@ -43,6 +42,8 @@ def test_user_input_errors_keep_their_builtin_bases():
         assert issubclass(cls, UserInputError) and issubclass(cls, ValueError)
     assert issubclass(CheckpointError, UserInputError)
     assert issubclass(RankFailed, RuntimeError) and RankFailed.exit_code == 1
+    assert issubclass(LaunchError, AmoeError) and issubclass(LaunchError, RuntimeError)
+    assert LaunchError.exit_code == 1
 
 
 @pytest.mark.parametrize("exc, code", [
@@ -62,4 +63,19 @@ def test_cli_prints_one_line_and_the_exit_code(monkeypatch, capsys, tmp_path, ex
     err = capsys.readouterr().err
     assert rc == code
     assert err == f"amoe-serve: error: {exc}\n"
+    assert "Traceback" not in err
+
+
+def test_missing_mpiexec_is_one_line_not_a_traceback(monkeypatch, capsys, tmp_path):
+    """launch.mpiexec_path() raises LaunchError where neither the venv nor PATH has mpiexec;
+    the CLI prints it as one line with exit code 1."""
+    from amoe_serve import launch
+
+    monkeypatch.setattr(launch.sys, "executable", str(tmp_path / "bin" / "python"))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(cli, "cmd_generate", lambda args: launch.mpiexec_path())
+    rc = cli.main(["generate", "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl")])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert err.startswith("amoe-serve: error: mpiexec not found") and err.count("\n") == 1
     assert "Traceback" not in err

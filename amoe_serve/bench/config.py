@@ -81,6 +81,9 @@ class BenchConfig:
     hf_batch_sizes: list[int] = field(default_factory=lambda: [16, 32, 64])
     # Backwards compatible single size: when set, the sweep is just this size.
     hf_batch_size: Optional[int] = None
+    # transformers' dtype (weights and compute): float32 unless the model does not fit in it
+    # (a full-size checkpoint: bfloat16, the only dtype it fits this machine's memory in).
+    hf_dtype: str = "float32"
     # hf-transformers and vllm run the checkpoint's own router; with this, at the data plane's
     # top-k (routing.top_k), so every system does the same expert FLOPs per token.
     baselines_match_top_k: bool = True
@@ -107,6 +110,8 @@ def load_bench_config(path: str | Path | None, overrides: list[str] | None = Non
     sizes = [cfg.hf_batch_size] if cfg.hf_batch_size is not None else cfg.hf_batch_sizes
     if not sizes or any(b < 1 for b in sizes):
         raise ConfigError("hf_batch_sizes must be a non-empty list of sizes >= 1")
+    if cfg.hf_dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"hf_dtype={cfg.hf_dtype!r}: expected float32, bfloat16 or float16")
     if cfg.slo.itl_p50_ms <= 0 or cfg.slo.ttft_p99_ms <= 0:
         raise ConfigError("slo.itl_p50_ms and slo.ttft_p99_ms must be > 0")
     return cfg

@@ -11,6 +11,7 @@ import time
 import torch
 
 from amoe_serve.bench.workloads import BenchRequest
+from amoe_serve.procs import memory_mb
 
 
 def sweep_sizes(sizes: list[int], num_requests: int) -> list[int]:
@@ -26,11 +27,14 @@ def best_run(runs: list[dict]) -> dict:
     return max(runs, key=lambda r: (r["output_tokens"] / r["wall_s"] if r["wall_s"] > 0 else 0.0, -r["batch_size"]))
 
 
-def _load(path: str, top_k: int | None):
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _load(path: str, top_k: int | None, dtype: str = "float32"):
     from transformers import AutoModelForCausalLM
 
     extra = {"num_experts_per_tok": top_k} if top_k else {}
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **extra).eval()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], **extra).eval()
 
 
 def _run_one(model, reqs: list[BenchRequest], batch_size: int, threads: int) -> dict:
@@ -63,11 +67,13 @@ def _run_one(model, reqs: list[BenchRequest], batch_size: int, threads: int) -> 
 
 
 def run_hf(path: str, reqs: list[BenchRequest], batch_sizes: int | list[int], threads: int,
-           top_k: int | None = None) -> dict:
+           top_k: int | None = None, dtype: str = "float32") -> dict:
     """Every batch size of the sweep on the same requests (one model load); the best run's
     numbers, with every run under "sweep". top_k: the checkpoint's router at this top-k."""
     torch.set_num_threads(threads)
-    model = _load(path, top_k)
+    t0 = time.perf_counter()
+    model = _load(path, top_k, dtype)
+    load_s = time.perf_counter() - t0
     # Warm-up: one short generate so first-touch costs stay out of the first size's numbers.
     with torch.inference_mode():
         model.generate(input_ids=torch.tensor([reqs[0].prompt_token_ids[:8]]), max_new_tokens=2, do_sample=False,
@@ -75,7 +81,7 @@ def run_hf(path: str, reqs: list[BenchRequest], batch_sizes: int | list[int], th
     sizes = sweep_sizes([batch_sizes] if isinstance(batch_sizes, int) else batch_sizes, len(reqs))
     runs = [_run_one(model, reqs, b, threads) for b in sizes]
     best = best_run(runs)
-    return {**best, "sweep": [{"batch_size": r["batch_size"], "output_tokens_per_s": r["output_tokens_per_s"],
+    return {**best, "load_s": load_s, "dtype": dtype, "memory": memory_mb(), "sweep": [{"batch_size": r["batch_size"], "output_tokens_per_s": r["output_tokens_per_s"],
                                "wall_s": r["wall_s"]} for r in runs]}
 
 

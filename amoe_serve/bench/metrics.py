@@ -47,7 +47,9 @@ def rank_fields(stats: dict) -> dict:
             "expert_rows": tok, "attention_tokens": a_tok,
             "expert_batch_hist": hist, "tokens_per_expert": {str(k): v for k, v in sorted(per_expert.items())},
             "rank_idle": {str(r["rank"]): r.get("idle_fraction") for r in [*attn, *experts] if "rank" in r},
-            "rank_overhead": {str(r["rank"]): rank_overhead(r) for r in [*attn, *experts] if "rank" in r}}
+            "rank_overhead": {str(r["rank"]): rank_overhead(r) for r in [*attn, *experts] if "rank" in r},
+            "rank_memory_mb": {str(r["rank"]): {"role": r.get("role"), **r["memory"]}
+                               for r in [*attn, *experts] if "rank" in r and "memory" in r}}
 
 
 def rank_overhead(r: dict) -> dict:

@@ -119,10 +119,11 @@ def run_bench(cfg: BenchConfig, output: Path, cache: Path) -> list[dict]:
                         if rate > 0:
                             continue  # generate has no continuous batching: offline only
                         threads = hf_threads()
-                        h = run_hf(path, reqs, hf_batch_sizes(cfg), threads, top_k=top_k)
+                        h = run_hf(path, reqs, hf_batch_sizes(cfg), threads, top_k=top_k, dtype=cfg.hf_dtype)
                         wall, cores = h["wall_s"], threads
                         rec.update(output_tokens=h["output_tokens"], hf_batch_size=h["batch_size"],
-                                   hf_sweep=h["sweep"], top_k=base_k,
+                                   hf_sweep=h["sweep"], top_k=base_k, hf_dtype=h["dtype"], hf_load_s=h["load_s"],
+                                   hf_memory_mb=h["memory"],
                                    ttft_ms_p50=None, ttft_ms_p99=None, itl_ms_p50=None, itl_ms_p99=None,
                                    mean_expert_batch=None, idle_fraction=None)
                         flops = base_flops

@@ -13,6 +13,7 @@ from amoe_serve.engine.tags import GATEWAY_RANK, Tag
 from amoe_serve.engine.topology import Topology
 from amoe_serve.sampler import SamplingParams
 from amoe_serve.sched.attention_plan import AttentionPlan
+from amoe_serve.procs import memory_mb
 from amoe_transport import Message, Transport
 
 
@@ -61,7 +62,7 @@ class AttentionRank:
     def stats(self) -> dict:
         return {"rank": self.t.rank, "role": "attention", **self.counters.to_dict(), "link": self.t.link_stats.to_dict(),
                 "queue_now": self.queues.lengths.tolist(), "running": len(self.core.requests),
-                "kv_free_blocks": self.core.allocator.num_free}
+                "kv_free_blocks": self.core.allocator.num_free, "memory": memory_mb()}
 
     def _admit(self, h: dict) -> None:
         try:
@@ -157,7 +158,7 @@ class AttentionRank:
                 else:  # idle data-parallel rank still takes part in the exchange
                     dev = self.core.device
                     empty = [torch.zeros(0, 3, dtype=torch.int32, device=dev),
-                             torch.zeros(0, D, dtype=self.core.kv.dtype, device=dev)]
+                             torch.zeros(0, D, dtype=self.core.model.dtype, device=dev)]
                     sends = [(r, {"b": b, "experts": [], "counts": []}, empty) for r in self.topo.experts]
                 self.t.alltoallv(Tag.DISPATCH, {dst: ({**h, "step": step}, ts) for dst, h, ts in sends})
                 while len(self._combine) < self.topo.expert_ranks:

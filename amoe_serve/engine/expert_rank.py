@@ -10,6 +10,7 @@ import torch
 from amoe_serve.engine.expert_core import ExpertCore
 from amoe_serve.engine.tags import Tag
 from amoe_serve.engine.topology import Topology
+from amoe_serve.procs import memory_mb
 from amoe_transport import Message, Transport
 
 
@@ -41,7 +42,7 @@ class ExpertRank:
     def stats(self) -> dict:
         return {"rank": self.t.rank, "role": "expert", **self.core.counters.to_dict(), "link": self.t.link_stats.to_dict(),
                 "queue_now": self.core.queues.lengths.tolist(),
-                "experts": [list(e) for e in self.core.expert_of]}
+                "experts": [list(e) for e in self.core.expert_of], "memory": memory_mb()}
 
     def _drain(self, timeout: float) -> None:
         for m in (self.t.wait(timeout, self.max_sleep) if timeout > 0 else self.t.poll()):

@@ -47,6 +47,32 @@ class Gateway:
         elif rid in self.adm.placed:
             self.t.isend(self.adm.placed[rid][0], Tag.CANCEL, {"id": rid})
 
+    # ---- queries: what the serving gateway reads, instead of the admission tables ----------
+    @property
+    def waiting_count(self) -> int:
+        """Requests admitted but not yet placed on an attention rank."""
+        return len(self.adm.waiting)
+
+    @property
+    def running_count(self) -> int:
+        """Requests placed on an attention rank (their KV reserved)."""
+        return len(self.adm.placed)
+
+    def is_running(self, rid: str) -> bool:
+        return rid in self.adm.placed
+
+    def kv_free_blocks(self) -> dict[int, int]:
+        """Attention rank -> KV blocks not reserved by a running request."""
+        return dict(self.adm.free)
+
+    @property
+    def idle(self) -> bool:
+        return self.adm.idle
+
+    def drop_result(self, rid: str) -> None:
+        """Forget a request's result: a streaming caller has sent its events on already."""
+        self.results.pop(rid, None)
+
     def _place(self) -> None:
         for req, rank in self.adm.next_placements():
             self.t.isend(rank, Tag.REQUEST, {"id": req.id, "prompt_token_ids": req.prompt_token_ids,
@@ -78,7 +104,7 @@ class Gateway:
         for r in requests:
             self.submit(r)
         deadline = None if not timeout else time.monotonic() + timeout
-        while not self.adm.idle:
+        while not self.idle:
             if deadline is not None and time.monotonic() > deadline:
                 raise RankFailed(f"requests did not finish within {timeout:.0f} s")
             self.pump(0.05)

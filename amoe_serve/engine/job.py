@@ -41,6 +41,11 @@ def torch_dtype(cfg: AmoeConfig) -> Optional[torch.dtype]:
     return DTYPES[cfg.model.dtype]
 
 
+def compute_dtype(cfg: AmoeConfig) -> Optional[torch.dtype]:
+    """None: compute in the weights' dtype."""
+    return DTYPES[cfg.model.compute_dtype]
+
+
 def topology(cfg: AmoeConfig) -> Topology:
     return Topology(cfg.deployment.attention_ranks, cfg.deployment.expert_ranks)
 
@@ -66,8 +71,9 @@ def pick_device(cfg: AmoeConfig, local_rank: int) -> str:
 
 def make_attention_core(cfg: AmoeConfig, spec: ModelSpec, place: Placement, device: str = "cpu",
                         rank: int = 0) -> AttentionCore:
-    model = AttentionSide.load(cfg.model.path, torch_dtype(cfg), device)
-    kv = PagedKVCache(spec, cfg.kv_cache.num_blocks, cfg.kv_cache.block_size, model.dtype, device)
+    model = AttentionSide.load(cfg.model.path, torch_dtype(cfg), device, compute_dtype(cfg))
+    kv_dtype = DTYPES[cfg.kv_cache.dtype] or model.dtype
+    kv = PagedKVCache(spec, cfg.kv_cache.num_blocks, cfg.kv_cache.block_size, kv_dtype, device)
     alloc = BlockAllocator(cfg.kv_cache.num_blocks, cfg.kv_cache.block_size)
     r = cfg.routing
     skew = None
@@ -86,9 +92,9 @@ def make_expert_core(cfg: AmoeConfig, spec: ModelSpec, pairs: list[tuple[int, in
     eb = cfg.expert_buffer
     if eb.slots > 0:  # Expert Buffering: only eb.slots experts resident, the rest read on demand
         experts = BufferedExpertSide.load(cfg.model.path, spec, torch_dtype(cfg), pairs, eb.slots, eb.eviction,
-                                          device, eb.prefetch, eb.record_accesses)
+                                          device, eb.prefetch, eb.record_accesses, compute_dtype(cfg))
     else:
-        experts = ExpertSide.load(cfg.model.path, spec, torch_dtype(cfg), pairs, device)
+        experts = ExpertSide.load(cfg.model.path, spec, torch_dtype(cfg), pairs, device, compute_dtype(cfg))
     s = cfg.scheduler
     sched = make_scheduler(s.policy, s.lookahead, s.decay)
     gate = ExpertGate(spec.num_blocks, s.expert_min_rows, s.expert_max_wait_ms * 1e-3)

@@ -1,18 +1,10 @@
 """Rank 0 of a serving data plane: the gateway loop that answers ingress replicas over the
 link (`amoe_serve/link/server.py`) and drives attention ranks over the transport.
 
-Link messages (JSON frames), client -> gateway:
-  {"type": "generate", "id", "prompt_token_ids", "params"}   params = SamplingParams fields
-  {"type": "cancel", "id"}
-  {"type": "stats", "seq"}      -> {"type": "stats", "seq", "data": {"ranks": {...}, "gateway": {...},
-                                    "serving": {"kv_blocks_per_rank", "connections", "draining"}}}
-  {"type": "ping", "seq"}       -> {"type": "pong", "seq", "healthy": bool, "draining": bool}
-gateway -> client:
-  {"type": "tokens", "events": [[id, token, finish_reason, error(, logprobs, prompt_logprobs)], ...]}
-                                 (token_events.TokenEvent.to_wire)
-  {"type": "rejected", "id", "status": 400 | 429 | 503, "error", "retry_after"?}   503: draining
-Request ids are the client's; the gateway namespaces them per connection, and a connection
-that closes has all its requests cancelled (their KV freed).
+The link's messages, their shapes and directions: `amoe_serve/link/messages.py`. Request ids
+are the client's; the gateway scopes them per connection (internal id "cid/id"), and a
+connection that closes has all its requests cancelled (their KV freed). A frame that is no
+valid message is answered (Rejected 400 for a Generate, else ErrorNotice); the connection stays.
 
 Graceful shutdown: SIGTERM (to the gateway, or to mpiexec, which forwards it to every rank)
 starts a drain: new requests are rejected with 503 ("draining"), pings answer unhealthy, and
@@ -40,6 +32,9 @@ from amoe_serve.link import wire
 from amoe_serve.config import AmoeConfig
 from amoe_serve.engine.gateway import RankFailed
 from amoe_serve.engine.job import make_gateway
+from amoe_serve.link.api import ModelInfo
+from amoe_serve.link.messages import (Cancel, ErrorNotice, Generate, GatewayState, MessageError, Ping, Pong,
+                                      Rejected, ServingState, StatsQuery, StatsReply, Tokens)
 from amoe_serve.link.server import LinkEvent, LinkServer
 from amoe_serve.engine.tags import Tag
 from amoe_serve.model import ModelSpec
@@ -63,16 +58,13 @@ class ServingGateway:
         self.gw = make_gateway(cfg, transport, spec, on_event=self._on_event)
         self.max_sleep = cfg.runtime.gateway_poll_sleep_us * 1e-6
         lk = cfg.link
-        info = {"name": lk.model_name, "max_model_len": self.gw.limits.max_model_len,
-                "vocab_size": spec.vocab_size, "eos_token_ids": list(spec.eos_token_ids),
-                "max_queued_requests": lk.max_queued_requests,
-                "structured_output": (Path(cfg.model.path) / "tokenizer.json").is_file()}
-        self.server = LinkServer(lk.host, lk.port, lk.token or "", {"info": info},
-                                 lk.max_frame_bytes, lk.auth_timeout_s)
+        info = ModelInfo(lk.model_name, self.gw.limits.max_model_len, spec.vocab_size, list(spec.eos_token_ids),
+                         lk.max_queued_requests, (Path(cfg.model.path) / "tokenizer.json").is_file())
+        self.server = LinkServer(lk.host, lk.port, lk.token or "", info, lk.max_frame_bytes, lk.auth_timeout_s)
         self.owner: dict[str, tuple[int, str]] = {}        # internal id -> (connection, client id)
         self.by_conn: dict[int, set[str]] = defaultdict(set)
-        self.out: dict[int, list] = defaultdict(list)       # events to send per connection
-        self.stats_waiters: list[tuple[int, object]] = []
+        self.out: dict[int, list[TokenEvent]] = defaultdict(list)  # events to send per connection
+        self.stats_waiters: list[tuple[int, int]] = []     # (connection, seq)
         self._last_stats_req = 0.0
         self.stats_at: dict[int, float] = {}  # rank -> when its latest counters arrived
         self.stop = False
@@ -104,7 +96,7 @@ class ServingGateway:
             self._drain_announced = True
             print(f"[amoe-serve] gateway: draining ({len(self.owner)} request(s) in flight, "
                   f"grace {self.drain_grace:g} s)", file=sys.stderr, flush=True)
-        if not self.owner and self.gw.adm.idle:
+        if not self.owner and self.gw.idle:
             self.stop = True
             return
         now = time.monotonic()
@@ -115,7 +107,7 @@ class ServingGateway:
             err = (f"cancelled: the data plane is shutting down and the drain grace period "
                    f"({self.drain_grace:g} s) expired")
             for rid, (cid, crid) in list(self.owner.items()):
-                self.out[cid].append([crid, None, "error", err])
+                self.out[cid].append(TokenEvent(crid, None, "error", err))
                 self.gw.cancel(rid)
             self.owner.clear()
             self.by_conn.clear()
@@ -125,50 +117,38 @@ class ServingGateway:
         if now > self.drain_deadline + CANCEL_SETTLE_S:
             self.stop = True
 
-    def _flush_links(self, timeout: float = 2.0) -> None:
-        """Give queued link frames (final tokens, errors) a moment to reach the ingress."""
-        deadline = time.monotonic() + timeout
-        while any(c.out for c in self.server.conns.values()) and time.monotonic() < deadline:
-            self.server.poll(0.01)
-
     # ---- data plane -> clients -----------------------------------------------------------
     def _on_event(self, ev: TokenEvent) -> None:
         rid = ev.request_id
         if ev.finish_reason is not None:
-            self.gw.results.pop(rid, None)
+            self.gw.drop_result(rid)
         owner = self.owner.get(rid)
         if owner is None:  # its connection is gone; the request is being cancelled
             return
         cid, crid = owner
-        self.out[cid].append(ev.renamed(crid).to_wire())
+        self.out[cid].append(ev.renamed(crid))
         if ev.finish_reason is not None:
             del self.owner[rid]
             self.by_conn[cid].discard(rid)
 
     # ---- clients -> data plane -----------------------------------------------------------
-    def _reject(self, cid: int, crid, status: int, error: str, retry_after: Optional[float] = None) -> None:
-        msg = {"type": "rejected", "id": crid, "status": status, "error": error}
-        if retry_after is not None:
-            msg["retry_after"] = retry_after
-        self.server.send(cid, msg)
+    def _reject(self, cid: int, crid: Optional[str], status: int, error: str,
+                retry_after: Optional[float] = None) -> None:
+        self.server.send(cid, Rejected(crid, status, error, retry_after))
 
-    def _generate(self, cid: int, msg: dict) -> None:
-        crid = msg.get("id")
-        if not isinstance(crid, str) or not crid or len(crid) > 256:
-            self._reject(cid, crid, 400, "'id' must be a non-empty string of at most 256 characters")
-            return
+    def _generate(self, cid: int, msg: Generate) -> None:
+        crid = msg.id
         rid = f"{cid}/{crid}"
         if rid in self.owner:
             self._reject(cid, crid, 400, f"request id {crid!r} is already running on this connection")
             return
-        ids = msg.get("prompt_token_ids")
+        ids = msg.prompt_token_ids
         V = self.spec.vocab_size
-        if (not isinstance(ids, list) or not ids
-                or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < V for t in ids)):
+        if not all(0 <= t < V for t in ids):
             self._reject(cid, crid, 400, f"'prompt_token_ids' must be a non-empty list of token ids in [0, {V})")
             return
         try:
-            params = SamplingParams.from_dict(msg.get("params") or {})
+            params = SamplingParams.from_dict(msg.params)
             params.check_vocab(V)
         except (ValueError, TypeError) as e:
             self._reject(cid, crid, 400, str(e))
@@ -181,7 +161,7 @@ class ServingGateway:
         if self.draining:
             self._reject(cid, crid, 503, DRAINING, retry_after=1.0)
             return
-        if len(self.gw.adm.waiting) >= self.cfg.link.max_queued_requests:
+        if self.gw.waiting_count >= self.cfg.link.max_queued_requests:
             self._reject(cid, crid, 429, "the data plane is at capacity; retry later", retry_after=1.0)
             return
         self.owner[rid] = (cid, crid)
@@ -191,29 +171,34 @@ class ServingGateway:
     def _cancel(self, rid: str) -> None:
         if rid in self.owner:
             self.gw.cancel(rid)
-            if rid not in self.gw.adm.placed:  # was still waiting: nothing runs, finish it now
+            if not self.gw.is_running(rid):  # was still waiting: nothing runs, finish it now
                 self._on_event(TokenEvent(rid, None, "abort"))
 
     def _link(self, ev: LinkEvent) -> None:
-        if ev.msg is None:  # connection lost: cancel everything it had in flight
+        msg = ev.msg
+        if isinstance(msg, Generate):
+            self._generate(ev.cid, msg)
+        elif isinstance(msg, Cancel):
+            self._cancel(f"{ev.cid}/{msg.id}")
+        elif isinstance(msg, StatsQuery):
+            self.stats_waiters.append((ev.cid, msg.seq))
+            self._request_stats(force=True)
+        elif isinstance(msg, Ping):
+            self.server.send(ev.cid, Pong(msg.seq, healthy=not self.draining, draining=self.draining))
+        elif ev.bad is not None:
+            self._bad(ev.cid, ev.bad)
+        else:  # connection lost: cancel everything it had in flight
             for rid in list(self.by_conn.pop(ev.cid, ())):
                 self._cancel(rid)
                 self.owner.pop(rid, None)
             self.out.pop(ev.cid, None)
-            return
-        kind = ev.msg["type"]
-        if kind == "generate":
-            self._generate(ev.cid, ev.msg)
-        elif kind == "cancel":
-            self._cancel(f"{ev.cid}/{ev.msg.get('id')}")
-        elif kind == "stats":
-            self.stats_waiters.append((ev.cid, ev.msg.get("seq")))
-            self._request_stats(force=True)
-        elif kind == "ping":
-            self.server.send(ev.cid, {"type": "pong", "seq": ev.msg.get("seq"), "healthy": not self.draining,
-                                      "draining": self.draining})
+
+    def _bad(self, cid: int, e: MessageError) -> None:
+        """A frame that is no valid message: a Generate is refused by its id, the rest answered."""
+        if e.kind == Generate.TYPE:
+            self._reject(cid, e.request_id, 400, e.detail)
         else:
-            self.server.send(ev.cid, {"type": "error", "error": f"unknown message type {kind!r}"})
+            self.server.send(cid, ErrorNotice(str(e)))
 
     # ---- stats ---------------------------------------------------------------------------
     def _request_stats(self, force: bool = False) -> None:
@@ -231,14 +216,12 @@ class ServingGateway:
         fresh = all(self.stats_at.get(r, -1.0) >= self._last_stats_req for r in range(1, self.gw.topo.world_size))
         if not fresh and time.monotonic() - self._last_stats_req < STATS_WAIT_S:
             return
-        adm = self.gw.adm
-        data = {"ranks": {str(k): v for k, v in sorted(self.gw.stats.items())},
-                "gateway": {"waiting": len(adm.waiting), "running": len(adm.placed),
-                            "kv_free_blocks": {str(r): n for r, n in adm.free.items()}},
-                "serving": {"kv_blocks_per_rank": adm.limits.blocks_per_rank,
-                            "connections": len(self.server.conns), "draining": self.draining}}
+        ranks = {str(k): v for k, v in sorted(self.gw.stats.items())}
+        gateway = GatewayState(self.gw.waiting_count, self.gw.running_count,
+                               {str(r): n for r, n in self.gw.kv_free_blocks().items()})
+        serving = ServingState(self.gw.limits.blocks_per_rank, self.server.connection_count, self.draining)
         for cid, seq in self.stats_waiters:
-            self.server.send(cid, {"type": "stats", "seq": seq, "data": data})
+            self.server.send(cid, StatsReply(seq, ranks, gateway, serving))
         self.stats_waiters.clear()
 
     # ---- loop ----------------------------------------------------------------------------
@@ -266,7 +249,7 @@ class ServingGateway:
             self._answer_stats()
             sleep = 0.0 if (events or msgs) else min(self.max_sleep, max(2e-5, sleep * 2))
 
-    def _send_events(self, cid: int, evs: list) -> None:
+    def _send_events(self, cid: int, evs: list[TokenEvent]) -> None:
         frames, too_big = frame_events(evs, wire.MAX_FRAME_BYTES)
         for crid in too_big:  # failed in its frame; its request must stop and leave the tables
             rid = next((r for r, (c, cr) in self.owner.items() if c == cid and cr == crid), None)
@@ -275,7 +258,7 @@ class ServingGateway:
                 del self.owner[rid]
                 self.by_conn[cid].discard(rid)
         for frame in frames:
-            self.server.send(cid, {"type": "tokens", "events": frame})
+            self.server.send(cid, frame)
 
     def _heartbeat(self, now: float) -> None:
         if now - self._last_hb >= self.hb_interval:
@@ -290,34 +273,39 @@ class ServingGateway:
 
     def fail_all(self, error: str) -> None:
         for rid, (cid, crid) in list(self.owner.items()):
-            self.server.send(cid, {"type": "tokens", "events": [[crid, None, "error", error]]})
+            self.server.send(cid, Tokens((TokenEvent(crid, None, "error", error),)))
 
 
-def frame_events(evs: list, frame_bytes: int) -> tuple[list[list], list]:
-    """Wire token events in as few link frames as fit. An event that alone exceeds a frame (a
-    huge prompt_logprobs answer) becomes an error event for its own request (returned ids), so
-    one request cannot break the link for the others."""
+def _plain_size(ev: TokenEvent) -> int:
+    """Bound on the JSON size of an event without logprobs (ids and errors may be all escapes)."""
+    return 6 * (len(ev.request_id) + len(ev.error or "")) + 64
+
+
+def frame_events(evs: list[TokenEvent], frame_bytes: int) -> tuple[list[Tokens], list[str]]:
+    """Token events in as few Tokens frames as fit. An event that alone exceeds a frame (a huge
+    prompt_logprobs answer) becomes an error event for its own request (returned ids), so one
+    request cannot break the link for the others."""
     budget = frame_bytes - 64
-    frames: list[list] = []
-    frame: list = []
+    frames: list[Tokens] = []
+    frame: list[TokenEvent] = []
     size = 0
     too_big = []
     for ev in evs:
         # Only events with logprobs can be large: the rest are sized without encoding them.
-        n = 1 + (len(json.dumps(ev, separators=(",", ":"))) if len(ev) > 4
-                 else 6 * (len(ev[0]) + len(ev[3] or "")) + 64)
+        has_lps = ev.logprobs is not None or ev.prompt_logprobs is not None
+        n = 1 + (len(json.dumps(ev.to_wire(), separators=(",", ":"))) if has_lps else _plain_size(ev))
         if n > budget:
-            too_big.append(ev[0])
-            ev = [ev[0], None, "error", f"the answer with its logprobs ({n} bytes) exceeds the link frame "
-                                        f"limit of {frame_bytes} bytes: ask for fewer logprobs"]
-            n = 6 * (len(ev[0]) + len(ev[3])) + 64
+            too_big.append(ev.request_id)
+            ev = TokenEvent(ev.request_id, None, "error", f"the answer with its logprobs ({n} bytes) exceeds the "
+                                                          f"link frame limit of {frame_bytes} bytes: ask for fewer logprobs")
+            n = _plain_size(ev)
         if frame and size + n > budget:
-            frames.append(frame)
+            frames.append(Tokens(tuple(frame)))
             frame, size = [], 0
         frame.append(ev)
         size += n
     if frame:
-        frames.append(frame)
+        frames.append(Tokens(tuple(frame)))
     return frames, too_big
 
 
@@ -336,7 +324,7 @@ def gateway_serve(cfg: AmoeConfig, transport: Transport, address_file: Optional[
           file=sys.stderr, flush=True)
     try:
         g.run()
-        g._flush_links()
+        g.server.flush(timeout=2.0)  # final tokens and errors reach the ingress
         g.gw.shutdown(timeout=10.0)  # SHUTDOWN to every rank; they exit, and so does the job
         print("[amoe-serve] gateway: drained; data plane stopped", file=sys.stderr, flush=True)
     except RankFailed as e:

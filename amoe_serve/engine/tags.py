@@ -1,6 +1,6 @@
 """Message kinds (transport tags) of the data plane, between the gateway (rank 0), attention ranks
 and expert ranks, with the header each one carries as the code sends it (the ingress<->gateway
-link is another protocol: `amoe_serve/link/wire.py`).
+link is another protocol: `amoe_serve/link/messages.py`).
 
 Headers are small JSON dicts; bulk data travels as tensors. Rows sent to experts carry
 ``meta_R3`` = (segment id, token index, top-k slot) as int32 so the reply can be scattered

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from typing import AsyncIterator, Optional
+from typing import AsyncIterator, Callable, Optional
 
 from amoe_serve.link import wire
 from amoe_serve.link.api import DataPlaneError, GenEvent, ModelInfo
-from amoe_serve.token_events import TokenEvent
+from amoe_serve.link.messages import (FROM_GATEWAY, Auth, Cancel, Challenge, ErrorNotice, GatewayMessage, Generate,
+                                      MessageError, Ping, Pong, Ready, Rejected, StatsQuery, StatsReply, Tokens,
+                                      UnknownMessage, decode)
 
 
 class LinkClient:
@@ -45,23 +47,24 @@ class LinkClient:
                 raise DataPlaneError(f"data plane at {self.host}:{self.port} is unreachable: {e or 'timed out'}") from None
             try:
                 frames = wire.FrameReader()
-                challenge = await asyncio.wait_for(self._read_one(r, frames), self.connect_timeout)
-                if challenge.get("type") != "challenge":
-                    raise DataPlaneError(f"unexpected greeting from the gateway: {challenge.get('type')!r}")
-                w.write(wire.encode({"type": "auth", "mac": wire.mac(self.token, challenge["nonce"])}))
+                first = await asyncio.wait_for(self._read_one(r, frames), self.connect_timeout)
+                if first.get("type") != Challenge.TYPE:
+                    raise DataPlaneError(f"unexpected greeting from the gateway: {first.get('type')!r}")
+                challenge = Challenge.decode(first)
+                w.write(wire.encode(Auth(wire.mac(self.token, challenge.nonce)).encode()))
                 await w.drain()
-                ready = await asyncio.wait_for(self._read_one(r, frames), self.connect_timeout)
-                if ready.get("type") != "ready":
-                    raise DataPlaneError(f"the gateway refused the link: {ready.get('error', ready.get('type'))}")
-            except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, wire.LinkProtocolError) as e:
+                ready = decode(await asyncio.wait_for(self._read_one(r, frames), self.connect_timeout),
+                               {Ready.TYPE: Ready, ErrorNotice.TYPE: ErrorNotice})
+                if isinstance(ready, ErrorNotice):
+                    raise DataPlaneError(f"the gateway refused the link: {ready.error}")
+            except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, wire.LinkProtocolError,
+                    MessageError) as e:
                 w.close()
                 raise DataPlaneError(f"link handshake with {self.host}:{self.port} failed: {e or 'timed out'}") from None
             except DataPlaneError:
                 w.close()
                 raise
-            i = ready["info"]
-            self.info = ModelInfo(i["name"], i["max_model_len"], i["vocab_size"], list(i.get("eos_token_ids", [])),
-                                  i.get("max_queued_requests", 0), bool(i.get("structured_output", False)))
+            self.info = ready.info
             self._reader, self._writer = r, w
             self._task = asyncio.create_task(self._pump(r, frames))
             return self.info
@@ -83,8 +86,12 @@ class LinkClient:
                 data = await r.read(1 << 16)
                 if not data:
                     break
-                for msg in frames.feed(data):
-                    self._dispatch(msg)
+                for obj in frames.feed(data):
+                    try:
+                        msg = decode(obj, FROM_GATEWAY)
+                    except UnknownMessage:  # a newer gateway's kind of message: not for this client
+                        continue
+                    self._dispatch(msg)  # a malformed known one fails the link (below)
         except (OSError, wire.LinkProtocolError, ValueError, KeyError, TypeError) as e:
             why = f"link to the data plane failed: {e}"
         finally:
@@ -99,29 +106,28 @@ class LinkClient:
             if self._writer is not None:
                 self._writer.close()
 
-    def _dispatch(self, msg: dict) -> None:
-        kind = msg["type"]
-        if kind == "tokens":
-            for w in msg["events"]:
-                ev = TokenEvent.from_wire(w)
+    def _dispatch(self, msg: GatewayMessage) -> None:
+        if isinstance(msg, Tokens):
+            for ev in msg.events:
                 q = self._streams.get(ev.request_id)
                 if q is not None:
                     q.put_nowait(GenEvent(ev.token, ev.finish_reason, ev.error, ev.logprobs, ev.prompt_logprobs))
-        elif kind == "rejected":
-            q = self._streams.get(msg.get("id"))
+        elif isinstance(msg, Rejected):
+            q = self._streams.get(msg.id) if msg.id is not None else None
             if q is not None:
-                q.put_nowait(DataPlaneError(msg.get("error", "rejected"), msg.get("status", 400), msg.get("retry_after")))
-        elif kind in ("stats", "pong"):
-            f = self._replies.pop(msg.get("seq"), None)
+                q.put_nowait(DataPlaneError(msg.error, msg.status, msg.retry_after))
+        elif isinstance(msg, (StatsReply, Pong)):
+            f = self._replies.pop(msg.seq, None)
             if f is not None and not f.done():
                 f.set_result(msg)
+        # ErrorNotice: the gateway could not use a frame of ours; the reply waiting on it times out.
 
-    async def _send(self, obj: dict) -> None:
+    async def _send(self, msg) -> None:
         if not self.connected:
             await self.connect()
         assert self._writer is not None
         try:
-            self._writer.write(wire.encode(obj))
+            self._writer.write(wire.encode(msg.encode()))
             await self._writer.drain()
         except OSError as e:
             raise DataPlaneError(f"link to the data plane failed: {e}") from None
@@ -134,8 +140,7 @@ class LinkClient:
         self._streams[rid] = q
         finished = False
         try:
-            await self._send({"type": "generate", "id": rid, "prompt_token_ids": list(prompt_token_ids),
-                              "params": params})
+            await self._send(Generate(rid, list(prompt_token_ids), params))
             while True:
                 item = await q.get()
                 if isinstance(item, DataPlaneError):
@@ -152,17 +157,18 @@ class LinkClient:
             self._streams.pop(rid, None)
             if not finished and self.connected:
                 try:  # the consumer went away: free the request's KV in the data plane
-                    await self._send({"type": "cancel", "id": rid})
+                    await self._send(Cancel(rid))
                 except DataPlaneError:
                     pass
 
-    async def _ask(self, obj: dict) -> dict:
+    async def _ask(self, query: Callable[[int], StatsQuery | Ping]):
+        """Send query(seq) and wait for the reply with that seq."""
         seq = next(self._ids)
         f = asyncio.get_running_loop().create_future()
         if not self.connected:
             await self.connect()
         self._replies[seq] = f
-        await self._send({**obj, "seq": seq})
+        await self._send(query(seq))
         try:
             return await asyncio.wait_for(f, self.reply_timeout)
         except asyncio.TimeoutError:
@@ -170,17 +176,18 @@ class LinkClient:
             raise DataPlaneError("the data plane did not answer in time", 503) from None
 
     async def stats(self) -> dict:
-        return (await self._ask({"type": "stats"}))["data"]
+        reply: StatsReply = await self._ask(StatsQuery)
+        return reply.as_dict()
 
     async def health_state(self) -> str:
         """"ok", "draining" (shutting down: finishing in-flight requests, refusing new ones) or "down"."""
         try:
-            pong = await self._ask({"type": "ping"})
+            pong: Pong = await self._ask(Ping)
         except DataPlaneError:
             return "down"
-        if pong.get("healthy"):
+        if pong.healthy:
             return "ok"
-        return "draining" if pong.get("draining") else "down"
+        return "draining" if pong.draining else "down"
 
     async def healthy(self) -> bool:
         return await self.health_state() == "ok"

@@ -4,7 +4,8 @@ gateway's own loop (one thread, so MPI stays single-threaded).
 Each connection must authenticate (HMAC of a server nonce with the shared token) within
 `auth_timeout` seconds; until then nothing it sends reaches the gateway. A connection that
 sends a malformed or oversize frame, or authenticates wrongly, is closed; the server and the
-other connections carry on.
+other connections carry on. A well-framed message that does not decode (`messages.py`) reaches
+the gateway as `LinkEvent.bad`, for it to answer; the connection stays.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from amoe_serve.link import wire
+from amoe_serve.link.api import ModelInfo
+from amoe_serve.link.messages import (FROM_CLIENT, Auth, Challenge, ClientMessage, ErrorNotice, GatewayMessage,
+                                      MessageError, Ready, decode)
 
 # Largest frame a connection may send before it has authenticated (the auth frame is ~100 bytes):
 # an unauthenticated peer cannot make the gateway buffer a max_frame_bytes frame.
@@ -37,20 +41,27 @@ class _Conn:
     out: bytearray = field(default_factory=bytearray)
 
 
-@dataclass
+@dataclass(frozen=True)
 class LinkEvent:
+    """What happened on one authenticated connection: a message, a bad one, or (neither) it closed."""
     cid: int
-    msg: Optional[dict]  # None: the connection closed
+    msg: Optional[ClientMessage] = None
+    bad: Optional[MessageError] = None
+
+    @property
+    def closed(self) -> bool:
+        return self.msg is None and self.bad is None
 
 
 class LinkServer:
-    def __init__(self, host: str, port: int, token: str, hello: dict,
+    def __init__(self, host: str, port: int, token: str, info: ModelInfo,
                  max_frame: int = wire.MAX_FRAME_BYTES, auth_timeout: float = 5.0,
                  max_connections: int = 256):
         if not token:
             raise ValueError("the link needs a shared token (link.token or AMOE_SERVE_LINK_TOKEN)")
         self.token = token
-        self.hello = hello
+        self.info = info
+        self._ready = wire.encode(Ready(info).encode())  # the same bytes for every connection
         self.max_frame = max_frame
         self.auth_timeout = auth_timeout
         self.max_connections = max_connections
@@ -59,7 +70,7 @@ class LinkServer:
         self.listener.setblocking(False)
         self.sel.register(self.listener, selectors.EVENT_READ, None)
         self.address = self.listener.getsockname()[:2]
-        self.conns: dict[int, _Conn] = {}
+        self._conns: dict[int, _Conn] = {}  # open connections, authenticated or not
         self._ids = itertools.count(1)
         self._lost: list[int] = []  # authenticated connections that closed since the last poll
         self.rejected = 0
@@ -75,28 +86,41 @@ class LinkServer:
             conn: _Conn = key.data
             if mask & selectors.EVENT_WRITE:
                 self._flush(conn, events)
-            if mask & selectors.EVENT_READ and conn.cid in self.conns:
+            if mask & selectors.EVENT_READ and conn.cid in self._conns:
                 self._read(conn, events)
         now = time.monotonic()
-        for conn in [c for c in self.conns.values() if not c.authed and now > c.deadline]:
+        for conn in [c for c in self._conns.values() if not c.authed and now > c.deadline]:
             self._close(conn, events, "authentication timed out")
-        events.extend(LinkEvent(cid, None) for cid in self._lost)
+        events.extend(LinkEvent(cid) for cid in self._lost)
         self._lost.clear()
         return events
 
-    def send(self, cid: int, obj: dict) -> bool:
-        conn = self.conns.get(cid)
+    def send(self, cid: int, msg: GatewayMessage) -> bool:
+        """Queue `msg` for connection `cid`; False if that connection is gone (or now dropped)."""
+        conn = self._conns.get(cid)
         if conn is None or not conn.authed:
             return False
-        conn.out += wire.encode(obj)
+        conn.out += wire.encode(msg.encode())
         self._flush(conn, None)
-        if len(conn.out) > MAX_OUT_BYTES and conn.cid in self.conns:
+        if len(conn.out) > MAX_OUT_BYTES and conn.cid in self._conns:
             self._close(conn, None, f"peer does not read: over {MAX_OUT_BYTES} bytes queued")
             return False
-        return conn.cid in self.conns
+        return conn.cid in self._conns
+
+    @property
+    def connection_count(self) -> int:
+        """Open connections, authenticated or not."""
+        return len(self._conns)
+
+    def flush(self, timeout: float) -> None:
+        """Give queued frames (final tokens, errors) up to `timeout` seconds to leave; what
+        peers send meanwhile is dropped (the gateway is stopping)."""
+        deadline = time.monotonic() + timeout
+        while any(c.out for c in self._conns.values()) and time.monotonic() < deadline:
+            self.poll(0.01)
 
     def close(self) -> None:
-        for conn in list(self.conns.values()):
+        for conn in list(self._conns.values()):
             self._close(conn, None, None)
         self.sel.unregister(self.listener)
         self.listener.close()
@@ -108,7 +132,7 @@ class LinkServer:
             sock, _ = self.listener.accept()
         except OSError:  # nothing waiting, a peer that reset before accept, out of descriptors
             return
-        if len(self.conns) >= self.max_connections:
+        if len(self._conns) >= self.max_connections:
             self.rejected += 1
             sock.close()
             return
@@ -120,9 +144,9 @@ class LinkServer:
             return
         conn = _Conn(next(self._ids), sock, wire.FrameReader(min(self.max_frame, AUTH_MAX_FRAME)),
                      wire.new_nonce(), time.monotonic() + self.auth_timeout)
-        self.conns[conn.cid] = conn
+        self._conns[conn.cid] = conn
         self.sel.register(sock, selectors.EVENT_READ, conn)
-        conn.out += wire.encode({"type": "challenge", "nonce": conn.nonce, "version": wire.VERSION})
+        conn.out += wire.encode(Challenge(conn.nonce, wire.VERSION).encode())
         self._flush(conn, None)
 
     def _read(self, conn: _Conn, events: list[LinkEvent]) -> None:
@@ -140,18 +164,28 @@ class LinkServer:
         except wire.LinkProtocolError as e:
             self._close(conn, events, str(e))
             return
-        for msg in frames:
+        for obj in frames:
             if conn.authed:
-                events.append(LinkEvent(conn.cid, msg))
-            elif msg.get("type") == "auth" and wire.verify(self.token, conn.nonce, msg.get("mac")):
+                try:
+                    events.append(LinkEvent(conn.cid, decode(obj, FROM_CLIENT)))
+                except MessageError as e:
+                    events.append(LinkEvent(conn.cid, bad=e))
+            elif self._authenticates(conn, obj):
                 conn.authed = True
                 conn.reader.max_frame = self.max_frame
-                conn.out += wire.encode({"type": "ready", **self.hello})
+                conn.out += self._ready
                 self._flush(conn, events)
             else:
                 self.rejected += 1
                 self._close(conn, events, "authentication failed")
                 return
+
+    def _authenticates(self, conn: _Conn, obj: dict) -> bool:
+        try:
+            auth = decode(obj, {Auth.TYPE: Auth})
+        except MessageError:
+            return False
+        return wire.verify(self.token, conn.nonce, auth.mac)
 
     def _flush(self, conn: _Conn, events: Optional[list[LinkEvent]]) -> None:
         try:
@@ -167,12 +201,12 @@ class LinkServer:
         self.sel.modify(conn.sock, want, conn)
 
     def _close(self, conn: _Conn, events: Optional[list[LinkEvent]], why: Optional[str]) -> None:
-        if self.conns.pop(conn.cid, None) is None:
+        if self._conns.pop(conn.cid, None) is None:
             return
         if why:
             print(f"[amoe-serve] gateway: closing link connection {conn.cid}: {why}", file=sys.stderr, flush=True)
             try:  # best effort: tell the peer why
-                conn.sock.send(wire.encode({"type": "error", "error": why}))
+                conn.sock.send(wire.encode(ErrorNotice(why).encode()))
             except OSError:
                 pass
         try:

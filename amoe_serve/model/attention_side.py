@@ -53,14 +53,25 @@ def required_weight_names(spec: ModelSpec) -> list[str]:
 
 
 class AttentionSide:
-    def __init__(self, spec: ModelSpec, weights: dict[str, torch.Tensor], where: str = "checkpoint"):
+    def __init__(self, spec: ModelSpec, weights: dict[str, torch.Tensor], where: str = "checkpoint",
+                 compute_dtype: Optional[torch.dtype] = None):
+        """compute_dtype: the activations' (and KV cache's) dtype; None = the weights'. With fp32
+        over bf16 weights, vectors and routers are widened at rest (a few MB) and the matrices
+        widened per call (amoe_kernels.linear)."""
         missing = [n for n in required_weight_names(spec) if n not in weights]
         if missing:
             more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
             raise CheckpointError(f"{where}: missing tensors {missing[:5]}{more}")
         self.spec = spec
         self.w = weights
-        self.dtype = weights["model.embed_tokens.weight"].dtype
+        at_rest = weights["model.embed_tokens.weight"].dtype
+        self.dtype = compute_dtype or at_rest
+        if self.dtype != at_rest:
+            for n, t in weights.items():
+                if t.dim() == 1 or n.endswith("mlp.gate.weight") or n.endswith("shared_expert_gate.weight"):
+                    weights[n] = t.to(self.dtype)
+        # Plain F.linear unless weights are narrower than activations (no per-call check then).
+        self._linear = Fn.linear if self.dtype == at_rest else K.linear
         self.lm_head_VD = weights.get("lm_head.weight", weights["model.embed_tokens.weight"])
         self.inv_freq = rope_inv_freq(spec.rope_theta, spec.head_dim)
         self.scale = spec.head_dim**-0.5
@@ -87,11 +98,12 @@ class AttentionSide:
                 raise CheckpointError(f"{where}: {n} has shape {tuple(self.w[n].shape)}, config implies {shape}")
 
     @classmethod
-    def load(cls, path: str | Path, dtype: Optional[torch.dtype], device: str | torch.device = "cpu") -> "AttentionSide":
+    def load(cls, path: str | Path, dtype: Optional[torch.dtype], device: str | torch.device = "cpu",
+             compute_dtype: Optional[torch.dtype] = None) -> "AttentionSide":
         spec = load_spec(path)
         weights = load_weights(path, spec, dtype, attention_side_filter())
         weights = {n: t.to(device) for n, t in weights.items()}
-        return cls(spec, weights, str(path))
+        return cls(spec, weights, str(path), compute_dtype)
 
     def _p(self, b: int, name: str) -> torch.Tensor:
         return self.w[f"model.layers.{b}.{name}"]
@@ -103,7 +115,8 @@ class AttentionSide:
             raise ValueError(f"embed: ids must be 1-D [T], got shape {tuple(ids_T.shape)}")
         if ids_T.numel() and (int(ids_T.min()) < 0 or int(ids_T.max()) >= self.spec.vocab_size):
             raise ValueError(f"embed: token ids must be in [0, {self.spec.vocab_size})")
-        return Fn.embedding(ids_T.to(self.lm_head_VD.device), self.w["model.embed_tokens.weight"])
+        x_TD = Fn.embedding(ids_T.to(self.lm_head_VD.device), self.w["model.embed_tokens.weight"])
+        return x_TD if x_TD.dtype == self.dtype else x_TD.to(self.dtype)
 
     @torch.inference_mode()
     def attention(self, b: int, x_TD: torch.Tensor, batch: PagedBatch | list[AttnSegment],
@@ -118,7 +131,7 @@ class AttentionSide:
             raise ValueError(f"attention: segments cover {batch.num_tokens} tokens, x has {T}")
         H, G, d = s.num_heads, s.num_kv_heads, s.head_dim
         a = rms_norm(x_TD, self._p(b, "input_layernorm.weight"), s.rms_norm_eps)
-        qkv_TX = Fn.linear(a, self.qkv_w[b], self.qkv_b[b])
+        qkv_TX = self._linear(a, self.qkv_w[b], self.qkv_b[b])
         q_TX, k_TX, v_TX = qkv_TX.split([H * d, G * d, G * d], dim=1)
         if s.qk_norm:  # OLMoE normalizes the flat projections over all heads
             q_TX = rms_norm(q_TX, self._p(b, "self_attn.q_norm.weight"), s.rms_norm_eps)
@@ -154,7 +167,7 @@ class AttentionSide:
     def _out(self, b: int, x_TD: torch.Tensor, o_TX: torch.Tensor) -> torch.Tensor:
         s = self.spec
         o_bias = self._p(b, "self_attn.o_proj.bias") if s.o_bias else None
-        return x_TD + Fn.linear(o_TX, self._p(b, "self_attn.o_proj.weight"), o_bias)
+        return x_TD + self._linear(o_TX, self._p(b, "self_attn.o_proj.weight"), o_bias)
 
     @torch.inference_mode()
     def moe_input(self, b: int, h_TD: torch.Tensor) -> torch.Tensor:
@@ -192,4 +205,4 @@ class AttentionSide:
     @torch.inference_mode()
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
         x_TD = rms_norm(x_TD, self.w["model.norm.weight"], self.spec.rms_norm_eps)
-        return Fn.linear(x_TD, self.lm_head_VD).float()
+        return self._linear(x_TD, self.lm_head_VD).float()

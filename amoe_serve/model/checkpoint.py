@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import re
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Optional
 
 import torch
 
+from .shard_file import ShardFile
 from .spec import CheckpointError, ModelSpec, read_json
 
 _PER_EXPERT = re.compile(
@@ -84,13 +86,8 @@ def _shard_files(folder: Path) -> list[Path]:
     return files
 
 
-def _open(file: Path):
-    from safetensors import safe_open
-
-    try:
-        return safe_open(str(file), framework="pt")
-    except Exception as exc:  # safetensors raises its own error types for corrupt headers
-        raise CheckpointError(f"{file}: cannot read safetensors file ({exc})") from None
+def _open(file: Path) -> ShardFile:
+    return ShardFile(file)
 
 
 def _cast(t: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
@@ -103,61 +100,41 @@ def load_weights(
     dtype: Optional[torch.dtype],
     want: Callable[[str], bool],
 ) -> dict[str, torch.Tensor]:
-    """Load the tensors whose internal name `want` accepts; dtype=None keeps the checkpoint dtype."""
+    """Load the tensors whose internal name `want` accepts; dtype=None keeps the checkpoint
+    dtype. Tensors it does not accept are never read."""
     out: dict[str, torch.Tensor] = {}
     F = spec.expert_intermediate_size
     for file in _shard_files(Path(path)):
         f = _open(file)
         try:
-            with f:
-                for raw in f.keys():
-                    fused = _FUSED.match(raw)
-                    if fused:
-                        b, kind = int(fused.group(1)), fused.group(2)
-                        ws = ("w1", "w3") if kind == "gate_up_proj" else ("w2",)
-                        experts = [e for e in range(spec.num_experts) if any(want(expert_name(b, e, w)) for w in ws)]
-                        if not experts:
-                            continue
-                        sl = f.get_slice(raw)
-                        for e in experts:
-                            rows = sl[e : e + 1][0]  # reads only expert e's rows
-                            if kind == "gate_up_proj":
-                                if rows.shape[0] != 2 * F:
-                                    raise CheckpointError(f"{file}: {raw} has {rows.shape[0]} rows, expected 2*{F}")
-                                out[expert_name(b, e, "w1")] = _cast(rows[:F].contiguous(), dtype)
-                                out[expert_name(b, e, "w3")] = _cast(rows[F:].contiguous(), dtype)
-                            else:
-                                out[expert_name(b, e, "w2")] = _cast(rows.contiguous(), dtype)
-                        continue
-                    name = _normalize(raw)
-                    if want(name):
-                        out[name] = _cast(f.get_tensor(raw), dtype)
-        except CheckpointError:
-            raise
-        except Exception as exc:  # truncated data surfaces only when a tensor is read
-            raise CheckpointError(f"{file}: cannot read tensors ({exc})") from None
+            for raw in f.keys():
+                fused = _FUSED.match(raw)
+                if fused:
+                    b, kind = int(fused.group(1)), fused.group(2)
+                    ws = ("w1", "w3") if kind == "gate_up_proj" else ("w2",)
+                    experts = [e for e in range(spec.num_experts) if any(want(expert_name(b, e, w)) for w in ws)]
+                    for e in experts:
+                        rows = f.read(raw, (e, e + 1))[0]  # reads only expert e's rows
+                        if kind == "gate_up_proj":
+                            if rows.shape[0] != 2 * F:
+                                raise CheckpointError(f"{file}: {raw} has {rows.shape[0]} rows, expected 2*{F}")
+                            out[expert_name(b, e, "w1")] = _cast(rows[:F].contiguous(), dtype)
+                            out[expert_name(b, e, "w3")] = _cast(rows[F:].contiguous(), dtype)
+                        else:
+                            out[expert_name(b, e, "w2")] = _cast(rows, dtype)
+                    continue
+                name = _normalize(raw)
+                if want(name):
+                    out[name] = _cast(f.read(raw), dtype)
+        finally:
+            f.close()
     return out
 
 
 def _header_names(file: Path) -> list[str]:
     """Tensor names of a safetensors file, after checking its header and that the file holds
     every byte the header promises (a truncated file otherwise fails only when a rank reads it)."""
-    import json as _json
-    import struct
-
-    size = file.stat().st_size
-    try:
-        with open(file, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            if n > size - 8:
-                raise ValueError("header length exceeds the file")
-            header = _json.loads(fh.read(n))
-    except (ValueError, struct.error, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{file}: not a safetensors file ({exc})") from None
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if 8 + n + end > size:
-        raise CheckpointError(f"{file}: truncated: the header describes {8 + n + end} bytes, the file has {size}")
-    return [k for k in header if k != "__metadata__"]
+    return ShardFile(file).keys()
 
 
 def check_checkpoint(path: str | Path, spec: ModelSpec, required: Iterable[str]) -> None:
@@ -181,56 +158,74 @@ def check_checkpoint(path: str | Path, spec: ModelSpec, required: Iterable[str])
 
 
 class ExpertReader:
-    """Reads one expert's (w1_FD, w3_FD, w2_DF) through safetensors' memory map (handles stay
-    open; only that expert's bytes are touched), in the layouts `load_weights` reads. Expert Buffering
-    loads experts on demand through it."""
+    """Reads one expert's (w1_FD, w3_FD, w2_DF) with positioned reads of only that expert's
+    bytes (shard_file.py), in the layouts `load_weights` reads. Expert ranks load their experts
+    through it, and Expert Buffering reads experts on demand through it. `reads` and
+    `bytes_read` count what was read (tests check that nothing else is)."""
 
     def __init__(self, path: str | Path, spec: ModelSpec):
         self.path = str(path)
-        self.F = spec.expert_intermediate_size
-        self._lock = threading.Lock()   # one reader at a time: main thread or the prefetcher
-        self._handles = []
-        # (block, expert, w) -> (handle, raw name, fused row or None)
-        self._where: dict[tuple[int, int, str], tuple[object, str, Optional[int]]] = {}
+        self.F, self.D = spec.expert_intermediate_size, spec.hidden_size
+        self._lock = threading.Lock()   # counters: main thread or the prefetcher
+        self._files: list[ShardFile] = []
+        self.reads: Counter[tuple[int, int]] = Counter()  # (block, expert) -> times read
+        self.bytes_read = 0
+        # (block, expert, w) -> (file, raw name, flat row range or None for the whole tensor)
+        self._where: dict[tuple[int, int, str], tuple[ShardFile, str, Optional[tuple[int, int]]]] = {}
+        F, D = self.F, self.D
         for file in _shard_files(Path(path)):
-            h = _open(file)
-            self._handles.append(h)
-            for raw in h.keys():
+            f = _open(file)
+            self._files.append(f)
+            for raw in f.keys():
                 fused = _FUSED.match(raw)
-                if fused:
+                if fused:  # [E, 2F, D] (gate rows, then up) or [E, D, F], as 2-D rows
                     b = int(fused.group(1))
-                    ws = ("w1", "w3") if fused.group(2) == "gate_up_proj" else ("w2",)
                     for e in range(spec.num_experts):
-                        for w in ws:
-                            self._where[(b, e, w)] = (h, raw, e)
+                        if fused.group(2) == "gate_up_proj":
+                            self._where[(b, e, "w1")] = (f, raw, (2 * F * e, 2 * F * e + F))
+                            self._where[(b, e, "w3")] = (f, raw, (2 * F * e + F, 2 * F * (e + 1)))
+                        else:
+                            self._where[(b, e, "w2")] = (f, raw, (D * e, D * (e + 1)))
                     continue
                 m = _INTERNAL_EXPERT.match(_normalize(raw))
                 if m:
-                    self._where[(int(m.group(1)), int(m.group(2)), m.group(3))] = (h, raw, None)
+                    self._where[(int(m.group(1)), int(m.group(2)), m.group(3))] = (f, raw, None)
+
+    def close(self) -> None:
+        for f in self._files:
+            f.close()
+
+    def dtype(self, b: int, e: int) -> torch.dtype:
+        """The on-disk dtype of an expert's weights, from the header (nothing is read)."""
+        f, raw, _ = self._where[(b, e, "w1")]
+        return f.entries[raw].dtype
 
     def has(self, b: int, e: int) -> bool:
         return all((b, e, w) in self._where for w in ("w1", "w3", "w2"))
 
-    def read(self, b: int, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        out = []
+    def read(self, b: int, e: int, out: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(w1_FD, w3_FD, w2_DF); into `out` (contiguous, the stored dtype) when given, so an
+        expert goes from the page cache into its slot with no copy in between."""
+        got = []
+        try:
+            for i, w in enumerate(("w1", "w3", "w2")):
+                where = self._where.get((b, e, w))
+                if where is None:
+                    raise CheckpointError(f"{self.path}: missing expert tensor {expert_name(b, e, w)}")
+                f, raw, rows = where
+                dst = None if out is None else out[i]
+                t = f.read(raw, rows, dst, flat=True) if rows is not None else f.read(raw, out=dst)
+                want = (self.D, self.F) if w == "w2" else (self.F, self.D)
+                if tuple(t.shape) != want:
+                    raise CheckpointError(f"{self.path}: expert ({b}, {e}) {w} has shape {tuple(t.shape)}, "
+                                          f"config implies {want}")
+                got.append(t)
+        except (CheckpointError, ValueError):
+            raise
+        except Exception as exc:  # an unreadable or vanished file surfaces only when read
+            raise CheckpointError(f"{self.path}: cannot read expert ({b}, {e}) ({exc})") from None
         with self._lock:
-            try:
-                for w in ("w1", "w3", "w2"):
-                    where = self._where.get((b, e, w))
-                    if where is None:
-                        raise CheckpointError(f"{self.path}: missing expert tensor {expert_name(b, e, w)}")
-                    h, raw, row = where
-                    if row is None:
-                        out.append(h.get_tensor(raw))
-                        continue
-                    t = h.get_slice(raw)[row:row + 1][0]   # only expert e's rows
-                    if w == "w1":
-                        t = t[:self.F]
-                    elif w == "w3":
-                        t = t[self.F:]
-                    out.append(t.contiguous())
-            except CheckpointError:
-                raise
-            except Exception as exc:  # truncated data surfaces only when a tensor is read
-                raise CheckpointError(f"{self.path}: cannot read expert ({b}, {e}) ({exc})") from None
-        return out[0], out[1], out[2]
+            self.reads[(b, e)] += 1
+            self.bytes_read += sum(t.numel() * t.element_size() for t in got)
+        return got[0], got[1], got[2]

@@ -208,7 +208,7 @@ class BufferedExpertSide:
 
     def __init__(self, spec: ModelSpec, reader: ExpertReader, pairs: Iterable[tuple[int, int]], slots: int,
                  eviction: str = "lifo", dtype: Optional[torch.dtype] = None, device: str | torch.device = "cpu",
-                 prefetch: bool = True, record: bool = False):
+                 prefetch: bool = True, record: bool = False, compute_dtype: Optional[torch.dtype] = None):
         if slots < 1:
             raise ValueError(f"expert buffer needs >= 1 slot, got {slots}")
         self.spec = spec
@@ -227,8 +227,8 @@ class BufferedExpertSide:
         self.S = min(int(slots), len(self.pairs))   # more slots than experts buys nothing
         self.policy = make_eviction(eviction)
         self.device = torch.device(device)
-        w1 = reader.read(*self.pairs[0])[0]
-        dtype = w1.dtype if dtype is None else dtype
+        dtype = reader.dtype(*self.pairs[0]) if dtype is None else dtype
+        self._compute_dtype = compute_dtype
         F, D = self.spec.expert_intermediate_size, self.spec.hidden_size
         self.w1_SFD = torch.empty(self.S, F, D, dtype=dtype, device=self.device)
         self.w3_SFD = torch.empty(self.S, F, D, dtype=dtype, device=self.device)
@@ -253,14 +253,16 @@ class BufferedExpertSide:
     @classmethod
     def load(cls, path: str | Path, spec: ModelSpec, dtype: Optional[torch.dtype], pairs: Iterable[tuple[int, int]],
              slots: int, eviction: str = "lifo", device: str | torch.device = "cpu", prefetch: bool = True,
-             record: bool = False) -> "BufferedExpertSide":
-        return cls(spec, ExpertReader(path, spec), pairs, slots, eviction, dtype, device, prefetch, record)
+             record: bool = False, compute_dtype: Optional[torch.dtype] = None) -> "BufferedExpertSide":
+        return cls(spec, ExpertReader(path, spec), pairs, slots, eviction, dtype, device, prefetch, record,
+                   compute_dtype)
 
     # ------------------------------------------------------------ slots
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.w1_SFD.dtype
+        """The activations' dtype (weights may rest narrower: `w1_SFD.dtype`)."""
+        return self._compute_dtype or self.w1_SFD.dtype
 
     def resident(self) -> list[Key]:
         return [k for k in self.key_in if k is not None]
@@ -277,6 +279,11 @@ class BufferedExpertSide:
 
     def _copy_in(self, key: Key, slot: int, after=None) -> None:
         t0 = time.perf_counter()
+        if self.device.type == "cpu" and self.w1_SFD.dtype == self.reader.dtype(*key):
+            # Read straight into the slot (only an inactive slot is ever the target).
+            self.reader.read(*key, out=(self.w1_SFD[slot], self.w3_SFD[slot], self.w2_SDF[slot]))
+            self._count_load(time.perf_counter() - t0)
+            return
         w1, w3, w2 = self.reader.read(*key)
         if self.device.type == "cuda" and after is not None:
             # Prefetch on a side stream: first wait for every kernel launched before the
@@ -287,7 +294,9 @@ class BufferedExpertSide:
             self._stream.synchronize()
         else:
             self._copy_weights(slot, w1, w3, w2)
-        dt = time.perf_counter() - t0
+        self._count_load(time.perf_counter() - t0)
+
+    def _count_load(self, dt: float) -> None:
         with self._lock:
             self.loads += 1
             self.load_s += dt

@@ -134,12 +134,14 @@ class AmoeIngress:
 
 
 def build_serve_app(model_specs: list[dict], settings: Optional[ServingConfig] = None,
-                    link_factory: LinkFactory = None) -> serve.Application:
+                    link_factory: LinkFactory = None,
+                    resources: Optional[dict[str, float]] = None) -> serve.Application:
     """The bound Ray Serve application of the ingress (pass it to `serve.run`).
 
     `link_factory(spec)` makes each model's link (default: LinkClient(host, port, token)); it
     runs inside every replica, so it must be picklable (a module-level function) or a
-    "module:function" string."""
+    "module:function" string. `resources`: Ray custom resources each replica asks for (where
+    it may run, e.g. {"amoe_head": 0.001} to keep it on the head node)."""
     settings = settings or ServingConfig()
     specs = _check_specs(model_specs)
     if isinstance(link_factory, str):
@@ -151,7 +153,7 @@ def build_serve_app(model_specs: list[dict], settings: Optional[ServingConfig] =
         # Room above the app's own limit so that the app answers 429 itself instead of Ray
         # queueing: health/metrics/model-list calls also count as ongoing requests.
         max_ongoing_requests=settings.max_concurrent_requests + 64,
-        ray_actor_options={"num_cpus": 0},
+        ray_actor_options={"num_cpus": 0, **({"resources": dict(resources)} if resources else {})},
     )
     return deployment.bind(specs, _settings_dict(settings), link_factory)
 

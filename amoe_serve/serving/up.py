@@ -158,6 +158,12 @@ def ray_auth_env(env, ray_address: Optional[str]) -> None:
         env.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 
 
+# The custom resource that slurm/launch.sh's Ray head (and no other node) advertises: on such a
+# cluster the ingress replicas take a sliver of it, so they run on the head, next to the HTTP
+# proxy and the gateway, and a lost worker node does not take the ingress with it.
+HEAD_RESOURCE = "amoe_head"
+
+
 def start_serve_app(s, specs: list[dict], ray_address: Optional[str] = None) -> None:
     """ray.init (a private local Ray, or `ray_address` of a running cluster), then the Serve
     ingress in front of the gateways in `specs` ({name, path, host, port, token}).
@@ -176,7 +182,8 @@ def start_serve_app(s, specs: list[dict], ray_address: Optional[str] = None) -> 
                  configure_logging=False)
     # One HTTP proxy, on this (the head) node: the address printed is the one to use.
     serve.start(proxy_location="HeadOnly", http_options={"host": s.host, "port": s.port})
-    serve.run(build_serve_app(specs, s), name="amoe-serve", route_prefix="/")
+    pin = {HEAD_RESOURCE: 0.001} if ray.cluster_resources().get(HEAD_RESOURCE) else None
+    serve.run(build_serve_app(specs, s, resources=pin), name="amoe-serve", route_prefix="/")
 
 
 def up(cfg: AmoeConfig, ready_timeout: float = 180.0) -> int:

@@ -95,7 +95,7 @@ def measure_engine(model_path: str, batches=(1, 2, 4, 8, 16, 32, 64, 128, 256, 5
     keys = itertools.cycle([(b, e) for b in range(NB) for e in range(spec.num_experts)])
     for n in batches:
         meta_R3 = torch.zeros(n, 3, dtype=torch.int32, device=device)
-        y_RD = torch.randn(n, D, generator=g, dtype=core.kv.dtype).to(device)
+        y_RD = torch.randn(n, D, generator=g, dtype=core.model.dtype).to(device)
 
         def expert_step():
             b, e = next(keys)
@@ -109,7 +109,7 @@ def measure_engine(model_path: str, batches=(1, 2, 4, 8, 16, 32, 64, 128, 256, 5
     for i, (n, L) in enumerate(combos):
         # n requests whose prompts of L tokens are cached: one decode segment at position L.
         seg = core.merge([core.admit(f"cal-{i}-{j}", [3] * L, params) for j in range(n)])
-        seg.x_TD = torch.randn(n, D, generator=g, dtype=core.kv.dtype).to(device)
+        seg.x_TD = torch.randn(n, D, generator=g, dtype=core.model.dtype).to(device)
         seg.start_S, seg.n_S, seg.paged = [L] * n, [1] * n, None
         segs = [seg]
         for step in range(steps):

@@ -179,9 +179,9 @@ async def _generate(g, ids, params):
 
 def _wait_conns(g, n=0, timeout=10.0):
     deadline = time.monotonic() + timeout
-    while len(g.server.conns) > n and time.monotonic() < deadline:
+    while g.server.connection_count > n and time.monotonic() < deadline:
         time.sleep(0.05)
-    return len(g.server.conns)
+    return g.server.connection_count
 
 
 def _assert_healthy(g, reference, what):
@@ -194,7 +194,7 @@ def _assert_healthy(g, reference, what):
                              "kv_free_blocks": {"1": NUM_BLOCKS, "2": NUM_BLOCKS}}, (what, st["gateway"])
     att = [v for v in st["ranks"].values() if v["role"] == "attention"]
     assert len(att) == 2 and all(v["kv_free_blocks"] == NUM_BLOCKS and v["running"] == 0 for v in att), (what, att)
-    assert _wait_conns(g) == 0, f"after {what}: {len(g.server.conns)} connections still open"
+    assert _wait_conns(g) == 0, f"after {what}: {g.server.connection_count} connections still open"
     assert not g.owner and not any(g.by_conn.values()), f"after {what}: gateway kept {g.owner}"
 
 
@@ -282,9 +282,10 @@ def batch_authenticated_junk(g, rng: random.Random) -> int:
             mid = msg["id"]
             if isinstance(mid, str) and 0 < len(mid) <= 256:
                 _wait_reply(p, mid)
-            else:  # a bad id is answered with a rejection carrying whatever id was sent
+            else:  # a bad id is answered with a rejection carrying it if it is a string, else null
                 f = p.read()
                 assert f is not None and f["type"] == "rejected" and f["status"] == 400, f
+                assert f["id"] == (mid if isinstance(mid, str) else None), f
         elif kind == 1:  # plausible params, odd values (tiny temperatures, big seeds): run or 400
             params = {"max_tokens": rng.randrange(1, 5), "temperature": rng.choice([0.0, 1e-45, 5e-324, 1e-30, 0.7, 1e300]),
                       "top_p": rng.choice([1.0, 5e-324, 0.5]), "seed": rng.choice([None, 0, 2**63 - 1, 2**63, 2**64, 2**70]),
@@ -298,13 +299,16 @@ def batch_authenticated_junk(g, rng: random.Random) -> int:
             p.send(wire.encode({"type": "cancel", "id": rng.choice([rid, _rand_json(rng)])}))
             p.send(wire.encode({"type": "cancel", "id": rid}))
             _wait_reply(p, rid)
-        elif kind == 3:  # ping/stats with junk seq, unknown types
+        elif kind == 3:  # ping/stats with junk seq (answered only for an integer seq), unknown types
             seq = _rand_json(rng)
             t = rng.choice(["ping", "stats", "nope", "", "tokens", "ready", "challenge", "auth"])
             p.send(wire.encode({"type": t, "seq": seq, "junk": _rand_json(rng)}))
             f = p.read()
             assert f is not None, t
-            assert f["type"] == {"ping": "pong", "stats": "stats"}.get(t, "error"), (t, f)
+            int_seq = isinstance(seq, int) and not isinstance(seq, bool)
+            assert f["type"] == ({"ping": "pong", "stats": "stats"}.get(t, "error") if int_seq else "error"), (t, f)
+            if f["type"] != "error":
+                assert f["seq"] == seq, (t, f)
         else:  # a duplicate id while the first is running
             p.send(wire.encode({"type": "generate", "id": rid, "prompt_token_ids": [3, 4],
                                 "params": {"max_tokens": 50, "ignore_eos": True}}))
@@ -374,7 +378,7 @@ def batch_flood(g, rng: random.Random) -> int:
         deadline = time.monotonic() + 10
         while g.server.rejected - rejected0 < 40 and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert len(g.server.conns) <= limit
+        assert g.server.connection_count <= limit
         assert g.server.rejected - rejected0 >= 40, (g.server.rejected, rejected0)
         for s in socks[: len(socks) // 2]:  # half of them send half a frame, then everyone goes
             s.sendall(LEN.pack(50) + b'{"type":')

@@ -20,6 +20,7 @@ import pytest
 
 from amoe_serve.link import wire
 from amoe_serve.config import LinkConfig, ServingConfig, load_config
+from amoe_serve.link.api import ModelInfo
 from amoe_serve.link.server import LinkServer
 from amoe_serve.serving.fake_link import FakeLink
 from amoe_serve.link.client import LinkClient
@@ -50,7 +51,7 @@ def test_defaults_bind_loopback_only():
     assert LinkConfig().host == "127.0.0.1" and ServingConfig().host == "127.0.0.1"
     cfg = load_config()
     assert cfg.link.host == "127.0.0.1" and cfg.serving.host == "127.0.0.1"
-    srv = LinkServer(cfg.link.host, 0, "tok", {"info": {}})
+    srv = LinkServer(cfg.link.host, 0, "tok", ModelInfo("m", 8, 9))
     try:
         host, port = srv.address
         assert host == "127.0.0.1"
@@ -108,7 +109,7 @@ def test_serving_gateway_loopback_and_requests_over_the_link_frame_limit(checkpo
 
 def test_link_needs_a_token_and_never_sends_it():
     with pytest.raises(ValueError, match="token"):
-        LinkServer("127.0.0.1", 0, "", {"info": {}})
+        LinkServer("127.0.0.1", 0, "", ModelInfo("m", 8, 9))
     token = "the-shared-secret-0123456789"
     # A fake gateway that records what the client sends during the handshake.
     lsock = socket.create_server(("127.0.0.1", 0))

@@ -181,8 +181,15 @@ def test_dead_data_plane_gives_503_then_comes_back(stack):
     assert "restarting" in stack["log"].read_text()
 
 
+@pytest.mark.extended  # ~60 s; Locust against an `up` stack: test_reliability.py's soak; its CLI,
+@pytest.mark.slow      # CSV and plot: tests/loadtests/test_locust.py (on a stub server)
 def test_locust_short_workload_against_the_stack(stack):
-    """The documented headless Locust run, shortened: streams the paper's short workload."""
+    """The documented headless Locust run, shortened: streams the paper's short workload.
+
+    `extended` (not in the default run): test_reliability.py::test_short_soak_above_saturation
+    drives an `amoe-serve up` stack with the same locustfile for 60 s (and checks more), and
+    tests/loadtests/test_locust.py covers the headless CLI, its CSV/summary and loadtests.plot.
+    Run it: `.venv/bin/python -m pytest -m extended tests/serving/test_up_e2e.py`."""
     tmp = stack["tmp"]
     locust = Path(sys.executable).parent / "locust"
     cmd = [str(locust), "-f", "loadtests/locustfile.py", "--headless", "-u", "4", "-r", "4", "-t", "32s",
