@@ -6,11 +6,10 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 from amoe_serve.bench.config import BenchConfig, load_bench_config
 from amoe_serve.bench.place_bench import load_place_bench_config, run_place_bench
 from amoe_serve.bench.run import bench_model_path, run_bench
+from amoe_serve.bench.hf_baseline import DTYPES as HF_DTYPES
 from amoe_serve.bench.synth_checkpoint import SHAPES, write_checkpoint
 from amoe_serve.bench.trace_record import record_trace
 from amoe_serve.bench.workloads import WORKLOADS
@@ -118,7 +117,6 @@ def cmd_make_default_model(args: argparse.Namespace) -> int:
 
 def cmd_make_checkpoint(args: argparse.Namespace) -> int:
     """A random-weight checkpoint in a published shape (weights cannot be downloaded here)."""
-    dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
     overrides = {}
     if args.blocks is not None:
         if args.blocks < 1:
@@ -129,7 +127,7 @@ def cmd_make_checkpoint(args: argparse.Namespace) -> int:
     out = Path(args.output)
     if (out / "config.json").exists():
         raise CliError(f"{out} already holds a checkpoint")
-    report = write_checkpoint(args.shape, out, dtypes[args.dtype], args.shard_gb, args.seed, overrides)
+    report = write_checkpoint(args.shape, out, HF_DTYPES[args.dtype], args.shard_gb, args.seed, overrides)
     print(report.line())
     return 0
 

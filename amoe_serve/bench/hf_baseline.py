@@ -11,6 +11,7 @@ import time
 import torch
 
 from amoe_serve.bench.workloads import BenchRequest
+from amoe_serve.engine.job import DTYPES as ENGINE_DTYPES
 from amoe_serve.procs import memory_mb
 
 
@@ -27,7 +28,8 @@ def best_run(runs: list[dict]) -> dict:
     return max(runs, key=lambda r: (r["output_tokens"] / r["wall_s"] if r["wall_s"] > 0 else 0.0, -r["batch_size"]))
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The config names of dtypes, without "auto" (transformers is always given one).
+DTYPES = {k: v for k, v in ENGINE_DTYPES.items() if v is not None}
 
 
 def _load(path: str, top_k: int | None, dtype: str = "float32"):

@@ -252,7 +252,7 @@ def write_checkpoint(shape: str | Shape, out: str | Path, dtype: torch.dtype = t
         raise FileExistsError(f"{out} already holds a checkpoint")
     out.mkdir(parents=True, exist_ok=True)
     cfg = _hf_config(s, overrides or {})
-    cfg["dtype"] = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}[dtype]
+    cfg["dtype"] = str(dtype).removeprefix("torch.")
     entries = list(tensor_shapes(s.arch, cfg))
     itemsize = torch.empty((), dtype=dtype).element_size()
     shards = _plan_shards(entries, itemsize, int(shard_gb * 2**30))
