@@ -121,6 +121,7 @@ class Transport(ABC):
         polls exactly once.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
+        max_sleep = self._sleep_cap(max_sleep)
         sleep = min(_FIRST_SLEEP, max_sleep)
         while True:
             msgs = self.poll()
@@ -130,10 +131,12 @@ class Transport(ABC):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return []
-                time.sleep(min(sleep, left))
+                woken = self._idle(min(sleep, left))
             else:
-                time.sleep(sleep)
-            sleep = min(sleep * 2, max_sleep)
+                woken = self._idle(sleep)
+            # A wake-up means a message is on its way (it can trail its bell by a few µs):
+            # look again soon instead of after the grown back-off.
+            sleep = _FIRST_SLEEP if woken else min(sleep * 2, max_sleep)
 
     @abstractmethod
     def pending_sends(self) -> int:
@@ -160,9 +163,9 @@ class Transport(ABC):
                     raise TransportError(
                         f"rank {self.rank}: flush timed out after {timeout}s with "
                         f"{n} send(s) still pending (is the receiver polling?)")
-                time.sleep(min(sleep, left))
+                self._idle(min(sleep, left))
             else:
-                time.sleep(sleep)
+                self._idle(sleep)
             sleep = min(sleep * 2, max_sleep)
 
     @abstractmethod
@@ -170,6 +173,25 @@ class Transport(ABC):
         """Release resources.  Idempotent."""
 
     # ------------------------------------------------------------ helpers
+    def _sleep_cap(self, max_sleep: float) -> float:
+        """The back-off's cap; a backend whose every peer wakes it may sleep longer."""
+        return max_sleep
+
+    def wakeup_fd(self) -> int | None:
+        """A file descriptor that turns readable when a message arrives, for callers that wait
+        in their own ``select`` (the gateway's link server); None if the backend has none.
+        Call :meth:`clear_wakeups` after it fires."""
+        return None
+
+    def clear_wakeups(self) -> None:
+        pass
+
+    def _idle(self, seconds: float) -> bool:
+        """Sleep between polls; True when cut short by an arriving message (backends that can
+        be woken override it)."""
+        time.sleep(seconds)
+        return False
+
     @abstractmethod
     def _progress(self, max_recv: int | None) -> None:
         """Progress pending sends and move up to max_recv (None: all) arrived

@@ -188,7 +188,7 @@ class AttentionCore:
             if n_r == 0 and not all_ranks:
                 continue
             experts = [e for e in range(E) if counts_E[e] > 0]
-            header = {"b": b, "experts": experts, "counts": [counts_E[e] for e in experts]}
+            header = {"b": b, "seg": seg.seg_id, "experts": experts, "counts": [counts_E[e] for e in experts]}
             sl = slice(start, start + n_r)
             out.append(Dispatch(r, header, [meta_R3[sl], y_RD[sl]]))
             start += n_r
@@ -207,14 +207,17 @@ class AttentionCore:
         return self.ranks_BEM[b][expert_R, part_R]
 
     # ---- expert outputs come back --------------------------------------------------------
-    def deliver(self, b: int, meta_R3: torch.Tensor, out_RD: torch.Tensor) -> list[Segment]:
+    def deliver(self, b: int, meta_R3: torch.Tensor, out_RD: torch.Tensor,
+                segs: Optional[list[int]] = None) -> list[Segment]:
         """Scatter expert outputs into the pool; return segments whose block b is now complete
-        (merged, advanced to block b+1)."""
+        (merged, advanced to block b+1). segs: the segment ids the rows belong to, when the reply
+        says (else they are read from the rows)."""
         if meta_R3.shape[0] == 0:
             return []
         done: list[Segment] = []
         seg_R = meta_R3[:, 0]
-        uniq = torch.unique(seg_R).tolist()  # usually one: an expert rank answers per step
+        # Usually one: an expert rank answers per step.
+        uniq = list(segs) if segs else torch.unique(seg_R).tolist()
         for sid in uniq:
             if len(uniq) == 1:
                 m, o = meta_R3, out_RD

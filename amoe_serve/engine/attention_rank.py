@@ -8,6 +8,7 @@ import torch
 
 from amoe_serve.counters import RankCounters
 from amoe_serve.engine.attention_core import AttentionCore, Segment
+from amoe_serve.engine.headers import CancelHeader, RequestHeader
 from amoe_serve.token_events import TokenEvent
 from amoe_serve.engine.tags import GATEWAY_RANK, Tag
 from amoe_serve.engine.topology import Topology
@@ -42,14 +43,14 @@ class AttentionRank:
     def handle(self, m: Message) -> None:
         if m.tag == Tag.COMBINE and "step" not in m.header:
             b = m.header["b"]
-            done = self.core.deliver(b, m.tensors[0], m.tensors[1])
+            done = self.core.deliver(b, m.tensors[0], m.tensors[1], m.header.get("segs"))
             self.plan.returned(b, [(s, s.wave, s.num_tokens) for s in done], time.perf_counter())
         elif m.tag == Tag.COMBINE:
             self._combine.append(m)
         elif m.tag == Tag.REQUEST:
-            self._admit(m.header)
+            self._admit(RequestHeader.decode(m.header))
         elif m.tag == Tag.CANCEL:
-            self.core.cancel(m.header["id"])
+            self.core.cancel(CancelHeader.decode(m.header).id)
         elif m.tag == Tag.STEP_SYNC:
             self._sync.setdefault(m.header["round"], []).append(m)
         elif m.tag == Tag.SHUTDOWN:
@@ -64,13 +65,13 @@ class AttentionRank:
                 "queue_now": self.queues.lengths.tolist(), "running": len(self.core.requests),
                 "kv_free_blocks": self.core.allocator.num_free, "memory": memory_mb()}
 
-    def _admit(self, h: dict) -> None:
+    def _admit(self, h: RequestHeader) -> None:
         try:
-            params = SamplingParams.from_dict(h["params"])
+            params = SamplingParams.from_dict(h.params)
             wave = self.plan.wave_for([r.wave for r in self.core.requests.values()])
-            seg = self.core.admit(h["id"], h["prompt_token_ids"], params, wave)
+            seg = self.core.admit(h.id, h.prompt_token_ids, params, wave)
         except (ValueError, RuntimeError) as e:
-            self._emit([TokenEvent(h["id"], None, "error", str(e))])
+            self._emit([TokenEvent(h.id, None, "error", str(e))])
             return
         self._push(0, seg)
 
@@ -99,18 +100,27 @@ class AttentionRank:
     # ---- AEP ---------------------------------------------------------------------------------
     def run_aep(self) -> None:
         last = time.perf_counter()
+        polled = False  # the last idle wait already took in everything that had arrived
         while not self.stop:
             now = time.perf_counter()
             self.counters.record_queue_depths(self.queues.lengths, now - last)
             last = now
-            self._drain(0)
+            if not polled:
+                self._drain(0)
             self._sample()
-            batch = self.plan.next_batch(time.perf_counter())
+            now = time.perf_counter()
+            batch = self.plan.next_batch(now)
             if batch is None:
+                # Nothing runs until a message arrives (it wakes the wait) or a held queue's
+                # max_wait runs out: sleep until then, not in max_sleep slices that each re-poll
+                # and re-decide for nothing.
+                wake = self.plan.next_wake(now)
+                wait = self.max_sleep * 25 if wake is None else min(self.max_sleep * 25, max(wake - now, 2e-5))
                 t0 = time.perf_counter()
-                self._drain(self.max_sleep * 25 if not self.queues.total() else self.max_sleep)
+                polled = self._drain(wait)
                 self.counters.record_idle(time.perf_counter() - t0)
                 continue
+            polled = False
             t0 = time.perf_counter()
             b = batch.block
             for d in self.core.attend(b, batch.items):  # merges them into one segment
@@ -166,7 +176,7 @@ class AttentionRank:
                 done: list[Segment] = []
                 for m in self._combine:
                     assert m.header["step"] == step and m.header["b"] == b, m.header
-                    done.extend(self.core.deliver(b, m.tensors[0], m.tensors[1]))
+                    done.extend(self.core.deliver(b, m.tensors[0], m.tensors[1], m.header.get("segs")))
                 self._combine = []
                 if segs and len(done) != 1:
                     raise RuntimeError(f"lockstep block {b}: the step's segment is missing expert outputs")

@@ -37,6 +37,7 @@ class Chunk:
     src: int          # attention rank the rows came from (world rank)
     meta_R3: torch.Tensor
     y_RD: torch.Tensor
+    seg: int = -1     # the segment the rows belong to (the dispatch header's "seg"; -1: unknown)
 
 
 @dataclass
@@ -74,13 +75,14 @@ class ExpertCore:
 
     def receive(self, src: int, header: dict, meta_R3: torch.Tensor, y_RD: torch.Tensor) -> None:
         b = int(header["b"])
+        seg = int(header.get("seg", -1))
         start = 0
         for e, n in zip(header["experts"], header["counts"]):
             slot = self.slot_of.get((b, int(e)))
             if slot is None:
                 raise RuntimeError(f"received tokens for block {b} expert {e}, which this rank does not hold")
             sl = slice(start, start + n)
-            self.queues.push(b, slot, Chunk(src, meta_R3[sl], y_RD[sl]), n)
+            self.queues.push(b, slot, Chunk(src, meta_R3[sl], y_RD[sl], seg), n)
             start += n
         if self.gate.enabled:
             self.gate.pushed(b, time.perf_counter())
@@ -133,7 +135,7 @@ class ExpertCore:
         srcs = {c.src for c in chunks}
         if len(srcs) == 1:  # one attention rank: the rows go back as they are
             meta_R3 = torch.cat([c.meta_R3 for c in chunks]) if len(chunks) > 1 else chunks[0].meta_R3
-            return [Reply(chunks[0].src, {"b": b}, [meta_R3, out_RD])]
+            return [Reply(chunks[0].src, _reply_header(b, chunks), [meta_R3, out_RD])]
         # Replies grouped by source attention rank.
         by_src: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         start = 0
@@ -143,4 +145,12 @@ class ExpertCore:
             metas.append(c.meta_R3)
             outs.append(out_RD[start:start + n])
             start += n
-        return [Reply(src, {"b": b}, [torch.cat(m), torch.cat(o)]) for src, (m, o) in by_src.items()]
+        return [Reply(src, _reply_header(b, [c for c in chunks if c.src == src]), [torch.cat(m), torch.cat(o)])
+                for src, (m, o) in by_src.items()]
+
+
+def _reply_header(b: int, chunks: list[Chunk]) -> dict:
+    """{"b", "segs"}: the segments whose rows the reply carries, so the attention rank can
+    file them without scanning the rows (omitted when a chunk's segment is unknown)."""
+    segs = sorted({c.seg for c in chunks})
+    return {"b": b, "segs": segs} if segs[0] >= 0 else {"b": b}

@@ -7,6 +7,7 @@ import time
 from typing import Callable, Iterable, Optional
 
 from amoe_serve.engine.admission import Admission, Limits
+from amoe_serve.engine.headers import CancelHeader, FatalHeader, RequestHeader
 from amoe_serve.engine.tags import Tag
 from amoe_serve.engine.topology import Topology
 from amoe_serve.requests_io import GenerateRequest, GenerateResult
@@ -45,7 +46,7 @@ class Gateway:
         if self.adm.drop_waiting(rid):
             self.results[rid].finish_reason = "abort"
         elif rid in self.adm.placed:
-            self.t.isend(self.adm.placed[rid][0], Tag.CANCEL, {"id": rid})
+            self.t.isend(self.adm.placed[rid][0], Tag.CANCEL, CancelHeader(rid).encode())
 
     # ---- queries: what the serving gateway reads, instead of the admission tables ----------
     @property
@@ -75,8 +76,7 @@ class Gateway:
 
     def _place(self) -> None:
         for req, rank in self.adm.next_placements():
-            self.t.isend(rank, Tag.REQUEST, {"id": req.id, "prompt_token_ids": req.prompt_token_ids,
-                                             "params": req.params.to_dict()})
+            self.t.isend(rank, Tag.REQUEST, RequestHeader(req.id, req.prompt_token_ids, req.params.to_dict()).encode())
 
     def handle(self, m: Message) -> None:
         if m.tag == Tag.TOKENS:
@@ -91,8 +91,7 @@ class Gateway:
         elif m.tag == Tag.STATS:
             self.stats[m.src] = m.header
         elif m.tag == Tag.FATAL:
-            h = m.header
-            raise RankFailed(f"rank {h.get('rank')} ({h.get('role')}) failed: {h.get('error')}")
+            raise RankFailed(FatalHeader.decode(m.header).describe())
         else:
             raise RuntimeError(f"gateway got unexpected message tag {m.tag} from rank {m.src}")
 

@@ -21,6 +21,7 @@ from amoe_serve.sched.expert_plan import ExpertGate
 from amoe_serve.engine.expert_rank import ExpertRank
 from amoe_serve.engine.gateway import Gateway
 from amoe_serve.placement.layout import Placement
+from amoe_serve.engine.headers import FatalHeader
 from amoe_serve.engine.tags import GATEWAY_RANK, Tag
 from amoe_serve.engine.skew import ExponentialSkew
 from amoe_serve.engine.topology import Topology
@@ -146,7 +147,7 @@ def report_fatal(transport: Transport, topo: Topology, exc: BaseException) -> st
     role = topo.role(transport.rank) if transport.rank < topo.world_size else "?"
     msg = f"{type(exc).__name__}: {exc}"
     try:
-        transport.isend(GATEWAY_RANK, Tag.FATAL, {"rank": transport.rank, "role": role, "error": msg})
+        transport.isend(GATEWAY_RANK, Tag.FATAL, FatalHeader(transport.rank, role, msg).encode())
         transport.flush(timeout=2)
     except Exception:
         pass

@@ -51,7 +51,7 @@ class LocalEngine:
                     self.experts.receive(0, d.header, *d.tensors)
                 done: list[Segment] = []
                 for r in self.experts.drain_block(b):
-                    done.extend(self.core.deliver(b, *r.tensors))
+                    done.extend(self.core.deliver(b, *r.tensors, r.header.get("segs")))
                 batch = done
             events, new = self.core.sample(batch)
             ready.extend(new)

@@ -61,6 +61,9 @@ class ServingGateway:
         info = ModelInfo(lk.model_name, self.gw.limits.max_model_len, spec.vocab_size, list(spec.eos_token_ids),
                          lk.max_queued_requests, (Path(cfg.model.path) / "tokenizer.json").is_file())
         self.server = LinkServer(lk.host, lk.port, lk.token or "", info, lk.max_frame_bytes, lk.auth_timeout_s)
+        bell = transport.wakeup_fd()
+        if bell is not None:  # tokens from the ranks wake the loop, not its next timed poll
+            self.server.watch(bell, transport.clear_wakeups)
         self.owner: dict[str, tuple[int, str]] = {}        # internal id -> (connection, client id)
         self.by_conn: dict[int, set[str]] = defaultdict(set)
         self.out: dict[int, list[TokenEvent]] = defaultdict(list)  # events to send per connection

@@ -32,6 +32,7 @@ class LinkClient:
         self._replies: dict[int, asyncio.Future] = {}
         self._ids = itertools.count(1)
         self._lock = asyncio.Lock()
+        self.notice: Optional[str] = None  # the gateway's last ErrorNotice (why it is closing, or a bad frame)
 
     @property
     def connected(self) -> bool:
@@ -51,6 +52,9 @@ class LinkClient:
                 if first.get("type") != Challenge.TYPE:
                     raise DataPlaneError(f"unexpected greeting from the gateway: {first.get('type')!r}")
                 challenge = Challenge.decode(first)
+                if challenge.version != wire.VERSION:
+                    raise DataPlaneError(f"the gateway speaks link version {challenge.version} and this ingress "
+                                         f"version {wire.VERSION}: run the same amoe-serve release on both")
                 w.write(wire.encode(Auth(wire.mac(self.token, challenge.nonce)).encode()))
                 await w.drain()
                 ready = decode(await asyncio.wait_for(self._read_one(r, frames), self.connect_timeout),
@@ -95,6 +99,8 @@ class LinkClient:
         except (OSError, wire.LinkProtocolError, ValueError, KeyError, TypeError) as e:
             why = f"link to the data plane failed: {e}"
         finally:
+            if self.notice is not None:  # the gateway said why before it closed
+                why = f"{why}: {self.notice}"
             err = DataPlaneError(why, 503)
             for q in self._streams.values():
                 q.put_nowait(err)
@@ -120,7 +126,10 @@ class LinkClient:
             f = self._replies.pop(msg.seq, None)
             if f is not None and not f.done():
                 f.set_result(msg)
-        # ErrorNotice: the gateway could not use a frame of ours; the reply waiting on it times out.
+        elif isinstance(msg, ErrorNotice):
+            # Why the gateway is closing the link (the close then fails every stream with it), or
+            # a frame of ours it could not use (the reply waiting on that one times out).
+            self.notice = msg.error
 
     async def _send(self, msg) -> None:
         if not self.connected:

@@ -74,12 +74,22 @@ class LinkServer:
         self._ids = itertools.count(1)
         self._lost: list[int] = []  # authenticated connections that closed since the last poll
         self.rejected = 0
+        self._watched: dict[int, object] = {}  # fd -> callback run when it turns readable
+
+    def watch(self, fd: int, on_ready) -> None:
+        """Also wake `poll` when `fd` turns readable (the data plane's message bell), calling
+        `on_ready()` (which must make it unreadable again)."""
+        self._watched[fd] = on_ready
+        self.sel.register(fd, selectors.EVENT_READ, fd)
 
     # ---- polling ----------------------------------------------------------------------------
     def poll(self, timeout: float) -> list[LinkEvent]:
         """Wait up to `timeout` for socket activity; returns messages of authenticated peers."""
         events: list[LinkEvent] = []
         for key, mask in self.sel.select(timeout):
+            if isinstance(key.data, int):
+                self._watched[key.data]()
+                continue
             if key.data is None:
                 self._accept()
                 continue
@@ -122,6 +132,9 @@ class LinkServer:
     def close(self) -> None:
         for conn in list(self._conns.values()):
             self._close(conn, None, None)
+        for fd in self._watched:
+            self.sel.unregister(fd)
+        self._watched.clear()
         self.sel.unregister(self.listener)
         self.listener.close()
         self.sel.close()

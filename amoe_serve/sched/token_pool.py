@@ -80,22 +80,21 @@ class TokenPool:
         if entry.remaining == 0:
             raise ValueError(f"token pool entry {key!r} is already complete")
         dev = entry.delivered_TK.device
-        tok_R = token_idx_R.to(dev, torch.long)
-        slot_R = slot_R.to(dev, torch.long)
-        # One host sync for all range checks (this runs once per expert reply).
-        lo_t, hi_t = torch.aminmax(tok_R)
-        lo_s, hi_s = torch.aminmax(slot_R)
-        lo_t, hi_t, lo_s, hi_s = torch.stack([lo_t, hi_t, lo_s, hi_s]).tolist()
+        # One host sync for all range checks (this runs once per expert reply); a handful of
+        # torch calls in all, since each costs microseconds of host time.
+        idx_R2 = torch.stack([token_idx_R, slot_R], 1).to(dev)
+        lo_2, hi_2 = torch.aminmax(idx_R2, dim=0)
+        lo_t, lo_s, hi_t, hi_s = torch.cat([lo_2, hi_2]).tolist()
         if lo_t < 0 or lo_s < 0 or hi_t >= T or hi_s >= K:
             raise ValueError(f"entry {key!r}: (token, slot) index out of range for T={T}, K={K}")
-        flat_R = tok_R * K + slot_R
+        flat_R = idx_R2[:, 1].to(torch.long).add_(idx_R2[:, 0], alpha=K)
         done_X = entry.delivered_TK.view(-1)
         # Mark, then count: fewer new marks than rows means a pair was delivered before or
         # repeats within this delivery; the marks are undone, so a rejected delivery leaves the
         # entry as it was.
         was_R = done_X[flat_R]
         before = entry.filled
-        done_X[flat_R] = True
+        done_X.index_fill_(0, flat_R, True)
         entry.filled = int(done_X.sum())
         if entry.filled - before != R:
             done_X[flat_R] = was_R
@@ -103,7 +102,8 @@ class TokenPool:
             if bool(was_R.any()):
                 raise ValueError(f"entry {key!r}: a (token, slot) pair was already delivered")
             raise ValueError(f"entry {key!r}: a (token, slot) pair appears twice in one delivery")
-        out_RD = out_RD.to(entry.out_TKD.device, entry.out_TKD.dtype)
+        if out_RD.dtype != entry.out_TKD.dtype or out_RD.device != entry.out_TKD.device:
+            out_RD = out_RD.to(entry.out_TKD.device, entry.out_TKD.dtype)
         entry.out_TKD.view(T * K, D).index_copy_(0, flat_R, out_RD)
         entry.remaining -= R
         return entry.remaining == 0

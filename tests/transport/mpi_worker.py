@@ -160,6 +160,21 @@ def scen_idle(t):
         assert cpu < 0.25 * wall, f"idle wait burned CPU: {cpu:.3f}s of {wall:.3f}s"
 
 
+def scen_bell(t):
+    """Ranks on one node ring each other: a rank asleep in wait() is woken by the bell."""
+    assert t._bell is not None and t._bell.covers(t.size), "every rank of a one-node job is rung"
+    if t.rank == 0:
+        time.sleep(0.3)
+        t.isend(1, 1, {"ring": True})
+        assert t._bell.rung == 1
+    elif t.rank == 1:
+        msgs = t.wait(10.0)
+        assert msgs and msgs[0].header == {"ring": True}
+        # The bell either woke the wait or, if the poll won the race, is still pending now.
+        t._bell.sleep(0.5)
+        assert t._bell.woken >= 1
+
+
 def scen_bench(t):
     assert t.size == 2, "bench runs with exactly 2 ranks"
     peer = 1 - t.rank
@@ -200,7 +215,7 @@ def scen_bench(t):
 
 
 SCENARIOS = {"dtypes": scen_dtypes, "a2a": scen_a2a, "many": scen_many,
-             "idle": scen_idle, "bench": scen_bench}
+             "idle": scen_idle, "bell": scen_bell, "bench": scen_bench}
 
 
 def main(argv):

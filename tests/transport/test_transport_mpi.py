@@ -63,6 +63,12 @@ def test_mpi_many_small_messages_in_order():
 
 @needs_mpiexec
 @pytest.mark.mpi(ranks=3)
+def test_mpi_doorbell_wakes_a_waiting_rank():
+    run_mpi(3, "bell")
+
+
+@needs_mpiexec
+@pytest.mark.mpi(ranks=3)
 def test_mpi_idle_wait_low_cpu():
     out = run_mpi(3, "idle")
     assert out.count(": wall ") == 2

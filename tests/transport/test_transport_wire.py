@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import struct
 
 import numpy as np
@@ -10,7 +9,7 @@ import pytest
 import torch
 
 from amoe_transport import TransportError
-from amoe_transport.wire import ALIGN, MAGIC, PREFIX, PREFIX_SIZE, pack, unpack
+from amoe_transport.wire import ALIGN, ENTRY, MAGIC, PREFIX, PREFIX_SIZE, VERSION, pack, unpack
 
 
 def test_roundtrip_zero_copy_views():
@@ -79,39 +78,50 @@ def test_truncated_and_short():
 
 def test_header_len_overrun():
     f = _frame()
-    magic, ver, flags, tag, hlen, plen = PREFIX.unpack_from(f, 0)
-    PREFIX.pack_into(f, 0, magic, ver, flags, tag, 1 << 30, plen)
+    magic, ver, flags, tag, hlen, ntens, tlen, plen = PREFIX.unpack_from(f, 0)
+    PREFIX.pack_into(f, 0, magic, ver, flags, tag, 1 << 30, ntens, tlen, plen)
     with pytest.raises(TransportError):
         unpack(f)
 
 
-def _rewrite_header(obj, payload=b""):
-    hb = json.dumps(obj).encode()
-    pstart = -(-(PREFIX_SIZE + len(hb)) // ALIGN) * ALIGN
+def _frame_with_table(entries, header=b"", payload=b"", ntens=None):
+    """A frame whose tensor table is built by hand: entries are (code, ndim, offset, dims)."""
+    table = b"".join(ENTRY.pack(c, nd, off) + struct.pack(f"<{len(dims)}q", *dims)
+                     for c, nd, off, dims in entries)
+    pstart = -(-(PREFIX_SIZE + len(table) + len(header)) // ALIGN) * ALIGN
     buf = np.zeros(pstart + len(payload), np.uint8)
-    PREFIX.pack_into(buf, 0, MAGIC, 1, 0, 0, len(hb), len(payload))
-    buf[PREFIX_SIZE:PREFIX_SIZE + len(hb)] = np.frombuffer(hb, np.uint8)
+    PREFIX.pack_into(buf, 0, MAGIC, VERSION, 0, 0, len(header), len(entries) if ntens is None else ntens,
+                     len(table), len(payload))
+    buf[PREFIX_SIZE:PREFIX_SIZE + len(table)] = np.frombuffer(table, np.uint8)
+    buf[PREFIX_SIZE + len(table):PREFIX_SIZE + len(table) + len(header)] = np.frombuffer(header, np.uint8)
     buf[pstart:] = np.frombuffer(payload, np.uint8)
     return buf
 
 
-@pytest.mark.parametrize("obj", [
-    [1, 2],
-    {"h": 1, "t": []},
-    {"h": {}, "t": [["complex64", [1], 0]]},
-    {"h": {}, "t": [["int32", [-1], 0]]},
-    {"h": {}, "t": [["int32", [100], 0]]},      # overruns the payload
-    {"h": {}, "t": [["int32"]]},
-    {"h": {}},
+def test_hand_built_table_reads_back():
+    ts = unpack(_frame_with_table([(5, 1, 0, [4])], payload=bytes(16)))[2]
+    assert ts[0].dtype == torch.int32 and ts[0].shape == (4,)
+
+
+@pytest.mark.parametrize("entries,ntens,header", [
+    ([(99, 1, 0, [1])], None, b""),             # unknown dtype code
+    ([(5, 1, 0, [-1])], None, b""),             # negative dim
+    ([(5, 1, 0, [100])], None, b""),            # overruns the payload
+    ([(5, 1, 8, [1])], None, b""),              # misaligned offset
+    ([(5, 3, 0, [1])], None, b""),              # ndim larger than the dims given
+    ([(5, 1, 0, [1])], 2, b""),                 # more tensors than the table holds
+    ([(5, 1, 0, [1])], 0, b""),                 # table bytes for zero tensors
+    ([], 0, b"[1, 2]"),                         # header is not an object
 ])
-def test_bad_header_structures(obj):
+def test_bad_header_structures(entries, ntens, header):
     with pytest.raises(TransportError):
-        unpack(_rewrite_header(obj, payload=bytes(16)))
+        unpack(_frame_with_table(entries, header=header, payload=bytes(16), ntens=ntens))
 
 
 def test_header_not_json():
     f = _frame()
-    f[PREFIX_SIZE] = ord("}")
+    _, _, _, _, hlen, _, tlen, _ = PREFIX.unpack_from(f, 0)
+    f[PREFIX_SIZE + tlen] = ord("}")
     with pytest.raises(TransportError, match="JSON"):
         unpack(f)
 
