@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 
 from amoe_serve.placement.layout import Placement, PlacementError
+from amoe_serve.placement import ilp as ILP
+from amoe_serve.placement.greedy import greedy_ranks_BE
 from amoe_serve.placement import policies as P
 from amoe_serve.placement.evaluate import evaluate
 from tests.placement.synthetic import synthetic_trace
@@ -112,7 +114,7 @@ def test_ilp_stage2_traffic_equals_brute_force_given_its_groups(B, E, R, seed, b
 
 def test_stage2_milp_with_a_general_cost_matrix_equals_brute_force(monkeypatch):
     # Force the MILP (product-variable linearisation) instead of the DP for a non-uniform matrix.
-    monkeypatch.setattr(P, "STAGE2_DP_MAX_RANKS", 0)
+    monkeypatch.setattr(ILP, "STAGE2_DP_MAX_RANKS", 0)
     t = random_trace(3, 6, 7)
     bw = [[0, 2, 5], [2, 0, 1], [4, 1, 0]]
     res = P.solve_ilp(t, 3, time_limit=20, bandwidth=bw)
@@ -134,12 +136,12 @@ def test_stage2_exact_methods_on_random_group_traffic(B, G, seed):
     uniform_RR = P.cost_matrix(G)
     perms = [np.array(p) for p in itertools.permutations(range(G))]
     for cost_RR, uniform in ((general_RR, False), (uniform_RR, True)):
-        best = min(P._perm_traffic(T_LGG, np.stack(c), cost_RR) for c in itertools.product(perms, repeat=B))
-        assert P._perm_traffic(T_LGG, P._stage2_dp(T_LGG, cost_RR), cost_RR) == best
-        perm_BG, out = P._stage2_milp(T_LGG, cost_RR, uniform, 20, False)
-        assert out.status == "optimal" and P._perm_traffic(T_LGG, perm_BG, cost_RR) == best
+        best = min(ILP._perm_traffic(T_LGG, np.stack(c), cost_RR) for c in itertools.product(perms, repeat=B))
+        assert ILP._perm_traffic(T_LGG, ILP._stage2_dp(T_LGG, cost_RR), cost_RR) == best
+        perm_BG, out = ILP._stage2_milp(T_LGG, cost_RR, uniform, 20, False)
+        assert out.status == "optimal" and ILP._perm_traffic(T_LGG, perm_BG, cost_RR) == best
         # The block-by-block heuristic is never below the optimum (sanity of the comparison).
-        assert P._perm_traffic(T_LGG, P._stage2_sweeps(T_LGG, perms[0][None].repeat(B, 0), cost_RR, True),
+        assert ILP._perm_traffic(T_LGG, ILP._stage2_sweeps(T_LGG, perms[0][None].repeat(B, 0), cost_RR, True),
                                cost_RR) >= best
 
 
@@ -167,7 +169,7 @@ def test_ilp_with_a_tiny_time_limit_still_returns_a_valid_plan_no_worse_than_gre
     res.placement.validate(8, 32)
     cost_RR = P.cost_matrix(8)
     assert P.objective(t, np.asarray(res.placement.rank_BE), 8, cost_RR) <= \
-        P.objective(t, P.greedy_ranks_BE(t.load_BE, 8), 8, cost_RR)
+        P.objective(t, greedy_ranks_BE(t.load_BE, 8), 8, cost_RR)
 
 
 # ---- fallbacks ------------------------------------------------------------------------------------------
@@ -176,9 +178,9 @@ def test_solver_without_a_solution_warns_and_returns_greedy(monkeypatch, caplog)
 
     def no_solution(c, integrality, bounds, constraints, time_limit, disp):
         calls.append(time_limit)
-        return P.MilpOutcome(None, "no-solution", None, time_limit)
+        return ILP.MilpOutcome(None, "no-solution", None, time_limit)
 
-    monkeypatch.setattr(P, "_milp", no_solution)
+    monkeypatch.setattr(ILP, "_milp", no_solution)
     t = random_trace(4, 8, 5, hi=100)
     with caplog.at_level(logging.WARNING, logger="amoe_serve.placement"):
         res = P.solve_ilp(t, 4, time_limit=0.5)
@@ -189,8 +191,8 @@ def test_solver_without_a_solution_warns_and_returns_greedy(monkeypatch, caplog)
 
 
 def test_solver_without_a_solution_and_block_by_block_stage2_still_returns_greedy(monkeypatch, caplog):
-    monkeypatch.setattr(P, "_milp", lambda *a: P.MilpOutcome(None, "no-solution", None, 0.0))
-    monkeypatch.setattr(P, "STAGE2_MAX_VARS", 10)
+    monkeypatch.setattr(ILP, "_milp", lambda *a: ILP.MilpOutcome(None, "no-solution", None, 0.0))
+    monkeypatch.setattr(ILP, "STAGE2_MAX_VARS", 10)
     t = random_trace(4, 8, 6, hi=100)
     with caplog.at_level(logging.WARNING, logger="amoe_serve.placement"):
         res = P.solve_ilp(t, 4, time_limit=0.5)
@@ -199,14 +201,14 @@ def test_solver_without_a_solution_and_block_by_block_stage2_still_returns_greed
 
 
 def test_stage2_failure_alone_keeps_stage1_and_assigns_block_by_block(monkeypatch, caplog):
-    real = P._milp
+    real = ILP._milp
 
     def stage2_fails(c, integrality, bounds, constraints, time_limit, disp):
         if (integrality == 0).any():    # stage 2 has continuous product variables; stage 1 has none
-            return P.MilpOutcome(None, "no-solution", None, 0.0)
+            return ILP.MilpOutcome(None, "no-solution", None, 0.0)
         return real(c, integrality, bounds, constraints, time_limit, disp)
 
-    monkeypatch.setattr(P, "_milp", stage2_fails)
+    monkeypatch.setattr(ILP, "_milp", stage2_fails)
     t = make_trace([[3, 3, 2, 2, 2], [2, 2, 2, 3, 3], [3, 2, 3, 2, 2]], seed=3)
     with caplog.at_level(logging.WARNING, logger="amoe_serve.placement"):
         res = P.solve_ilp(t, 2, time_limit=20)
@@ -216,7 +218,7 @@ def test_stage2_failure_alone_keeps_stage1_and_assigns_block_by_block(monkeypatc
 
 
 def test_big_stage2_goes_block_by_block_and_says_so(monkeypatch):
-    monkeypatch.setattr(P, "STAGE2_MAX_VARS", 10)
+    monkeypatch.setattr(ILP, "STAGE2_MAX_VARS", 10)
     t = random_trace(4, 8, 21)
     res = P.solve_ilp(t, 4, time_limit=20)
     assert res.info["stage2"]["method"] == "block-by-block"
