@@ -209,10 +209,7 @@ class MPITransport(Transport):
             self._bell.drain()
 
     def _idle(self, seconds: float) -> bool:
-        if self._bell is None:
-            time.sleep(seconds)
-            return False
-        return self._bell.sleep(seconds)
+        return super()._idle(seconds) if self._bell is None else self._bell.sleep(seconds)
 
     # --------------------------------------------------------------- receive
     def _progress(self, max_recv: int | None) -> None:

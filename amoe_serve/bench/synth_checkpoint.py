@@ -34,20 +34,19 @@ class Shape:
     note: str = ""
 
 
+_OLMOE_1B_7B = dict(
+    vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_hidden_layers=16,
+    num_attention_heads=16, num_key_value_heads=16, num_experts=64, num_experts_per_tok=8,
+    max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0, norm_topk_prob=False,
+    tie_word_embeddings=False, pad_token_id=1, bos_token_id=None, eos_token_id=50279)
+
 SHAPES: dict[str, Shape] = {s.name: s for s in (
-    Shape("olmoe-1b-7b", "olmoe", dict(
-        vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_hidden_layers=16,
-        num_attention_heads=16, num_key_value_heads=16, num_experts=64, num_experts_per_tok=8,
-        max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0, norm_topk_prob=False,
-        tie_word_embeddings=False, pad_token_id=1, bos_token_id=None, eos_token_id=50279),
-        "allenai/OLMoE-1B-7B-0924: 6.9B parameters, 1.3B active"),
+    Shape("olmoe-1b-7b", "olmoe", _OLMOE_1B_7B, "allenai/OLMoE-1B-7B-0924: 6.9B parameters, 1.3B active"),
     # The same architecture scaled down (64 experts, top-8, q/k norm, untied head): CI's stand-in.
-    Shape("olmoe-tiny", "olmoe", dict(
-        vocab_size=512, hidden_size=64, intermediate_size=32, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=4, num_experts=64, num_experts_per_tok=8,
-        max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=10000.0, norm_topk_prob=False,
-        tie_word_embeddings=False, pad_token_id=1, bos_token_id=None, eos_token_id=511),
-        "OLMoE's architecture at test size"),
+    Shape("olmoe-tiny", "olmoe", {**_OLMOE_1B_7B, "vocab_size": 512, "hidden_size": 64, "intermediate_size": 32,
+                                  "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 4,
+                                  "max_position_embeddings": 512, "eos_token_id": 511},
+          "OLMoE's architecture at test size"),
     Shape("mixtral-8x7b", "mixtral", dict(
         vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
         num_attention_heads=32, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2,

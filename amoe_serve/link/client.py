@@ -69,6 +69,7 @@ class LinkClient:
                 w.close()
                 raise
             self.info = ready.info
+            self.notice = None  # a notice belongs to the connection that got it
             self._reader, self._writer = r, w
             self._task = asyncio.create_task(self._pump(r, frames))
             return self.info
