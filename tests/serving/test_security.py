@@ -3,7 +3,7 @@ tests/engine/test_link.py and test_fuzz_link.py the link's framing and authentic
 
 - the gateway's link socket and the HTTP ingress bind loopback unless told otherwise;
 - the link handshake never sends the shared token, and a link needs one;
-- nothing under amoe_serve/, transport/ or kernels/ unpickles, evals or unsafely deserializes
+- nothing under amoe_serve/, transport/ or amoe_kernels/ unpickles, evals or unsafely deserializes
   (a static AST scan, itself checked against planted examples);
 - every /v1 route, found from the app's own route table, answers a missing or bad bearer key
   with 401 in OpenAI's error shape before it reads the body or touches the data plane;
@@ -28,7 +28,7 @@ from amoe_serve.link.client import LinkClient
 from .conftest import client, make_app, run
 
 ROOT = Path(__file__).resolve().parents[2]
-SCANNED = ("amoe_serve", "transport", "kernels")
+SCANNED = ("amoe_serve", "transport", "amoe_kernels")
 KEY = "k-3f9a1c"
 
 

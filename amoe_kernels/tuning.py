@@ -1,4 +1,4 @@
-"""Launch parameters as data: kernels/configs/<device>.json over configs/default.json.
+"""Launch parameters as data: amoe_kernels/configs/<device>.json over configs/default.json.
 
 Lookup order for a CUDA tensor: $AMOE_KERNELS_CONFIGS/<device>.json, configs/<device>.json, then
 configs/default.json (keys missing from a device table fall back to the default). CPU tensors run

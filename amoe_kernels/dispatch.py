@@ -3,6 +3,8 @@
 Rule: Triton when the tensors are on CUDA and triton imports; the PyTorch reference otherwise
 (CPU tensors always get the reference numbers; grouped_expert_ffn computes them with
 torch._grouped_mm, bit-identical to the per-expert loop, unless the reference is named).
+Decode attention on fp32 CPU tensors runs the C kernel of native.py when it builds (the same
+result up to the order of fp32 sums), unless the reference is named.
 `backend="triton"` forces the kernels (tests run them on CPU tensors under TRITON_INTERPRET=1),
 `backend="reference"` forces the reference. The environment variable AMOE_KERNELS_BACKEND
 (auto | reference | triton) sets the default for calls that pass no backend.
@@ -19,7 +21,7 @@ import torch
 
 import torch.nn.functional as Fn
 
-from . import checks, grouped_mm, reference, upcast
+from . import checks, grouped_mm, native, reference, upcast
 
 BACKENDS = ("auto", "reference", "triton")
 
@@ -194,6 +196,9 @@ def paged_decode_attention(q_BHd, k_NSGd, v_NSGd, block_tables, seq_lens, scale:
             lens = lens.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else lens
         mod = _module("triton_attention")
         return mod.paged_decode_attention(q_BHd, k_NSGd, v_NSGd, _padded_tables(block_tables, dev), lens, scale, max_len)
+    if not _named_reference(backend) and native.supports(q_BHd, k_NSGd, v_NSGd):
+        return native.paged_decode_attention(q_BHd, k_NSGd, v_NSGd, _padded_tables(block_tables, q_BHd.device),
+                                             torch.as_tensor(seq_lens), scale)
     if isinstance(block_tables, torch.Tensor):
         block_tables = block_tables.tolist()
     if isinstance(seq_lens, torch.Tensor):
@@ -204,7 +209,11 @@ def paged_decode_attention(q_BHd, k_NSGd, v_NSGd, block_tables, seq_lens, scale:
 def paged_attention(q_SnHd, k_NSGd, v_NSGd, tables_SM, qpos_Sn, scale: float, backend: str | None = None,
                     future_SnL=None):
     """Batched causal attention over a paged KV cache, prefill and decode alike (see
-    reference.paged_attention). PyTorch ops on every device: it is a gather and two batched
-    GEMMs; all-decode batches on CUDA go through paged_decode_attention's Triton kernel instead."""
+    reference.paged_attention): a gather and two batched GEMMs. Decode rows (n = 1) of fp32 CPU
+    tensors go to the native kernel, which reads the blocks in place; all-decode batches on CUDA
+    go through paged_decode_attention's Triton kernel instead."""
     checks.paged_attention(q_SnHd, k_NSGd, v_NSGd, tables_SM, qpos_Sn)
+    if q_SnHd.shape[1] == 1 and not _named_reference(backend) and native.supports(q_SnHd, k_NSGd, v_NSGd):
+        return native.paged_decode_attention(q_SnHd[:, 0], k_NSGd, v_NSGd, tables_SM, qpos_Sn[:, 0] + 1,
+                                             scale)[:, None]
     return reference.paged_attention(q_SnHd, k_NSGd, v_NSGd, tables_SM, qpos_Sn, scale, future_SnL)

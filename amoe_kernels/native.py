@@ -1,0 +1,125 @@
+"""CPU kernels in C (csrc/), built on first use with the system's C compiler and called by ctypes.
+
+Why C and not more PyTorch ops: on CPU the data plane's attention is paced by host work per op
+(2-10 µs each here) and by copies (the reference gathers each sequence's whole KV context per
+block), not by FLOPs. A plain C function needs no torch headers, so it builds in about a second
+(`cc -O3 -march=native`) instead of a C++ extension's minutes, on the machine that runs it.
+
+The library is cached under $AMOE_NATIVE_CACHE (default ~/.cache/amoe-serve/native), keyed by
+the source, the compiler flags and this CPU's flags, so a shared home on a cluster of mixed CPUs
+never runs code built for another CPU. No compiler, or a failed build: `available()` is False
+and the dispatcher keeps the PyTorch reference (the reason is in `unavailable_reason()`).
+AMOE_NATIVE=0 turns the native kernels off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+_SRC = Path(__file__).with_name("csrc") / "paged_decode.c"
+_FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fPIC", "-shared", "-fno-math-errno"]
+_reason: str | None = None
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return os.uname().machine
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("AMOE_NATIVE_CACHE") or Path.home() / ".cache" / "amoe-serve" / "native")
+
+
+def _build(cc: str, out: Path) -> None:
+    """Compile into a temporary file and rename it into place: concurrent ranks never load a
+    half-written library, and the lock keeps them from compiling it several times."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if out.exists():
+            return
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+        os.close(fd)
+        try:
+            r = subprocess.run([cc, *_FLAGS, "-o", tmp, str(_SRC), "-lm"], capture_output=True, text=True, timeout=120)
+            if r.returncode != 0:
+                raise RuntimeError(f"{cc} failed: {r.stderr.strip()[:500]}")
+            os.replace(tmp, out)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+@functools.lru_cache(maxsize=None)
+def _lib() -> ctypes.CDLL | None:
+    global _reason
+    if os.environ.get("AMOE_NATIVE", "1") == "0":
+        _reason = "AMOE_NATIVE=0"
+        return None
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        _reason = "no C compiler (cc or gcc) on PATH"
+        return None
+    key = hashlib.sha256(_SRC.read_bytes() + " ".join(_FLAGS).encode() + _cpu_flags().encode()).hexdigest()[:16]
+    out = _cache_dir() / f"paged_decode-{key}.so"
+    try:
+        if not out.exists():
+            _build(cc, out)
+        lib = ctypes.CDLL(str(out))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        _reason = f"native kernels did not build: {e}"
+        return None
+    f = lib.amoe_paged_decode_f32
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    f.argtypes = [ptr, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i64, i64, ctypes.c_float, ptr]
+    f.restype = ctypes.c_int
+    return lib
+
+
+def available() -> bool:
+    return _lib() is not None
+
+
+def unavailable_reason() -> str | None:
+    _lib()
+    return _reason
+
+
+def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """fp32 CPU tensors with a contiguous cache; anything else stays on the reference."""
+    return (q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.float32
+            and k.is_contiguous() and v.is_contiguous() and available())
+
+
+def paged_decode_attention(q_SHd: torch.Tensor, k_NbGd: torch.Tensor, v_NbGd: torch.Tensor,
+                           tables_SM: torch.Tensor, lens_S: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query per sequence over positions 0..lens[s]-1 of its paged context (the query's own
+    K/V already written). Returns [S, H*d] fp32. Same result as reference.paged_attention with
+    n = 1 and qpos = lens - 1, up to the order of fp32 sums."""
+    S, H, d = q_SHd.shape
+    N, bs, G, _ = k_NbGd.shape
+    q = q_SHd.contiguous()
+    tables = tables_SM.to(torch.int64).contiguous()
+    lens = lens_S.to(torch.int64).contiguous()
+    out = torch.empty(S, H * d, dtype=torch.float32)
+    rc = _lib().amoe_paged_decode_f32(q.data_ptr(), k_NbGd.data_ptr(), v_NbGd.data_ptr(), tables.data_ptr(),
+                                      tables.shape[1], lens.data_ptr(), S, H, G, d, bs, N, scale, out.data_ptr())
+    if rc != 0:
+        raise ValueError("paged_decode_attention: a block id is outside the cache, a length is outside its "
+                         f"table ({tables.shape[1]} blocks of {bs}), or H={H} is not a multiple of G={G}")
+    return out

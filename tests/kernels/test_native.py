@@ -1,0 +1,116 @@
+"""The native (C) decode attention against the PyTorch reference it stands in for on fp32 CPU
+tensors, and the dispatcher's choice between them."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import amoe_kernels as K
+from amoe_kernels import native
+from amoe_kernels import reference as R
+
+g = torch.Generator().manual_seed(3)
+
+needs_native = pytest.mark.skipif(not native.available(), reason=f"native kernels: {native.unavailable_reason()}")
+
+
+def _case(S, H, G, d, bs, max_len, spare=3):
+    M = (max_len + bs - 1) // bs
+    N = S * M + spare
+    kc, vc = torch.randn(N, bs, G, d, generator=g), torch.randn(N, bs, G, d, generator=g)
+    tables = torch.randperm(N, generator=g)[:S * M].view(S, M)
+    lens = torch.randint(1, max_len + 1, (S,), generator=g)
+    lens[0], lens[-1] = max_len, 1  # the longest context and a first token
+    q = 3 * torch.randn(S, 1, H, d, generator=g)  # sharp softmaxes, not near-uniform ones
+    return q, kc, vc, tables, lens
+
+
+@needs_native
+@pytest.mark.parametrize("S,H,G,d,bs,max_len", [
+    (64, 4, 1, 32, 16, 100),   # the overhead bench's MQA shape
+    (7, 8, 2, 16, 4, 33),      # GQA, a partial last block
+    (5, 4, 4, 64, 16, 7),      # MHA, one block
+    (3, 32, 8, 128, 16, 300),  # Mixtral's heads
+    (4, 6, 3, 24, 5, 41),      # a head dim without a specialised copy, odd block size
+])
+def test_native_matches_reference(S, H, G, d, bs, max_len):
+    q, kc, vc, tables, lens = _case(S, H, G, d, bs, max_len)
+    qpos = (lens - 1)[:, None]
+    want = K.paged_attention(q, kc, vc, tables, qpos, d**-0.5, backend="reference")
+    got = K.paged_attention(q, kc, vc, tables, qpos, d**-0.5)
+    assert got.shape == want.shape == (S, 1, H * d)
+    # Only the order of fp32 sums (and exp's last bit) differs.
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # The decode entry point takes the same kernel, with list tables too.
+    got2 = K.paged_decode_attention(q[:, 0], kc, vc, tables.tolist(), lens.tolist(), d**-0.5)
+    assert torch.equal(got2, got[:, 0])
+
+
+@needs_native
+def test_native_reads_only_the_context():
+    """Positions past a sequence's length, and blocks it does not own, may hold anything."""
+    q, kc, vc, tables, lens = _case(6, 4, 2, 16, 4, 21)
+    want = K.paged_attention(q, kc, vc, tables, (lens - 1)[:, None], 0.25)
+    for s in range(6):
+        L = int(lens[s])
+        blocks = tables[s, (L + 3) // 4:]
+        kc[blocks] = float("nan")
+        vc[blocks] = float("nan")
+        if L % 4:
+            kc[tables[s, L // 4], L % 4:] = float("inf")
+    got = K.paged_attention(q, kc, vc, tables, (lens - 1)[:, None], 0.25)
+    assert torch.equal(got, want)
+
+
+@needs_native
+def test_native_rejects_out_of_range_tables_and_lengths():
+    q, kc, vc, tables, lens = _case(2, 4, 1, 16, 4, 8)
+    bad = tables.clone()
+    bad[1, 0] = kc.shape[0]
+    with pytest.raises(ValueError, match="outside the cache"):
+        K.paged_decode_attention(q[:, 0], kc, vc, bad, lens, 0.25)
+    with pytest.raises(ValueError, match="outside"):
+        K.paged_decode_attention(q[:, 0], kc, vc, tables, torch.tensor([9, 1]), 0.25)
+
+
+def test_reference_named_or_other_dtypes_skip_native():
+    q, kc, vc, tables, lens = _case(3, 4, 2, 16, 4, 10)
+    assert not native.supports(q.bfloat16(), kc.bfloat16(), vc.bfloat16())
+    assert not native.supports(q, kc[:, :2], vc[:, :2])  # a non-contiguous cache view
+    # bf16 and the named reference go through the PyTorch path: bit-identical to it.
+    qb, kb, vb = q.bfloat16(), kc.bfloat16(), vc.bfloat16()
+    qpos = (lens - 1)[:, None]
+    assert torch.equal(K.paged_attention(qb, kb, vb, tables, qpos, 0.25),
+                       R.paged_attention(qb, kb, vb, tables, qpos, 0.25))
+    assert torch.equal(K.paged_attention(q, kc, vc, tables, qpos, 0.25, backend="reference"),
+                       R.paged_attention(q, kc, vc, tables, qpos, 0.25))
+
+
+def test_native_off_by_environment(tmp_path):
+    """AMOE_NATIVE=0: nothing is built, the reason is given, and the reference runs."""
+    code = ("from amoe_kernels import native; import sys; "
+            "print(native.available(), native.unavailable_reason()); sys.exit(0)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         env={"AMOE_NATIVE": "0", "AMOE_NATIVE_CACHE": str(tmp_path), "PATH": ""})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False AMOE_NATIVE=0"
+    assert not any(tmp_path.iterdir())
+
+
+def test_native_builds_into_its_cache(tmp_path):
+    """A fresh cache folder gets one library (keyed by source, flags and CPU); no compiler on
+    PATH means the reference, with the reason."""
+    import os
+    import shutil
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler here")
+    code = "from amoe_kernels import native; print(native.available(), native.unavailable_reason())"
+    env = {**os.environ, "AMOE_NATIVE_CACHE": str(tmp_path / "c")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert out.stdout.strip() == "True None", out.stderr
+    assert [p.suffix for p in (tmp_path / "c").iterdir() if not p.name.startswith(".")] == [".so"]
+    env = {**env, "AMOE_NATIVE_CACHE": str(tmp_path / "d"), "PATH": "", "CC": ""}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert out.stdout.strip().startswith("False no C compiler"), out.stdout + out.stderr
