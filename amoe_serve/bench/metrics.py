@@ -53,13 +53,16 @@ def rank_fields(stats: dict) -> dict:
 
 
 def rank_overhead(r: dict) -> dict:
-    """Per rank: steps (executed batches) per busy second, µs of host work per step, and the
-    transport's µs per message sent / received (packing, posting, probing, unpacking)."""
+    """Per rank: steps (executed batches) per busy second, µs of host work per step, the
+    process's CPU seconds in its loop (the busy time counts wall time, which includes time the
+    rank lost to others sharing its core), and the transport's µs per message sent / received
+    (packing, posting, probing, unpacking)."""
     steps, busy = r.get("total_batches", 0), r.get("busy_s", 0.0)
     link = r.get("link", {})
     return {"role": r.get("role"), "steps": steps, "busy_s": busy,
             "wall_s": busy + r.get("idle_s", 0.0),
             "us_per_step": busy / steps * 1e6 if steps else None,
             "steps_per_s": steps / (busy + r.get("idle_s", 0.0)) if steps else None,
+            "cpu_s": r.get("cpu_s"),
             "msgs_sent": link.get("sent"), "msgs_received": link.get("received"),
             "us_per_msg_sent": link.get("send_us_per_msg"), "us_per_msg_received": link.get("recv_us_per_msg")}

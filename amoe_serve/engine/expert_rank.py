@@ -25,6 +25,7 @@ class ExpertRank:
         self.dtype = dtype
         self.max_sleep = max_poll_sleep
         self.stop = False
+        self._cpu0: float | None = None  # process CPU time when the loop started
         self._arrived: Counter = Counter()   # lockstep (step, block) -> messages received
 
     def handle(self, m: Message) -> None:
@@ -42,13 +43,15 @@ class ExpertRank:
     def stats(self) -> dict:
         return {"rank": self.t.rank, "role": "expert", **self.core.counters.to_dict(), "link": self.t.link_stats.to_dict(),
                 "queue_now": self.core.queues.lengths.tolist(),
-                "experts": [list(e) for e in self.core.expert_of], "memory": memory_mb()}
+                "experts": [list(e) for e in self.core.expert_of], "memory": memory_mb(),
+                "cpu_s": None if self._cpu0 is None else time.process_time() - self._cpu0}
 
     def _drain(self, timeout: float) -> None:
         for m in (self.t.wait(timeout, self.max_sleep) if timeout > 0 else self.t.poll()):
             self.handle(m)
 
     def run_aep(self) -> None:
+        self._cpu0 = time.process_time()
         c = self.core.counters
         last = time.perf_counter()
         while not self.stop:
@@ -71,6 +74,7 @@ class ExpertRank:
         self.t.flush(timeout=10)
 
     def run_lockstep(self) -> None:
+        self._cpu0 = time.process_time()
         c = self.core.counters
         A = self.topo.attention_ranks
         while not self.stop:
