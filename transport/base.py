@@ -74,6 +74,8 @@ class Transport(ABC):
         self._inbox: deque[Message] = deque()
         self._closed = False
         self.link_stats = LinkStats()
+        # While alltoallv posts its messages, wake-ups wait here and go out together at its end.
+        self._held_wakeups: list[int] | None = None
 
     # ------------------------------------------------------------------ API
     @abstractmethod
@@ -94,9 +96,18 @@ class Transport(ABC):
         for d in dsts:
             self._check_dst(d)
         dsts = [d for d in dsts if d > self.rank] + [d for d in dsts if d <= self.rank]
-        for d in dsts:
-            header, tensors = per_dst[d]
-            self.isend(d, tag, header, tensors)
+        # A receiver woken on this rank's core can take it over mid-loop (a sync wake-up: the
+        # kernel expects the waker to sleep next); so every message is posted first, and the
+        # receivers are woken after the last one.
+        self._held_wakeups = []
+        try:
+            for d in dsts:
+                header, tensors = per_dst[d]
+                self.isend(d, tag, header, tensors)
+        finally:
+            held, self._held_wakeups = self._held_wakeups, None
+            for d in held:
+                self._wake(d)
 
     def poll(self, max_messages: int | None = None) -> list[Message]:
         """Nonblocking: progress sends, return messages that have arrived."""
@@ -176,6 +187,17 @@ class Transport(ABC):
     def _sleep_cap(self, max_sleep: float) -> float:
         """The back-off's cap; a backend whose every peer wakes it may sleep longer."""
         return max_sleep
+
+    def _notify(self, dst: int) -> None:
+        """Backends call this after posting a message to dst: wakes dst now, or at the end of
+        the alltoallv that posts it."""
+        if self._held_wakeups is None:
+            self._wake(dst)
+        else:
+            self._held_wakeups.append(dst)
+
+    def _wake(self, dst: int) -> None:
+        """Wake dst if it sleeps waiting for messages (backends that can, override it)."""
 
     def wakeup_fd(self) -> int | None:
         """A file descriptor that turns readable when a message arrives, for callers that wait

@@ -163,8 +163,7 @@ class MPITransport(Transport):
             req = self.comm.Isend([frame, self._MPI.BYTE], dst, mpi_tag)
             self._reqs.append(req)
             self._bufs.append(frame.base if frame.base is not None else frame)
-            if self._bell is not None:
-                self._bell.ring(dst)
+            self._notify(dst)
             if len(self._reqs) >= 64:
                 self._progress_sends()
             st = self.link_stats
@@ -200,6 +199,10 @@ class MPITransport(Transport):
         if self._bell is not None and self._bell.covers(self.size):
             return max(max_sleep, self.BELL_SLEEP_CAP)
         return max_sleep
+
+    def _wake(self, dst: int) -> None:
+        if self._bell is not None:
+            self._bell.ring(dst)
 
     def wakeup_fd(self) -> int | None:
         return None if self._bell is None else self._bell.fileno()

@@ -36,6 +36,7 @@ class AttentionRank:
         self.queues = self.plan.queues
         self.counters = RankCounters(self.num_blocks, waves)
         self.stop = False
+        self._cpu0: float | None = None  # process CPU time when the loop started
         self._sync: dict[int, list[Message]] = {}    # lockstep round -> peers' STEP_SYNC
         self._combine: list[Message] = []            # lockstep replies of the current block
 
@@ -63,7 +64,8 @@ class AttentionRank:
     def stats(self) -> dict:
         return {"rank": self.t.rank, "role": "attention", **self.counters.to_dict(), "link": self.t.link_stats.to_dict(),
                 "queue_now": self.queues.lengths.tolist(), "running": len(self.core.requests),
-                "kv_free_blocks": self.core.allocator.num_free, "memory": memory_mb()}
+                "kv_free_blocks": self.core.allocator.num_free, "memory": memory_mb(),
+                "cpu_s": None if self._cpu0 is None else time.process_time() - self._cpu0}
 
     def _admit(self, h: RequestHeader) -> None:
         try:
@@ -99,6 +101,7 @@ class AttentionRank:
 
     # ---- AEP ---------------------------------------------------------------------------------
     def run_aep(self) -> None:
+        self._cpu0 = time.process_time()
         last = time.perf_counter()
         polled = False  # the last idle wait already took in everything that had arrived
         while not self.stop:
@@ -123,8 +126,8 @@ class AttentionRank:
             polled = False
             t0 = time.perf_counter()
             b = batch.block
-            for d in self.core.attend(b, batch.items):  # merges them into one segment
-                self.t.isend(self.topo.expert_rank(d.dst_index), Tag.DISPATCH, d.header, d.tensors)
+            self.t.alltoallv(Tag.DISPATCH, {self.topo.expert_rank(d.dst_index): (d.header, d.tensors)
+                                            for d in self.core.attend(b, batch.items)})  # one merged segment
             self.counters.record_batch(b, batch.wave, batch.tokens)
             self.counters.record_busy(time.perf_counter() - t0)
         self.t.flush(timeout=10)
@@ -144,6 +147,7 @@ class AttentionRank:
         return mine + sum(m.header["tokens"] for m in got), stop or any(m.header["stop"] for m in got)
 
     def run_lockstep(self) -> None:
+        self._cpu0 = time.process_time()
         self.plan.ungate()  # the barrier keeps the one wave whole
         step = rnd = 0
         D = self.core.spec.hidden_size
