@@ -101,6 +101,20 @@ def combine_slots(out_TKD, w_TK) -> None:
         _fail(op, f"out_TKD {tuple(out_TKD.shape)} and w_TK {tuple(w_TK.shape)} disagree on [T, K]")
 
 
+def rms_norm(x_TD, w_D) -> None:
+    op = "rms_norm"
+    _dims(op, "w_D", w_D, 1)
+    if x_TD.dim() < 1 or x_TD.shape[-1] != w_D.shape[0]:
+        _fail(op, f"x {tuple(x_TD.shape)} does not end in the weight's size {w_D.shape[0]}")
+
+
+def moe_combine(h_TD, out_TKD, w_TK) -> None:
+    combine_slots(out_TKD, w_TK)
+    _dims("moe_combine", "h_TD", h_TD, 2)
+    if h_TD.shape[0] != out_TKD.shape[0] or h_TD.shape[1] != out_TKD.shape[2]:
+        _fail("moe_combine", f"h_TD {tuple(h_TD.shape)} and out_TKD {tuple(out_TKD.shape)} disagree on [T, D]")
+
+
 def unpermute_combine(out_sorted_RD, order_R, w_TK) -> None:
     op = "unpermute_combine"
     _dims(op, "out_sorted_RD", out_sorted_RD, 2)

@@ -154,6 +154,24 @@ def permute_tokens(x_TD, order_R, k: int, backend: str | None = None):
     return reference.permute_tokens(x_TD, order_R, k)
 
 
+def rms_norm(x_TD, w_D, eps: float, backend: str | None = None):
+    """HF RMSNorm (reference.rms_norm); one native call for fp32 CPU rows (the same up to the
+    order of the mean's sum)."""
+    checks.rms_norm(x_TD, w_D)
+    if not _named_reference(backend) and x_TD.dim() == 2 and native.supports(x_TD, w_D):
+        return native.rms_norm(x_TD, w_D, eps)
+    return reference.rms_norm(x_TD, w_D, eps)
+
+
+def moe_combine(h_TD, out_TKD, w_TK, s_TD=None, backend: str | None = None):
+    """h + the top-k merge (combine_slots) + the shared expert's output where the model has one.
+    fp32 CPU without a shared expert: one native call, bit-identical to the reference."""
+    checks.moe_combine(h_TD, out_TKD, w_TK)
+    if s_TD is None and not _named_reference(backend) and native.supports(h_TD, out_TKD, w_TK):
+        return native.moe_combine(h_TD, out_TKD, w_TK)
+    return reference.moe_combine(h_TD, out_TKD, w_TK, s_TD)
+
+
 def combine_slots(out_TKD, w_TK, backend: str | None = None):
     checks.combine_slots(out_TKD, w_TK)
     if backend_for(out_TKD, backend) == "triton":
@@ -196,7 +214,7 @@ def paged_decode_attention(q_BHd, k_NSGd, v_NSGd, block_tables, seq_lens, scale:
             lens = lens.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else lens
         mod = _module("triton_attention")
         return mod.paged_decode_attention(q_BHd, k_NSGd, v_NSGd, _padded_tables(block_tables, dev), lens, scale, max_len)
-    if not _named_reference(backend) and native.supports(q_BHd, k_NSGd, v_NSGd):
+    if not _named_reference(backend) and native.supports(k_NSGd, v_NSGd) and q_BHd.dtype == k_NSGd.dtype:
         return native.paged_decode_attention(q_BHd, k_NSGd, v_NSGd, _padded_tables(block_tables, q_BHd.device),
                                              torch.as_tensor(seq_lens), scale)
     if isinstance(block_tables, torch.Tensor):
@@ -213,7 +231,8 @@ def paged_attention(q_SnHd, k_NSGd, v_NSGd, tables_SM, qpos_Sn, scale: float, ba
     tensors go to the native kernel, which reads the blocks in place; all-decode batches on CUDA
     go through paged_decode_attention's Triton kernel instead."""
     checks.paged_attention(q_SnHd, k_NSGd, v_NSGd, tables_SM, qpos_Sn)
-    if q_SnHd.shape[1] == 1 and not _named_reference(backend) and native.supports(q_SnHd, k_NSGd, v_NSGd):
+    if q_SnHd.shape[1] == 1 and not _named_reference(backend) and native.supports(k_NSGd, v_NSGd) \
+            and q_SnHd.dtype == k_NSGd.dtype:
         return native.paged_decode_attention(q_SnHd[:, 0], k_NSGd, v_NSGd, tables_SM, qpos_Sn[:, 0] + 1,
                                              scale)[:, None]
     return reference.paged_attention(q_SnHd, k_NSGd, v_NSGd, tables_SM, qpos_Sn, scale, future_SnL)

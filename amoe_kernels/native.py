@@ -1,4 +1,5 @@
-"""CPU kernels in C (csrc/), built on first use with the system's C compiler and called by ctypes.
+"""CPU kernels in C (csrc/*.c, one library), built on first use with the system's C compiler and
+called by ctypes.
 
 Why C and not more PyTorch ops: on CPU the data plane's attention is paced by host work per op
 (2-10 µs each here) and by copies (the reference gathers each sequence's whole KV context per
@@ -26,8 +27,9 @@ from pathlib import Path
 
 import torch
 
-_SRC = Path(__file__).with_name("csrc") / "paged_decode.c"
-_FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fPIC", "-shared", "-fno-math-errno"]
+_SRCS = sorted((Path(__file__).with_name("csrc")).glob("*.c"))
+# -ffp-contract=off: no fused multiply-adds, so elementwise code rounds as torch's ops do.
+_FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared"]
 _reason: str | None = None
 
 
@@ -56,7 +58,8 @@ def _build(cc: str, out: Path) -> None:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
         os.close(fd)
         try:
-            r = subprocess.run([cc, *_FLAGS, "-o", tmp, str(_SRC), "-lm"], capture_output=True, text=True, timeout=120)
+            r = subprocess.run([cc, *_FLAGS, "-o", tmp, *map(str, _SRCS), "-lm"], capture_output=True, text=True,
+                               timeout=120)
             if r.returncode != 0:
                 raise RuntimeError(f"{cc} failed: {r.stderr.strip()[:500]}")
             os.replace(tmp, out)
@@ -75,8 +78,10 @@ def _lib() -> ctypes.CDLL | None:
     if cc is None:
         _reason = "no C compiler (cc or gcc) on PATH"
         return None
-    key = hashlib.sha256(_SRC.read_bytes() + " ".join(_FLAGS).encode() + _cpu_flags().encode()).hexdigest()[:16]
-    out = _cache_dir() / f"paged_decode-{key}.so"
+    h = hashlib.sha256(" ".join(_FLAGS).encode() + _cpu_flags().encode())
+    for src in _SRCS:
+        h.update(src.name.encode() + src.read_bytes())
+    out = _cache_dir() / f"amoe-cpu-{h.hexdigest()[:16]}.so"
     try:
         if not out.exists():
             _build(cc, out)
@@ -84,10 +89,13 @@ def _lib() -> ctypes.CDLL | None:
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         _reason = f"native kernels did not build: {e}"
         return None
-    f = lib.amoe_paged_decode_f32
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    f.argtypes = [ptr, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i64, i64, ctypes.c_float, ptr]
-    f.restype = ctypes.c_int
+    i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
+    lib.amoe_paged_decode_f32.argtypes = [ptr, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i64, i64, f32, ptr]
+    lib.amoe_paged_decode_f32.restype = ctypes.c_int
+    lib.amoe_rms_norm_f32.argtypes = [ptr, ptr, i64, i64, f32, ptr]
+    lib.amoe_rms_norm_f32.restype = None
+    lib.amoe_moe_combine_f32.argtypes = [ptr, ptr, ptr, i64, i64, i64, ptr]
+    lib.amoe_moe_combine_f32.restype = None
     return lib
 
 
@@ -100,10 +108,11 @@ def unavailable_reason() -> str | None:
     return _reason
 
 
-def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """fp32 CPU tensors with a contiguous cache; anything else stays on the reference."""
-    return (q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.float32
-            and k.is_contiguous() and v.is_contiguous() and available())
+def supports(*ts: torch.Tensor) -> bool:
+    """Contiguous fp32 CPU tensors (a view of a cache, a weight), and the library built; anything
+    else stays on the reference."""
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in ts) \
+        and available()
 
 
 def paged_decode_attention(q_SHd: torch.Tensor, k_NbGd: torch.Tensor, v_NbGd: torch.Tensor,
@@ -113,7 +122,7 @@ def paged_decode_attention(q_SHd: torch.Tensor, k_NbGd: torch.Tensor, v_NbGd: to
     n = 1 and qpos = lens - 1, up to the order of fp32 sums."""
     S, H, d = q_SHd.shape
     N, bs, G, _ = k_NbGd.shape
-    q = q_SHd.contiguous()
+    q = q_SHd.contiguous()  # the query rows of a fused qkv projection are a strided view
     tables = tables_SM.to(torch.int64).contiguous()
     lens = lens_S.to(torch.int64).contiguous()
     out = torch.empty(S, H * d, dtype=torch.float32)
@@ -123,3 +132,17 @@ def paged_decode_attention(q_SHd: torch.Tensor, k_NbGd: torch.Tensor, v_NbGd: to
         raise ValueError("paged_decode_attention: a block id is outside the cache, a length is outside its "
                          f"table ({tables.shape[1]} blocks of {bs}), or H={H} is not a multiple of G={G}")
     return out
+
+
+def rms_norm(x_TD: torch.Tensor, w_D: torch.Tensor, eps: float) -> torch.Tensor:
+    T, D = x_TD.shape
+    y_TD = torch.empty_like(x_TD)
+    _lib().amoe_rms_norm_f32(x_TD.data_ptr(), w_D.data_ptr(), T, D, eps, y_TD.data_ptr())
+    return y_TD
+
+
+def moe_combine(h_TD: torch.Tensor, out_TKD: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:
+    T, K, D = out_TKD.shape
+    y_TD = torch.empty_like(h_TD)
+    _lib().amoe_moe_combine_f32(h_TD.data_ptr(), out_TKD.data_ptr(), w_TK.data_ptr(), T, K, D, y_TD.data_ptr())
+    return y_TD

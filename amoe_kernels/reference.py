@@ -100,6 +100,24 @@ def unpermute_combine(
     return combine_slots(out_RD.view(T, K, -1), w_TK)
 
 
+def rms_norm(x_TD: torch.Tensor, w_D: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF RMSNorm: normalize in fp32, cast back, then scale (weight multiply in weight/input dtype)."""
+    if x_TD.dtype == torch.float32:  # the same ops without the no-op casts
+        return w_D * (x_TD * torch.rsqrt(x_TD.pow(2).mean(-1, keepdim=True) + eps))
+    x32 = x_TD.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return w_D * x32.to(x_TD.dtype)
+
+
+def moe_combine(h_TD: torch.Tensor, out_TKD: torch.Tensor, w_TK: torch.Tensor,
+                s_TD: torch.Tensor | None = None) -> torch.Tensor:
+    """The residual stream after an MoE layer: h + sum_k w_k out_k (+ the shared expert's s)."""
+    moe_TD = combine_slots(out_TKD.to(h_TD.dtype), w_TK)
+    if s_TD is not None:
+        moe_TD = moe_TD + s_TD
+    return h_TD + moe_TD
+
+
 def combine_slots(out_TKD: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:
     """sum_k w_k * out_k in slot order; a fixed order keeps it bitwise deterministic.
 

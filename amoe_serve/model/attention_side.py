@@ -197,10 +197,7 @@ class AttentionSide:
         self, h_TD: torch.Tensor, out_TKD: torch.Tensor, w_TK: torch.Tensor, s_TD: Optional[torch.Tensor]
     ) -> torch.Tensor:
         # Fixed slot-order sum: bitwise identical in every mode that feeds the same inputs.
-        moe_TD = K.combine_slots(out_TKD.to(h_TD.dtype), w_TK)
-        if s_TD is not None:
-            moe_TD = moe_TD + s_TD
-        return h_TD + moe_TD
+        return K.moe_combine(h_TD, out_TKD, w_TK, s_TD)
 
     @torch.inference_mode()
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:

@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import torch
 
+import amoe_kernels as K
+
 
 def rms_norm(x_TD: torch.Tensor, w_D: torch.Tensor, eps: float) -> torch.Tensor:
-    """HF RMSNorm: normalize in fp32, cast back, then scale (weight multiply in weight/input dtype)."""
-    if x_TD.dtype == torch.float32:  # the same ops without the no-op casts
-        return w_D * (x_TD * torch.rsqrt(x_TD.pow(2).mean(-1, keepdim=True) + eps))
-    x32 = x_TD.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return w_D * x32.to(x_TD.dtype)
+    """HF RMSNorm (amoe_kernels.rms_norm: the reference, or one native call on fp32 CPU)."""
+    return K.rms_norm(x_TD, w_D, eps)
 
 
 def rope_inv_freq(theta: float, head_dim: int) -> torch.Tensor:

@@ -114,3 +114,34 @@ def test_native_builds_into_its_cache(tmp_path):
     env = {**env, "AMOE_NATIVE_CACHE": str(tmp_path / "d"), "PATH": "", "CC": ""}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert out.stdout.strip().startswith("False no C compiler"), out.stdout + out.stderr
+
+
+@needs_native
+@pytest.mark.parametrize("T,D", [(1, 128), (64, 128), (13, 2048), (5, 24)])
+def test_native_rms_norm_matches_reference(T, D):
+    x, w = torch.randn(T, D, generator=g), torch.randn(D, generator=g)
+    got = K.rms_norm(x, w, 1e-5)
+    torch.testing.assert_close(got, R.rms_norm(x, w, 1e-5), atol=1e-6, rtol=1e-6)
+    assert torch.equal(K.rms_norm(x, w, 1e-5, backend="reference"), R.rms_norm(x, w, 1e-5))
+    # bf16 rows, and a strided view, take the reference
+    xb = x.bfloat16()
+    assert torch.equal(K.rms_norm(xb, w.bfloat16(), 1e-5), R.rms_norm(xb, w.bfloat16(), 1e-5))
+    xs = torch.randn(T, 2 * D, generator=g)[:, ::2]
+    assert torch.equal(K.rms_norm(xs, w, 1e-5), R.rms_norm(xs, w, 1e-5))
+
+
+@needs_native
+@pytest.mark.parametrize("T,K_,D", [(64, 2, 128), (3, 8, 2048), (1, 1, 16), (7, 6, 24)])
+def test_native_moe_combine_is_bit_identical(T, K_, D):
+    h, out = torch.randn(T, D, generator=g), torch.randn(T, K_, D, generator=g)
+    w = torch.rand(T, K_, generator=g)
+    assert torch.equal(K.moe_combine(h, out, w), R.moe_combine(h, out, w))
+    s = torch.randn(T, D, generator=g)  # a shared expert's output: the reference adds it
+    assert torch.equal(K.moe_combine(h, out, w, s), R.moe_combine(h, out, w, s))
+
+
+def test_rms_norm_and_moe_combine_check_shapes():
+    with pytest.raises(ValueError, match="rms_norm"):
+        K.rms_norm(torch.zeros(2, 8), torch.zeros(7), 1e-5)
+    with pytest.raises(ValueError, match="moe_combine"):
+        K.moe_combine(torch.zeros(3, 8), torch.zeros(2, 1, 8), torch.zeros(2, 1))
