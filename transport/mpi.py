@@ -195,10 +195,11 @@ class MPITransport(Transport):
     # (~40 µs here) is CPU the busy ranks on the same cores do not get.
     BELL_SLEEP_CAP = 0.02
 
+    def _woken_by_all(self) -> bool:
+        return self._bell is not None and self._bell.covers(self.size)
+
     def _sleep_cap(self, max_sleep: float) -> float:
-        if self._bell is not None and self._bell.covers(self.size):
-            return max(max_sleep, self.BELL_SLEEP_CAP)
-        return max_sleep
+        return max(max_sleep, self.BELL_SLEEP_CAP) if self._woken_by_all() else max_sleep
 
     def _wake(self, dst: int) -> None:
         if self._bell is not None:
