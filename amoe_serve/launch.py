@@ -55,19 +55,29 @@ def kill_group(p: subprocess.Popen, grace: float = 3.0) -> None:
             continue
 
 
+def write_job_config(cfg: AmoeConfig, path: Path) -> Path:
+    """The job's config file, readable by its owner only: it holds the link token."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(to_yaml(cfg))
+    return path
+
+
+def start_job(cfg: AmoeConfig, cfg_path: Path, rank_args: list[str]) -> subprocess.Popen:
+    """Start `rank_main` on every rank under the venv's mpiexec (the one launcher of `generate`,
+    `up` and the bench; Slurm's srun runs the same module): its own process group, so a
+    time-out or Ctrl-C reaches mpiexec and every rank it started, and SIGTERM if we die."""
+    cmd = [mpiexec_path(), "-n", str(topology(cfg).world_size), sys.executable, "-m", "amoe_serve.engine.rank_main",
+           "--config", str(cfg_path), *rank_args]
+    threads = str(cfg.runtime.threads_per_rank)
+    env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+    return subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=die_with_parent)
+
+
 def launch_job(cfg: AmoeConfig, rank_args: list[str]) -> int:
     """Run `rank_main` on every rank; returns the job's exit code (124 on time-out)."""
-    world = topology(cfg).world_size
     with tempfile.TemporaryDirectory(prefix="amoe-job-") as tmp:
-        cfg_path = Path(tmp) / "config.yaml"
-        cfg_path.write_text(to_yaml(cfg))
-        cmd = [mpiexec_path(), "-n", str(world), sys.executable, "-m", "amoe_serve.engine.rank_main",
-               "--config", str(cfg_path), *rank_args]
-        env = dict(os.environ)
-        threads = str(cfg.runtime.threads_per_rank)
-        env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
-        # Own process group, so a time-out or Ctrl-C reaches mpiexec and every rank it started.
-        p = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=die_with_parent)
+        p = start_job(cfg, write_job_config(cfg, Path(tmp) / "config.yaml"), rank_args)
         timeout = cfg.runtime.job_timeout_s or None
         try:
             return _wait(p, timeout)

@@ -21,9 +21,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
-from amoe_serve.config import AmoeConfig, load_config, to_yaml
-from amoe_serve.engine.job import topology
-from amoe_serve.launch import kill_group, die_with_parent, mpiexec_path
+from amoe_serve.config import AmoeConfig, load_config
+from amoe_serve.launch import kill_group, start_job, write_job_config
 from amoe_serve.procs import clean_orphaned_mpi_shm, descendants, run_with_timeout, terminate
 from amoe_serve.errors import AmoeError
 
@@ -56,16 +55,9 @@ class DataPlaneProcess:
         return self.workdir / f"{self.name}.address"
 
     def start(self) -> None:
-        cfg_path = self.workdir / f"{self.name}.yaml"
-        fd = os.open(cfg_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # holds the link token
-        with os.fdopen(fd, "w") as f:
-            f.write(to_yaml(self.cfg))
+        cfg_path = write_job_config(self.cfg, self.workdir / f"{self.name}.yaml")
         self.address_file.unlink(missing_ok=True)
-        cmd = [mpiexec_path(), "-n", str(topology(self.cfg).world_size), sys.executable, "-m",
-               "amoe_serve.engine.rank_main", "--config", str(cfg_path), "--serve",
-               "--address-file", str(self.address_file)]
-        env = dict(os.environ, OMP_NUM_THREADS=str(self.cfg.runtime.threads_per_rank))
-        self.proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=die_with_parent)
+        self.proc = start_job(self.cfg, cfg_path, ["--serve", "--address-file", str(self.address_file)])
         self.started_at = time.monotonic()
 
     def wait_ready(self, timeout: float) -> tuple[str, int]:
