@@ -7,6 +7,7 @@ launch parameters live in configs/*.json (see tuning.py); `python -m amoe_kernel
 from .dispatch import (
     backend_for,
     combine_slots,
+    dispatch_rows,
     expert_ffn,
     grouped_expert_ffn,
     linear,
@@ -24,6 +25,7 @@ from .dispatch import (
 __all__ = [
     "backend_for",
     "combine_slots",
+    "dispatch_rows",
     "expert_ffn",
     "grouped_expert_ffn",
     "linear",

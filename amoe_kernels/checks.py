@@ -115,6 +115,14 @@ def moe_combine(h_TD, out_TKD, w_TK) -> None:
         _fail("moe_combine", f"h_TD {tuple(h_TD.shape)} and out_TKD {tuple(out_TKD.shape)} disagree on [T, D]")
 
 
+def dispatch_rows(y_TD, key_R, k: int) -> None:
+    op = "dispatch_rows"
+    _dims(op, "y_TD", y_TD, 2)
+    _dims(op, "key_R", key_R, 1)
+    if k < 1 or key_R.shape[0] != y_TD.shape[0] * k:
+        _fail(op, f"key_R has {key_R.shape[0]} rows, expected T*k = {y_TD.shape[0]}*{k}")
+
+
 def unpermute_combine(out_sorted_RD, order_R, w_TK) -> None:
     op = "unpermute_combine"
     _dims(op, "out_sorted_RD", out_sorted_RD, 2)

@@ -172,6 +172,16 @@ def moe_combine(h_TD, out_TKD, w_TK, s_TD=None, backend: str | None = None):
     return reference.moe_combine(h_TD, out_TKD, w_TK, s_TD)
 
 
+def dispatch_rows(y_TD, key_R, k: int, seg: int, num_keys: int, backend: str | None = None):
+    """The attention rank's dispatch rows: (token, slot) rows stably sorted by key (owner rank *
+    E + expert) as (meta_R3 = (seg, token, slot) int32, y_RD, counts per key); one native pass
+    on CPU (the same bytes as the reference)."""
+    checks.dispatch_rows(y_TD, key_R, k)
+    if not _named_reference(backend) and native.supports(y_TD, key_R, any_dtype=True):
+        return native.dispatch_rows(y_TD, key_R, k, seg, num_keys)
+    return reference.dispatch_rows(y_TD, key_R, k, seg, num_keys)
+
+
 def combine_slots(out_TKD, w_TK, backend: str | None = None):
     checks.combine_slots(out_TKD, w_TK)
     if backend_for(out_TKD, backend) == "triton":

@@ -96,6 +96,8 @@ def _lib() -> ctypes.CDLL | None:
     lib.amoe_rms_norm_f32.restype = None
     lib.amoe_moe_combine_f32.argtypes = [ptr, ptr, ptr, i64, i64, i64, ptr]
     lib.amoe_moe_combine_f32.restype = None
+    lib.amoe_dispatch_rows.argtypes = [ptr, i64, i64, i64, ctypes.c_int32, ptr, i64, ptr, ptr, ptr]
+    lib.amoe_dispatch_rows.restype = ctypes.c_int
     return lib
 
 
@@ -108,10 +110,10 @@ def unavailable_reason() -> str | None:
     return _reason
 
 
-def supports(*ts: torch.Tensor) -> bool:
-    """Contiguous fp32 CPU tensors (a view of a cache, a weight), and the library built; anything
-    else stays on the reference."""
-    return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in ts) \
+def supports(*ts: torch.Tensor, any_dtype: bool = False) -> bool:
+    """Contiguous fp32 (or, for pure data movement, any dtype) CPU tensors, and the library
+    built; anything else stays on the reference."""
+    return all(t.device.type == "cpu" and (any_dtype or t.dtype == torch.float32) and t.is_contiguous() for t in ts) \
         and available()
 
 
@@ -146,3 +148,17 @@ def moe_combine(h_TD: torch.Tensor, out_TKD: torch.Tensor, w_TK: torch.Tensor) -
     y_TD = torch.empty_like(h_TD)
     _lib().amoe_moe_combine_f32(h_TD.data_ptr(), out_TKD.data_ptr(), w_TK.data_ptr(), T, K, D, y_TD.data_ptr())
     return y_TD
+
+
+def dispatch_rows(y_TD: torch.Tensor, key_R: torch.Tensor, k: int, seg: int, num_keys: int):
+    T, D = y_TD.shape
+    R = key_R.shape[0]
+    key = key_R.to(torch.int64).contiguous()
+    meta_R3 = torch.empty(R, 3, dtype=torch.int32)
+    y_RD = torch.empty(R, D, dtype=y_TD.dtype)
+    counts_X = torch.empty(num_keys, dtype=torch.int64)
+    rc = _lib().amoe_dispatch_rows(key.data_ptr(), R, k, num_keys, seg, y_TD.data_ptr(), D * y_TD.element_size(),
+                                   meta_R3.data_ptr(), y_RD.data_ptr(), counts_X.data_ptr())
+    if rc != 0:
+        raise ValueError(f"dispatch_rows: a key is outside [0, {num_keys})")
+    return meta_R3, y_RD, counts_X

@@ -71,6 +71,15 @@ def permute(ids_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch
     return order_R, counts_E
 
 
+def dispatch_rows(y_TD: torch.Tensor, key_R: torch.Tensor, k: int, seg: int, num_keys: int):
+    """Rows r = t*k + slot stably sorted by key_R[r]: (meta_R3 int32 = (seg, t, slot) per row,
+    y_RD = y_TD[t] per row, counts_X = rows per key)."""
+    order_R = torch.argsort(key_R, stable=True)
+    t_R = order_R // k
+    meta_R3 = torch.stack([torch.full_like(t_R, seg), t_R, order_R % k], dim=1).to(torch.int32)
+    return meta_R3, y_TD[t_R], torch.bincount(key_R, minlength=num_keys)
+
+
 def route(
     logits_TE: torch.Tensor,
     k: int,

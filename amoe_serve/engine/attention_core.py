@@ -15,6 +15,7 @@ from typing import Callable, Optional
 
 import torch
 
+import amoe_kernels
 from amoe_serve.engine.skew import ExponentialSkew
 from amoe_serve.kv.allocator import BlockAllocator
 from amoe_serve.kv.cache import PagedKVCache
@@ -175,11 +176,8 @@ class AttentionCore:
         E = self.spec.num_experts
         expert_R = ids_TK.reshape(-1)
         key_R = self._owners(b, expert_R) * E + expert_R if self.replicated else self.key_BE[b][expert_R]
-        order_R = torch.argsort(key_R, stable=True)
-        t_R = order_R // K
-        meta_R3 = torch.stack([torch.full_like(t_R, seg.seg_id), t_R, order_R % K], dim=1).to(torch.int32)
-        y_RD = y_TD[t_R]
-        counts_RE = torch.bincount(key_R, minlength=self.expert_ranks * E).view(self.expert_ranks, E).tolist()
+        meta_R3, y_RD, counts_X = amoe_kernels.dispatch_rows(y_TD, key_R, K, seg.seg_id, self.expert_ranks * E)
+        counts_RE = counts_X.view(self.expert_ranks, E).tolist()
 
         out: list[Dispatch] = []
         start = 0

@@ -145,3 +145,20 @@ def test_rms_norm_and_moe_combine_check_shapes():
         K.rms_norm(torch.zeros(2, 8), torch.zeros(7), 1e-5)
     with pytest.raises(ValueError, match="moe_combine"):
         K.moe_combine(torch.zeros(3, 8), torch.zeros(2, 1, 8), torch.zeros(2, 1))
+
+
+@needs_native
+@pytest.mark.parametrize("T,k,X,dtype", [(64, 2, 16, torch.float32), (7, 8, 128, torch.bfloat16), (1, 1, 3, torch.float32),
+                                         (33, 6, 5, torch.float16)])
+def test_native_dispatch_rows_is_the_reference_exactly(T, k, X, dtype):
+    """A stable sort by key (many ties), labels and the copied rows: the same bytes."""
+    y = torch.randn(T, 24, generator=g).to(dtype)
+    key = torch.randint(0, X, (T * k,), generator=g)
+    got = K.dispatch_rows(y, key, k, 7, X)
+    want = R.dispatch_rows(y, key, k, 7, X)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    with pytest.raises(ValueError, match="outside"):
+        K.dispatch_rows(y, torch.full((T * k,), X), k, 7, X)
+    with pytest.raises(ValueError, match="dispatch_rows"):
+        K.dispatch_rows(y, key[:-1], k, 7, X)
