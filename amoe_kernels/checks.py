@@ -115,6 +115,18 @@ def moe_combine(h_TD, out_TKD, w_TK) -> None:
         _fail("moe_combine", f"h_TD {tuple(h_TD.shape)} and out_TKD {tuple(out_TKD.shape)} disagree on [T, D]")
 
 
+def rope_kv_write(qkv_TX, cos_Td, sin_Td, H: int, G: int, slots_T, k_XGd, v_XGd) -> None:
+    op = "rope_kv_write"
+    for name, t, n in (("qkv_TX", qkv_TX, 2), ("cos_Td", cos_Td, 2), ("sin_Td", sin_Td, 2), ("slots_T", slots_T, 1),
+                       ("k_XGd", k_XGd, 3), ("v_XGd", v_XGd, 3)):
+        _dims(op, name, t, n)
+    T, d = qkv_TX.shape[0], k_XGd.shape[2]
+    if k_XGd.shape != v_XGd.shape or k_XGd.shape[1] != G or qkv_TX.shape[1] != (H + 2 * G) * d:
+        _fail(op, f"qkv {tuple(qkv_TX.shape)}, caches {tuple(k_XGd.shape)}/{tuple(v_XGd.shape)} do not fit H={H}, G={G}")
+    if tuple(cos_Td.shape) != (T, d) or tuple(sin_Td.shape) != (T, d) or slots_T.shape[0] != T:
+        _fail(op, f"cos {tuple(cos_Td.shape)}, sin {tuple(sin_Td.shape)}, slots {tuple(slots_T.shape)}: need [{T}, {d}] and [{T}]")
+
+
 def dispatch_rows(y_TD, key_R, k: int) -> None:
     op = "dispatch_rows"
     _dims(op, "y_TD", y_TD, 2)

@@ -172,6 +172,16 @@ def moe_combine(h_TD, out_TKD, w_TK, s_TD=None, backend: str | None = None):
     return reference.moe_combine(h_TD, out_TKD, w_TK, s_TD)
 
 
+def rope_kv_write(qkv_TX, cos_Td, sin_Td, H: int, G: int, slots_T, k_XGd, v_XGd, backend: str | None = None):
+    """RoPE on a fused [q | k | v] projection, k and v into their cache slots; returns q [T, H, d].
+    One native pass on fp32 CPU with an fp32 cache (the reference's bits)."""
+    checks.rope_kv_write(qkv_TX, cos_Td, sin_Td, H, G, slots_T, k_XGd, v_XGd)
+    if not _named_reference(backend) and qkv_TX.stride(1) == 1 \
+            and native.supports(cos_Td, sin_Td, k_XGd, v_XGd) and qkv_TX.dtype == torch.float32:
+        return native.rope_kv_write(qkv_TX, cos_Td, sin_Td, H, G, slots_T, k_XGd, v_XGd)
+    return reference.rope_kv_write(qkv_TX, cos_Td, sin_Td, H, G, slots_T, k_XGd, v_XGd)
+
+
 def dispatch_rows(y_TD, key_R, k: int, seg: int, num_keys: int, backend: str | None = None):
     """The attention rank's dispatch rows: (token, slot) rows stably sorted by key (owner rank *
     E + expert) as (meta_R3 = (seg, token, slot) int32, y_RD, counts per key); one native pass

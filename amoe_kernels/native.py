@@ -98,6 +98,8 @@ def _lib() -> ctypes.CDLL | None:
     lib.amoe_moe_combine_f32.restype = None
     lib.amoe_dispatch_rows.argtypes = [ptr, i64, i64, i64, ctypes.c_int32, ptr, i64, ptr, ptr, ptr]
     lib.amoe_dispatch_rows.restype = ctypes.c_int
+    lib.amoe_rope_kv_write_f32.argtypes = [ptr, i64, ptr, ptr, i64, i64, i64, i64, ptr, i64, ptr, ptr, ptr]
+    lib.amoe_rope_kv_write_f32.restype = ctypes.c_int
     return lib
 
 
@@ -162,3 +164,16 @@ def dispatch_rows(y_TD: torch.Tensor, key_R: torch.Tensor, k: int, seg: int, num
     if rc != 0:
         raise ValueError(f"dispatch_rows: a key is outside [0, {num_keys})")
     return meta_R3, y_RD, counts_X
+
+
+def rope_kv_write(qkv_TX: torch.Tensor, cos_Td: torch.Tensor, sin_Td: torch.Tensor, H: int, G: int,
+                  slots_T: torch.Tensor, k_XGd: torch.Tensor, v_XGd: torch.Tensor) -> torch.Tensor:
+    T, X = qkv_TX.shape[0], k_XGd.shape[0]
+    d = k_XGd.shape[2]
+    slots = slots_T.to(torch.int64).contiguous()
+    q_THd = torch.empty(T, H, d, dtype=torch.float32)
+    rc = _lib().amoe_rope_kv_write_f32(qkv_TX.data_ptr(), qkv_TX.stride(0), cos_Td.data_ptr(), sin_Td.data_ptr(), T, H,
+                                       G, d, slots.data_ptr(), X, k_XGd.data_ptr(), v_XGd.data_ptr(), q_THd.data_ptr())
+    if rc != 0:
+        raise ValueError(f"rope_kv_write: a slot is outside the cache's {X} or the head dim {d} is odd")
+    return q_THd

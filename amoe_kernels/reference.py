@@ -71,6 +71,20 @@ def permute(ids_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch
     return order_R, counts_E
 
 
+def rope_kv_write(qkv_TX: torch.Tensor, cos_Td: torch.Tensor, sin_Td: torch.Tensor, H: int, G: int,
+                  slots_T: torch.Tensor, k_XGd: torch.Tensor, v_XGd: torch.Tensor) -> torch.Tensor:
+    """RoPE on q and k of a fused [q | k | v] projection (sin's first half negated, so rotate-half
+    is a swap of halves), k and v written at their flat cache slots (cast to the cache's dtype);
+    returns the rotated q [T, H, d]."""
+    T, d = qkv_TX.shape[0], k_XGd.shape[2]
+    half = d // 2
+    x_TXd = qkv_TX[:, :(H + G) * d].view(T, H + G, d)
+    qk_TXd = x_TXd * cos_Td[:, None] + torch.cat((x_TXd[..., half:], x_TXd[..., :half]), dim=-1) * sin_Td[:, None]
+    k_XGd.index_copy_(0, slots_T, qk_TXd[:, H:].to(k_XGd.dtype))
+    v_XGd.index_copy_(0, slots_T, qkv_TX[:, (H + G) * d:].reshape(T, G, d).to(v_XGd.dtype))
+    return qk_TXd[:, :H]
+
+
 def dispatch_rows(y_TD: torch.Tensor, key_R: torch.Tensor, k: int, seg: int, num_keys: int):
     """Rows r = t*k + slot stably sorted by key_R[r]: (meta_R3 int32 = (seg, t, slot) per row,
     y_RD = y_TD[t] per row, counts_X = rows per key)."""

@@ -64,6 +64,10 @@ class PagedKVCache:
         slots_L = self._slots(block_table, 0, length)
         return self.k_LNSGd[layer].view(-1, G, d)[slots_L], self.v_LNSGd[layer].view(-1, G, d)[slots_L]
 
+    def flat(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer's K and V caches as [slots, G, d] views (slot = block * block_size + row)."""
+        return self._k_flat[layer], self._v_flat[layer]
+
     def write_slots(self, layer: int, slots_T: torch.Tensor, k_TGd: torch.Tensor, v_TGd: torch.Tensor) -> None:
         """Write new tokens' K/V at precomputed flat slots (PagedBatch.write_slots_T)."""
         if k_TGd.dtype != self.dtype:

@@ -145,11 +145,9 @@ class AttentionSide:
         if s.qk_norm or s.clip_qkv is not None:
             q_THd = apply_rope_tables(q_TX.reshape(T, H, d), cos, sin)
             k_TGd = apply_rope_tables(k_TX.reshape(T, G, d), cos, sin)
-        else:  # q and k heads rotated in one go
-            qk_TXd = apply_rope_tables(qkv_TX[:, :(H + G) * d].view(T, H + G, d), cos, sin)
-            q_THd, k_TGd = qk_TXd[:, :H], qk_TXd[:, H:]
-        v_TGd = v_TX.reshape(T, G, d)
-        kv.write_slots(b, batch.write_slots_T, k_TGd, v_TGd)
+            kv.write_slots(b, batch.write_slots_T, k_TGd, v_TX.reshape(T, G, d))
+        else:  # q and k heads rotated in one go, k and v written to the cache in the same pass
+            q_THd = K.rope_kv_write(qkv_TX, cos.view(T, d), sin.view(T, d), H, G, batch.write_slots_T, *kv.flat(b))
         k_NSGd, v_NSGd = kv.k_LNSGd[b], kv.v_LNSGd[b]
         if len(batch.groups) == 1 and batch.groups[0].rows_Sn is None:
             g = batch.groups[0]  # all decode: the batch's rows are the queries, in order

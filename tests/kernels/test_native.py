@@ -162,3 +162,31 @@ def test_native_dispatch_rows_is_the_reference_exactly(T, k, X, dtype):
         K.dispatch_rows(y, torch.full((T * k,), X), k, 7, X)
     with pytest.raises(ValueError, match="dispatch_rows"):
         K.dispatch_rows(y, key[:-1], k, 7, X)
+
+
+@needs_native
+@pytest.mark.parametrize("T,H,G,d", [(64, 4, 1, 32), (5, 32, 8, 128), (3, 6, 3, 24), (1, 2, 2, 16)])
+def test_native_rope_kv_write_is_the_reference_exactly(T, H, G, d):
+    from amoe_serve.model.layers import rope_cos_sin, rope_inv_freq, rope_tables
+    qkv = torch.randn(T, (H + 2 * G) * d, generator=g)
+    cos, sin = rope_tables(*rope_cos_sin(torch.randint(0, 500, (T,), generator=g), rope_inv_freq(1e6, d), torch.float32))
+    cos, sin = cos.view(T, d), sin.view(T, d)
+    X = 4 * T + 3
+    slots = torch.randperm(X, generator=g)[:T]
+    caches = [torch.randn(X, G, d, generator=g) for _ in range(2)]
+    k1, v1 = (c.clone() for c in caches)
+    k2, v2 = (c.clone() for c in caches)
+    q1 = K.rope_kv_write(qkv, cos, sin, H, G, slots, k1, v1)
+    q2 = R.rope_kv_write(qkv, cos, sin, H, G, slots, k2, v2)
+    assert torch.equal(q1, q2) and torch.equal(k1, k2) and torch.equal(v1, v2)
+    assert not torch.equal(k1, caches[0]) and torch.equal(k1[~torch.isin(torch.arange(X), slots)],
+                                                          caches[0][~torch.isin(torch.arange(X), slots)])
+    with pytest.raises(ValueError, match="outside"):
+        K.rope_kv_write(qkv, cos, sin, H, G, torch.full((T,), X), k1, v1)
+    with pytest.raises(ValueError, match="rope_kv_write"):
+        K.rope_kv_write(qkv[:, 1:], cos, sin, H, G, slots, k1, v1)
+    # a bf16 cache under fp32 compute takes the reference (it casts on the write)
+    kb, vb = (c.bfloat16() for c in caches)
+    kr, vr = (c.bfloat16() for c in caches)
+    assert torch.equal(K.rope_kv_write(qkv, cos, sin, H, G, slots, kb, vb), R.rope_kv_write(qkv, cos, sin, H, G, slots, kr, vr))
+    assert torch.equal(kb, kr) and torch.equal(vb, vr)
