@@ -86,6 +86,8 @@ class AttentionPlan:
 
     def next_batch(self, now: float) -> Optional[AttentionBatch]:
         """The queue the scheduler picks among the gate's ready ones, popped; None when idle."""
+        if self.queues.total() == 0:  # most wake-ups of a rank waiting on its experts
+            return None
         Q = self.queues.lengths
         pick = self.scheduler.pick(self.gate.ready(Q, now) if self.gate is not None else Q)
         if pick is None:

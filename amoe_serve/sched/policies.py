@@ -112,8 +112,9 @@ class Defrag:
 
     def pick(self, Q_BS: np.ndarray) -> tuple[int, int] | None:
         Q_BS = _as_matrix(Q_BS)
-        if not Q_BS.any():
-            return None
+        busy = np.flatnonzero(Q_BS)
+        if busy.size <= 1:  # nothing, or the one choice (a single wave in flight): no scoring
+            return None if busy.size == 0 else _unravel(int(busy[0]), Q_BS)
         score_BS = self.scores(Q_BS)
         return _unravel(int(np.argmax(score_BS)), Q_BS)
 
