@@ -19,7 +19,7 @@ from amoe_serve.placement.trace import TraceError
 from amoe_serve.serving.up import UpError
 
 # Not an error reported to a user: a private signal inside the ingress.
-OUTSIDE = {"amoe_serve.serving.openai_app._ClientGone"}
+OUTSIDE = {"amoe_serve.serving.streaming.ClientGone"}
 
 
 def _error_classes():
