@@ -19,7 +19,7 @@ import amoe_kernels as K
 from ..kv.batch import PagedBatch
 from ..kv.cache import PagedKVCache
 from .checkpoint import attention_side_filter, load_weights
-from .layers import apply_rope_tables, rms_norm, rope_cos_sin, rope_inv_freq, rope_tables
+from .layers import apply_rope_tables, rope_cos_sin, rope_inv_freq, rope_tables
 from .spec import CheckpointError, ModelSpec, load_spec
 
 
@@ -130,12 +130,12 @@ class AttentionSide:
         if batch.num_tokens != T:
             raise ValueError(f"attention: segments cover {batch.num_tokens} tokens, x has {T}")
         H, G, d = s.num_heads, s.num_kv_heads, s.head_dim
-        a = rms_norm(x_TD, self._p(b, "input_layernorm.weight"), s.rms_norm_eps)
+        a = K.rms_norm(x_TD, self._p(b, "input_layernorm.weight"), s.rms_norm_eps)
         qkv_TX = self._linear(a, self.qkv_w[b], self.qkv_b[b])
         q_TX, k_TX, v_TX = qkv_TX.split([H * d, G * d, G * d], dim=1)
         if s.qk_norm:  # OLMoE normalizes the flat projections over all heads
-            q_TX = rms_norm(q_TX, self._p(b, "self_attn.q_norm.weight"), s.rms_norm_eps)
-            k_TX = rms_norm(k_TX, self._p(b, "self_attn.k_norm.weight"), s.rms_norm_eps)
+            q_TX = K.rms_norm(q_TX, self._p(b, "self_attn.q_norm.weight"), s.rms_norm_eps)
+            k_TX = K.rms_norm(k_TX, self._p(b, "self_attn.k_norm.weight"), s.rms_norm_eps)
         if s.clip_qkv is not None:
             q_TX, k_TX, v_TX = (t.clamp(-s.clip_qkv, s.clip_qkv) for t in (q_TX, k_TX, v_TX))
         if batch.max_pos >= s.max_position_embeddings:
@@ -169,7 +169,7 @@ class AttentionSide:
 
     @torch.inference_mode()
     def moe_input(self, b: int, h_TD: torch.Tensor) -> torch.Tensor:
-        return rms_norm(h_TD, self._p(b, "post_attention_layernorm.weight"), self.spec.rms_norm_eps)
+        return K.rms_norm(h_TD, self._p(b, "post_attention_layernorm.weight"), self.spec.rms_norm_eps)
 
     @torch.inference_mode()
     def route(self, b: int, y_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,5 +199,5 @@ class AttentionSide:
 
     @torch.inference_mode()
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
-        x_TD = rms_norm(x_TD, self.w["model.norm.weight"], self.spec.rms_norm_eps)
+        x_TD = K.rms_norm(x_TD, self.w["model.norm.weight"], self.spec.rms_norm_eps)
         return self._linear(x_TD, self.lm_head_VD).float()

@@ -1,4 +1,4 @@
-"""Small dense building blocks matching Hugging Face numerics (RMSNorm, RoPE).
+"""Small dense building blocks matching Hugging Face numerics (RoPE; RMSNorm is amoe_kernels.rms_norm).
 
 Legend: T=tokens, D=hidden, H=heads, d=head dim.
 """
@@ -6,13 +6,6 @@ Legend: T=tokens, D=hidden, H=heads, d=head dim.
 from __future__ import annotations
 
 import torch
-
-import amoe_kernels as K
-
-
-def rms_norm(x_TD: torch.Tensor, w_D: torch.Tensor, eps: float) -> torch.Tensor:
-    """HF RMSNorm (amoe_kernels.rms_norm: the reference, or one native call on fp32 CPU)."""
-    return K.rms_norm(x_TD, w_D, eps)
 
 
 def rope_inv_freq(theta: float, head_dim: int) -> torch.Tensor:
