@@ -39,6 +39,7 @@ from typing import Optional
 
 import httpx
 
+from amoe_serve.config import load_config
 from amoe_serve.procs import descendants, stop_tree
 from amoe_serve.serving.attach import free_port
 
@@ -200,7 +201,8 @@ def start_stack(config: Optional[str], overrides: list[str], log: Path) -> tuple
            f"serving.port={port}", *overrides]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
+    prefix = load_config(config, overrides).serving.route_prefix.rstrip("/")
+    base = f"http://127.0.0.1:{port}{prefix}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if proc.poll() is not None:

@@ -487,7 +487,7 @@ while [ ! -s "$INGRESS_URL_FILE" ]; do
 done
 URL=$(cat "$INGRESS_URL_FILE")
 if [ -n "${AMOE_ENDPOINT_HOST:-}" ]; then
-  URL="http://$AMOE_ENDPOINT_HOST:$AMOE_SERVE_PORT/v1"
+  URL="http://$AMOE_ENDPOINT_HOST:$AMOE_SERVE_PORT${AMOE_ROUTE_PREFIX:-}/v1"
 elif [ "$NNODES" -gt 1 ]; then
   # The head's address, as for Ray and the gateway: a client anywhere Slurm's nodes are reachable
   # needs no name resolution (the ingress listens on serving.host, 0.0.0.0 in configs/slurm/).
@@ -496,7 +496,7 @@ elif [ "$NNODES" -gt 1 ]; then
     *) EP_HOST=$AMOE_SERVE_HOST ;;
   esac
   [[ $EP_HOST == *:* ]] && EP_HOST="[$EP_HOST]"
-  URL="http://$EP_HOST:$AMOE_SERVE_PORT/v1"
+  URL="http://$EP_HOST:$AMOE_SERVE_PORT${AMOE_ROUTE_PREFIX:-}/v1"
 fi
 echo "$URL" >"$ENDPOINT_FILE.tmp" && mv -f "$ENDPOINT_FILE.tmp" "$ENDPOINT_FILE"
 {

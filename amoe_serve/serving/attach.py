@@ -31,13 +31,11 @@ from typing import Optional
 from amoe_serve.config import AmoeConfig, ConfigError, load_config, to_yaml
 from amoe_serve.errors import AmoeError
 from amoe_serve.procs import run_with_timeout
+from amoe_serve.serving.settings import endpoint_url
 
 # The imports inside functions below defer torch (everything from the model, sampler or engine
 # up loads it, about 2.5 s): `python -m amoe_serve.serving.attach free-port` runs in
 # slurm/launch.sh before anything starts and takes 0.3 s this way. None of them dodges a cycle.
-
-WILDCARD_HOSTS = ("0.0.0.0", "::", "")
-
 
 class AttachError(AmoeError, RuntimeError):
     """Printed as one line; exit code 1."""
@@ -103,16 +101,6 @@ def check_gateways(specs: list[dict], timeout: float) -> None:
         raise AttachError("; ".join(errors))
 
 
-def endpoint_url(host: str, port: int, route_prefix: str = "/") -> str:
-    if host in WILDCARD_HOSTS:
-        host = socket.getfqdn()
-        if host.startswith("localhost"):  # /etc/hosts lists the node's address as localhost first
-            host = socket.gethostname()
-    if ":" in host:
-        host = f"[{host}]"
-    return f"http://{host}:{port}{route_prefix.rstrip('/')}/v1"
-
-
 def write_atomic(path: str, text: str) -> None:
     p = Path(path)
     tmp = p.with_name(p.name + ".tmp")
@@ -142,7 +130,7 @@ def ingress(cfg: AmoeConfig, specs: list[dict], ray_address: Optional[str] = Non
         started = True
         start_serve_app(cfg.serving, specs, ray_address)
         trap()  # ray.init installs its own SIGTERM handler; teardown must stay ours
-        url = endpoint_url(cfg.serving.host, cfg.serving.port, "/")
+        url = endpoint_url(cfg.serving.host, cfg.serving.port, cfg.serving.route_prefix)
         if address_file:
             write_atomic(address_file, url + "\n")
         print(f"[amoe-serve] ingress up: {url}  models: {', '.join(s['name'] for s in specs)}  "
@@ -206,7 +194,8 @@ def add_ingress_parser(sub) -> None:
     p.add_argument("--model", help="checkpoint folder, for the tokenizer (default: the config's model.path)")
     p.add_argument("--host", help="HTTP interface (default serving.host)")
     p.add_argument("--port", type=int, help="HTTP port (default serving.port)")
-    p.add_argument("--address-file", help="write the endpoint URL (http://HOST:PORT/v1) here once serving")
+    p.add_argument("--address-file", help="write the endpoint URL (http://HOST:PORT[/serving.route_prefix]/v1) here once "
+                   "serving")
     p.add_argument("--ray-address", help="join this Ray cluster (`auto` or HOST:PORT) instead of starting "
                    "a private one")
     p.add_argument("--check-timeout", type=float, default=10.0,
@@ -334,6 +323,7 @@ def plan(config: Optional[str], overrides: list[str], jobdir: Path, nnodes: int)
         "AMOE_JOB_CONFIG": str(cfg_path),
         "AMOE_SERVE_HOST": cfg.serving.host,
         "AMOE_SERVE_PORT": str(cfg.serving.port),
+        "AMOE_ROUTE_PREFIX": cfg.serving.route_prefix.rstrip("/"),  # "" or /PREFIX: before /v1 in URLs
         "AMOE_DEVICE": cfg.runtime.device,
         "AMOE_THREADS": str(cfg.runtime.threads_per_rank),
         "AMOE_DISTRIBUTION": slurm["distribution"],

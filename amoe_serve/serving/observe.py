@@ -73,7 +73,9 @@ class Observe:
                 resp = APIError(500, "internal server error").response()
                 await resp(scope, receive, send_wrapper)
         finally:
-            path = scope.get("path", "")
+            path, root = scope.get("path", ""), scope.get("root_path", "")
+            if root and path.startswith(root):  # under serving.route_prefix: ASGI paths include it
+                path = path[len(root):]
             endpoint = path if path in ENDPOINTS else "other"
             model = (scope.get("state") or {}).get("amoe_model", "")
             self.metrics.requests.labels(endpoint, model, str(status["code"])).inc()

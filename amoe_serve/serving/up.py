@@ -25,6 +25,7 @@ from amoe_serve.config import AmoeConfig, load_config
 from amoe_serve.launch import kill_group, start_job, write_job_config
 from amoe_serve.procs import clean_orphaned_mpi_shm, descendants, run_with_timeout, terminate
 from amoe_serve.errors import AmoeError
+from amoe_serve.serving.settings import endpoint_url
 
 RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
 # A data plane that ran this long before it died starts the back-off from the beginning again.
@@ -175,7 +176,7 @@ def start_serve_app(s, specs: list[dict], ray_address: Optional[str] = None) -> 
     # One HTTP proxy, on this (the head) node: the address printed is the one to use.
     serve.start(proxy_location="HeadOnly", http_options={"host": s.host, "port": s.port})
     pin = {HEAD_RESOURCE: 0.001} if ray.cluster_resources().get(HEAD_RESOURCE) else None
-    serve.run(build_serve_app(specs, s, resources=pin), name="amoe-serve", route_prefix="/")
+    serve.run(build_serve_app(specs, s, resources=pin), name="amoe-serve", route_prefix=s.route_prefix)
 
 
 def up(cfg: AmoeConfig, ready_timeout: float = 180.0) -> int:
@@ -208,8 +209,8 @@ def up(cfg: AmoeConfig, ready_timeout: float = 180.0) -> int:
             ray_started = True
             _start_serve(cfg, planes)
             trap()  # ray.init installs its own SIGTERM handler; teardown must stay ours
-            url = f"http://{cfg.serving.host}:{cfg.serving.port}"
-            print(f"[amoe-serve] up: {url}/v1  models: {', '.join(p.name for p in planes)}  "
+            url = endpoint_url(cfg.serving.host, cfg.serving.port, cfg.serving.route_prefix)
+            print(f"[amoe-serve] up: {url}  models: {', '.join(p.name for p in planes)}  "
                   f"(Ctrl-C to stop)", flush=True)
             while not stopping:
                 time.sleep(0.2)

@@ -37,12 +37,13 @@ def _wait_healthy(base: str, proc: subprocess.Popen, log: Path, timeout: float =
 @contextmanager
 def up_stack(tmp: Path, cfg: dict, stop_wait_s: float):
     """`amoe-serve up` on cfg (written as tmp/serve.json: OmegaConf reads JSON as YAML), once
-    healthy; yields base URL, process, log and tmp; stopped by pid on exit."""
+    healthy; yields base URL (with serving.route_prefix), process, log and tmp; stopped by pid
+    on exit."""
     config = tmp / "serve.json"
     config.write_text(json.dumps(cfg))
     log = tmp / "up.log"
     proc = _up_process(config, log)
-    base = f"http://127.0.0.1:{cfg['serving']['port']}"
+    base = f"http://127.0.0.1:{cfg['serving']['port']}{cfg['serving'].get('route_prefix', '/').rstrip('/')}"
     try:
         _wait_healthy(base, proc, log)
         yield {"base": base, "proc": proc, "log": log, "tmp": tmp}
