@@ -14,7 +14,7 @@ from pathlib import Path
 from amoe_serve.config import AmoeConfig, to_yaml
 from amoe_serve.engine.job import topology
 from amoe_serve.errors import AmoeError
-from amoe_serve.procs import clean_orphaned_mpi_shm
+from amoe_serve.procs import clean_orphaned_mpi_shm, kill_group
 
 
 class LaunchError(AmoeError, RuntimeError):
@@ -40,19 +40,6 @@ def die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     except OSError:
         pass
-
-
-def kill_group(p: subprocess.Popen, grace: float = 3.0) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(p.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            p.wait(timeout=grace)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 def write_job_config(cfg: AmoeConfig, path: Path) -> Path:

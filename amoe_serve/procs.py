@@ -1,4 +1,5 @@
-"""Process-tree helpers for launchers: find and end every descendant by pid."""
+"""Process helpers for launchers: find and end every descendant by pid, end a process group
+(`kill_group`)."""
 
 from __future__ import annotations
 
@@ -40,22 +41,71 @@ def alive(pid: int) -> bool:
         return False
 
 
+def _signal_pids(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def _wait_until(done: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
 def terminate(pids: list[int], grace: float = 5.0) -> None:
-    """SIGTERM, wait up to `grace`, then SIGKILL whatever is left."""
+    """Processes that are in no group of ours (what Ray left behind): SIGTERM, wait up to
+    `grace`, then SIGKILL whatever is left and wait up to `grace` again."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
+        _signal_pids(pids, sig)
+        _wait_until(lambda: not any(alive(p) for p in pids), grace)
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether a live (not zombie) process is still in process group `pgid` (Linux /proc)."""
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
             try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and any(alive(p) for p in pids):
-            time.sleep(0.1)
+                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if fields[0] != "Z" and fields[2] == str(pgid):
+                return True
+    return False
+
+
+def kill_group(p: subprocess.Popen, grace: float = 3.0) -> None:
+    """End the process group that `p` leads (started with start_new_session=True: mpiexec and
+    its ranks, a server and its workers): SIGTERM to the group, up to `grace` s for p and the
+    rest of the group to exit, then SIGKILL to whatever of the group is left, and p reaped.
+    grace=0 skips SIGTERM: SIGKILL at once (a dead job's leftovers; a test's time-out). The one
+    process-group kill of the launchers, `up`, the baselines and the tests."""
+    def signal_group(sig: int) -> bool:
+        try:
+            os.killpg(p.pid, sig)
+            return True
+        except (ProcessLookupError, PermissionError):  # the group is gone (its id may be reused)
+            return False
+
+    if grace > 0:
+        if not signal_group(signal.SIGTERM):
+            p.poll()
+            return
+        if _wait_until(lambda: p.poll() is not None and not group_alive(p.pid), grace):
+            return
+    signal_group(signal.SIGKILL)
+    _wait_until(lambda: p.poll() is not None and not group_alive(p.pid), max(grace, 1.0))
 
 
 def stop_tree(proc: subprocess.Popen, wait_s: float) -> None:
-    """SIGTERM a launched process (e.g. `amoe-serve up`), give it wait_s to shut down, then
-    SIGKILL it and whatever it left behind."""
+    """SIGTERM a launched process (e.g. `amoe-serve up`, which tears down what it started),
+    give it wait_s to shut down, then SIGKILL it and whatever it left behind (by parentage:
+    Ray's daemons leave its process group)."""
     kids = descendants(proc.pid)
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
@@ -63,12 +113,7 @@ def stop_tree(proc: subprocess.Popen, wait_s: float) -> None:
             proc.wait(wait_s)
         except subprocess.TimeoutExpired:
             pass
-    for pid in [proc.pid, *kids]:
-        if alive(pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    _signal_pids([pid for pid in [proc.pid, *kids] if alive(pid)], signal.SIGKILL)
 
 
 def run_with_timeout(fn: Callable[[], object], timeout: float) -> bool:

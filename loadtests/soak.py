@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -40,7 +39,7 @@ from typing import Optional
 import httpx
 
 from amoe_serve.config import load_config
-from amoe_serve.procs import descendants, stop_tree
+from amoe_serve.procs import descendants, kill_group, stop_tree
 from amoe_serve.serving.attach import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -236,10 +235,10 @@ def run_locust(args, base: str, out_dir: Path) -> tuple[int, dict, str]:
     try:
         out, _ = p.communicate(timeout=args.duration + 180)
     except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
+        kill_group(p, grace=0)
         out, _ = p.communicate()
     except BaseException:  # Ctrl-C: no Locust left behind
-        os.killpg(p.pid, signal.SIGKILL)
+        kill_group(p, grace=0)
         p.wait()
         raise
     data = json.loads(summary.read_text()) if summary.exists() else {}

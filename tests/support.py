@@ -4,7 +4,6 @@ that run the `amoe-serve` CLI."""
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -14,6 +13,7 @@ from typing import Callable, Optional
 import pytest
 import torch
 
+from amoe_serve import procs
 from amoe_serve.procs import alive
 from amoe_serve.procs import stop_tree as stop_stack  # noqa: F401  (SIGTERM, then SIGKILL the tree)
 from tests.model.hf_factory import load_hf, make_checkpoint
@@ -63,13 +63,10 @@ def popen_group(cmd: list[str], **kw) -> subprocess.Popen:
 
 
 def kill_group(p: subprocess.Popen) -> tuple:
-    """If p still runs, SIGKILL its whole process group; then reap it and return what it wrote
-    to its pipes as (stdout, stderr)."""
+    """If p still runs, SIGKILL its whole process group (`amoe_serve.procs.kill_group`, no
+    grace); then reap it and return what it wrote to its pipes as (stdout, stderr)."""
     if p.poll() is None:
-        try:
-            os.killpg(p.pid, signal.SIGKILL)
-        except ProcessLookupError:  # it ended in between
-            pass
+        procs.kill_group(p, grace=0)
     return p.communicate()
 
 

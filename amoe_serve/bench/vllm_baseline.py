@@ -23,8 +23,8 @@ from pathlib import Path
 from amoe_serve.bench.config import VllmConfig
 from amoe_serve.bench.driver import PointResult, RequestTrace, _progress
 from amoe_serve.bench.workloads import BenchRequest
-from amoe_serve.launch import die_with_parent, kill_group
-from amoe_serve.procs import alive, descendants, terminate
+from amoe_serve.launch import die_with_parent
+from amoe_serve.procs import alive, descendants, kill_group, terminate
 from amoe_serve.errors import AmoeError
 
 # vLLM's CPU attention backend (vllm/v1/attention/backends/cpu_attn.py,

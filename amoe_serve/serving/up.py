@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Optional
 
 from amoe_serve.config import AmoeConfig, load_config
-from amoe_serve.launch import kill_group, start_job, write_job_config
-from amoe_serve.procs import clean_orphaned_mpi_shm, descendants, run_with_timeout, terminate
+from amoe_serve.launch import start_job, write_job_config
+from amoe_serve.procs import clean_orphaned_mpi_shm, descendants, kill_group, run_with_timeout, terminate
 from amoe_serve.errors import AmoeError
 from amoe_serve.serving.settings import endpoint_url
 
@@ -239,10 +239,7 @@ def _supervise(planes: list[DataPlaneProcess]) -> None:
         if p.proc is None or p.proc.poll() is None:
             continue
         if p.next_restart == 0.0:
-            try:  # whatever of the dead job is still around (a hung rank) must not hold the port
-                os.killpg(p.proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+            kill_group(p.proc, grace=0)  # whatever of the dead job is left (a hung rank) must not hold the port
             clean_orphaned_mpi_shm()
             if now - p.started_at >= RESTART_RESET_AFTER_S:
                 p.restarts = 0  # it had been serving: a fresh failure, not a crash loop

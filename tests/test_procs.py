@@ -1,0 +1,35 @@
+"""The one process-group kill (amoe_serve.procs.kill_group)."""
+
+import signal
+import subprocess
+import time
+
+from amoe_serve.procs import alive, group_alive, kill_group
+
+# A group leader that ends on SIGTERM, with a child that ignores it (a hung rank); the child
+# prints its pid once it ignores SIGTERM.
+STUBBORN = """sh -c 'trap "" TERM; echo $$; exec sleep 60' & exec sleep 60"""
+
+
+def _group(script: str) -> tuple[subprocess.Popen, int]:
+    p = subprocess.Popen(["sh", "-c", script], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    return p, int(p.stdout.readline())
+
+
+def test_kill_group_terms_then_kills_what_is_left():
+    p, child = _group(STUBBORN)
+    t0 = time.monotonic()
+    kill_group(p, grace=0.5)
+    assert p.returncode == -signal.SIGTERM  # the leader took the SIGTERM
+    assert 0.5 <= time.monotonic() - t0 < 5  # the grace period, not more
+    assert not alive(child) and not group_alive(p.pid)  # the child that ignored it got SIGKILL
+    p.stdout.close()
+
+
+def test_kill_group_without_grace_kills_at_once_and_is_idempotent():
+    p, child = _group("sleep 60 & echo $!; exec sleep 60")
+    kill_group(p, grace=0)
+    assert p.returncode == -signal.SIGKILL and not alive(child)
+    kill_group(p)  # the group is gone: nothing to do, no error
+    p.stdout.close()
+
