@@ -1,5 +1,5 @@
 """Process helpers for launchers: find and end every descendant by pid, end a process group
-(`kill_group`)."""
+(`kill_group`), trap SIGINT/SIGTERM for a teardown (`trap_signals`)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import signal
 import subprocess
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 
 def _ppid(pid: int) -> int:
@@ -114,6 +115,23 @@ def stop_tree(proc: subprocess.Popen, wait_s: float) -> None:
         except subprocess.TimeoutExpired:
             pass
     _signal_pids([pid for pid in [proc.pid, *kids] if alive(pid)], signal.SIGKILL)
+
+
+@contextmanager
+def trap_signals(on_signal: Callable[[int, object], None],
+                 signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> Iterator[Callable[[], None]]:
+    """Route `signals` to on_signal(signum, frame) inside the block and restore the previous
+    handlers on leaving it (after the block's own teardown). Yields `retrap()`, which installs
+    on_signal again: ray.init replaces the SIGTERM handler, and teardown must stay ours."""
+    def retrap() -> dict:
+        return {sig: signal.signal(sig, on_signal) for sig in signals}
+
+    old = retrap()
+    try:
+        yield retrap
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
 
 
 def run_with_timeout(fn: Callable[[], object], timeout: float) -> bool:

@@ -1,10 +1,11 @@
-"""The one process-group kill (amoe_serve.procs.kill_group)."""
+"""The one process-group kill and the one signal trap (amoe_serve.procs)."""
 
+import os
 import signal
 import subprocess
 import time
 
-from amoe_serve.procs import alive, group_alive, kill_group
+from amoe_serve.procs import alive, group_alive, kill_group, trap_signals
 
 # A group leader that ends on SIGTERM, with a child that ignores it (a hung rank); the child
 # prints its pid once it ignores SIGTERM.
@@ -33,3 +34,14 @@ def test_kill_group_without_grace_kills_at_once_and_is_idempotent():
     kill_group(p)  # the group is gone: nothing to do, no error
     p.stdout.close()
 
+
+def test_trap_signals_routes_and_restores():
+    got = []
+    before = signal.getsignal(signal.SIGTERM)
+    with trap_signals(lambda signum, frame: got.append(signum)) as retrap:
+        os.kill(os.getpid(), signal.SIGTERM)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # as ray.init does
+        retrap()
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert got == [signal.SIGTERM, signal.SIGTERM]
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import os
 import shlex
-import signal
 import socket
 import stat
 import sys
@@ -30,7 +29,7 @@ from typing import Optional
 
 from amoe_serve.config import AmoeConfig, ConfigError, load_config, to_yaml
 from amoe_serve.errors import AmoeError
-from amoe_serve.procs import run_with_timeout
+from amoe_serve.procs import run_with_timeout, trap_signals
 from amoe_serve.serving.settings import endpoint_url
 
 # The imports inside functions below defer torch (everything from the model, sampler or engine
@@ -117,50 +116,42 @@ def ingress(cfg: AmoeConfig, specs: list[dict], ray_address: Optional[str] = Non
     def on_signal(signum, frame):
         stopping.append(signum)
 
-    def trap() -> dict:
-        return {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-    old = trap()
-    started = False
-    rc = 0
-    try:
-        check_gateways(specs, check_timeout)
-        if stopping:
-            return 0
-        started = True
-        start_serve_app(cfg.serving, specs, ray_address)
-        trap()  # ray.init installs its own SIGTERM handler; teardown must stay ours
-        url = endpoint_url(cfg.serving.host, cfg.serving.port, cfg.serving.route_prefix)
-        if address_file:
-            write_atomic(address_file, url + "\n")
-        print(f"[amoe-serve] ingress up: {url}  models: {', '.join(s['name'] for s in specs)}  "
-              f"gateways: {', '.join('%s:%s' % (s['host'], s['port']) for s in specs)}", flush=True)
-        import ray
-        while not stopping:
-            time.sleep(0.5)
-            if not ray.is_initialized():
-                raise AttachError("lost the connection to Ray")
-        return 0
-    except AttachError as e:
-        print(f"amoe-serve: error: {e}", file=sys.stderr, flush=True)
-        rc = 1
-        return rc
-    except Exception as e:  # Ray/Serve failed to start: say so in one line, exit non-zero
-        print(f"amoe-serve: error: the Serve ingress failed: {type(e).__name__}: {e}", file=sys.stderr,
-              flush=True)
-        rc = 1
-        return rc
-    finally:
-        if started:
-            print("[amoe-serve] ingress shutting down", file=sys.stderr, flush=True)
+    with trap_signals(on_signal) as retrap:
+        started = False
+        try:
+            check_gateways(specs, check_timeout)
+            if stopping:
+                return 0
+            started = True
+            start_serve_app(cfg.serving, specs, ray_address)
+            retrap()  # ray.init installs its own SIGTERM handler; teardown must stay ours
+            url = endpoint_url(cfg.serving.host, cfg.serving.port, cfg.serving.route_prefix)
             if address_file:
-                Path(address_file).unlink(missing_ok=True)
-            if ray_address:
-                _leave_cluster()
-            else:
-                _stop_serve()
-        for sig, h in old.items():
-            signal.signal(sig, h)
+                write_atomic(address_file, url + "\n")
+            print(f"[amoe-serve] ingress up: {url}  models: {', '.join(s['name'] for s in specs)}  "
+                  f"gateways: {', '.join('%s:%s' % (s['host'], s['port']) for s in specs)}", flush=True)
+            import ray
+            while not stopping:
+                time.sleep(0.5)
+                if not ray.is_initialized():
+                    raise AttachError("lost the connection to Ray")
+            return 0
+        except AttachError as e:
+            print(f"amoe-serve: error: {e}", file=sys.stderr, flush=True)
+            return 1
+        except Exception as e:  # Ray/Serve failed to start: say so in one line, exit non-zero
+            print(f"amoe-serve: error: the Serve ingress failed: {type(e).__name__}: {e}", file=sys.stderr,
+                  flush=True)
+            return 1
+        finally:
+            if started:
+                print("[amoe-serve] ingress shutting down", file=sys.stderr, flush=True)
+                if address_file:
+                    Path(address_file).unlink(missing_ok=True)
+                if ray_address:
+                    _leave_cluster()
+                else:
+                    _stop_serve()
 
 
 def _leave_cluster() -> None:

@@ -23,7 +23,8 @@ from typing import Optional
 
 from amoe_serve.config import AmoeConfig, load_config
 from amoe_serve.launch import start_job, write_job_config
-from amoe_serve.procs import clean_orphaned_mpi_shm, descendants, kill_group, run_with_timeout, terminate
+from amoe_serve.procs import (clean_orphaned_mpi_shm, descendants, kill_group, run_with_timeout, terminate,
+                              trap_signals)
 from amoe_serve.errors import AmoeError
 from amoe_serve.serving.settings import endpoint_url
 
@@ -189,12 +190,8 @@ def up(cfg: AmoeConfig, ready_timeout: float = 180.0) -> int:
         stopping = True
         signals += 1
 
-    def trap() -> dict:
-        return {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-    old = trap()
     ray_started = False
-    with tempfile.TemporaryDirectory(prefix="amoe-up-") as tmp:
+    with trap_signals(on_signal) as retrap, tempfile.TemporaryDirectory(prefix="amoe-up-") as tmp:
         try:
             for name, mcfg in _model_configs(cfg):
                 p = DataPlaneProcess(name, with_link_token(mcfg), Path(tmp))
@@ -208,7 +205,7 @@ def up(cfg: AmoeConfig, ready_timeout: float = 180.0) -> int:
                     return 130
             ray_started = True
             _start_serve(cfg, planes)
-            trap()  # ray.init installs its own SIGTERM handler; teardown must stay ours
+            retrap()  # ray.init installs its own SIGTERM handler; teardown must stay ours
             url = endpoint_url(cfg.serving.host, cfg.serving.port, cfg.serving.route_prefix)
             print(f"[amoe-serve] up: {url}  models: {', '.join(p.name for p in planes)}  "
                   f"(Ctrl-C to stop)", flush=True)
@@ -229,8 +226,6 @@ def up(cfg: AmoeConfig, ready_timeout: float = 180.0) -> int:
             if ray_started:
                 _stop_serve()
             terminate(descendants(os.getpid()))  # whatever Ray left behind
-            for sig, h in old.items():
-                signal.signal(sig, h)
 
 
 def _supervise(planes: list[DataPlaneProcess]) -> None:
