@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from amoe_serve.bench.config import BenchConfig, load_bench_config
+from amoe_serve.bench.bench_config import BenchConfig, load_bench_config
 from amoe_serve.bench.place_bench import load_place_bench_config, run_place_bench
 from amoe_serve.bench.run import bench_model_path, run_bench
 from amoe_serve.bench.hf_baseline import DTYPES as HF_DTYPES
@@ -22,7 +22,7 @@ from amoe_serve.placement.cli import add_placement_parsers
 from amoe_serve.serving.attach import add_ingress_parser
 from amoe_serve.serving.up import up
 from amoe_serve.sim.calibrate import calibrate
-from amoe_serve.sim.config import load_sim_config
+from amoe_serve.sim.sim_config import load_sim_config
 from amoe_serve.sim.run import run_and_write
 
 

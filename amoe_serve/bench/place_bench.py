@@ -18,9 +18,9 @@ from typing import Optional
 
 import numpy as np
 
-from amoe_serve.bench.config import BenchModelConfig
+from amoe_serve.bench.bench_config import BenchModelConfig
 from amoe_serve.config import ConfigError, RoutingConfig, merge_structured
-from amoe_serve.bench.config import BenchConfig
+from amoe_serve.bench.bench_config import BenchConfig
 from amoe_serve.bench.driver import run_point
 from amoe_serve.bench.run import bench_model_path
 from amoe_serve.bench.trace_record import record_trace

@@ -10,7 +10,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from amoe_serve.bench.config import BenchConfig
+from amoe_serve.bench.bench_config import BenchConfig
 from amoe_serve.bench.driver import run_point
 from amoe_serve.bench.metrics import latency_fields, rank_fields
 from amoe_serve.bench.roofline import best_gemm_flops, run_flops

@@ -12,7 +12,7 @@ from pathlib import Path
 from amoe_serve.config import AmoeConfig, ConfigError
 from amoe_serve.engine.job import attention_waves
 from amoe_serve.sim.calibrate import calibrate
-from amoe_serve.sim.config import load_sim_config
+from amoe_serve.sim.sim_config import load_sim_config
 from amoe_serve.sim.engine import Workload
 from amoe_serve.sim.run import run_one
 

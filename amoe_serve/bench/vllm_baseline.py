@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from amoe_serve.bench.config import VllmConfig
+from amoe_serve.bench.bench_config import VllmConfig
 from amoe_serve.bench.driver import PointResult, RequestTrace, _progress
 from amoe_serve.bench.workloads import BenchRequest
 from amoe_serve.launch import die_with_parent

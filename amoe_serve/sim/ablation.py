@@ -12,7 +12,7 @@ Rows (AEP rows add one mechanism each to the row above):
 """
 from __future__ import annotations
 
-from .config import SimConfig
+from .sim_config import SimConfig
 from .goodput import Candidate, headline, sweep, with_overrides
 
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from amoe_serve.config import ConfigError
 
-from .config import SimModelConfig
+from .sim_config import SimModelConfig
 
 
 @dataclass

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from amoe_serve.slo import meets_slo
 
-from .config import SimConfig
+from .sim_config import SimConfig
 from .point import _table, run_one
 
 

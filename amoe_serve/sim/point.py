@@ -8,7 +8,7 @@ from pathlib import Path
 from amoe_serve.config import ConfigError
 
 from .aep import simulate_aep
-from .config import SimConfig, lengths
+from .sim_config import SimConfig, lengths
 from .cost import CostModel, DeviceTable, load_table
 from .lockstep import simulate_lockstep
 from .noise import NoiseConfig

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from .ablation import ablation, ablation_markdown
-from .config import SimConfig
+from .sim_config import SimConfig
 from .goodput import candidates, headline, ratios, sweep
 from .point import _table, run_one
 

@@ -3,7 +3,7 @@ config's old single `hf_batch_size` (pure, no timing)."""
 
 import pytest
 
-from amoe_serve.bench.config import load_bench_config
+from amoe_serve.bench.bench_config import load_bench_config
 from amoe_serve.bench.hf_baseline import best_run, sweep_sizes
 from amoe_serve.bench.run import baseline_top_k, hf_batch_sizes
 from amoe_serve.config import ConfigError

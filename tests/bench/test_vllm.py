@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from amoe_serve.bench.config import VllmConfig, load_bench_config
+from amoe_serve.bench.bench_config import VllmConfig, load_bench_config
 from amoe_serve.bench.run import run_bench
 from amoe_serve.bench.vllm_baseline import (VllmUnavailable, cores_spec, drive, server_command, server_env,
                                             unavailable_reason, vllm_venv)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import httpx
 
-from amoe_serve.bench.config import load_bench_config
+from amoe_serve.bench.bench_config import load_bench_config
 from amoe_serve.bench.run import bench_model_path
 from amoe_serve.bench.workloads import make_requests
 from amoe_serve.model import load_spec

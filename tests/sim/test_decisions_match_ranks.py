@@ -23,7 +23,7 @@ from amoe_serve.model import load_spec
 from amoe_serve.requests_io import GenerateRequest
 from amoe_serve.sampler import SamplingParams
 from amoe_serve.sim.aep import AepSim
-from amoe_serve.sim.config import SimModelConfig
+from amoe_serve.sim.sim_config import SimModelConfig
 from amoe_serve.sim.cost import CostModel, DeviceTable
 from amoe_serve.sim.params import SimParams
 from amoe_serve.sim.workload import Workload

@@ -5,7 +5,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from amoe_serve.sim.config import load_sim_config
+from amoe_serve.sim.sim_config import load_sim_config
 
 
 def test_goodput_cli_writes_headline_records(tmp_path):

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from amoe_serve.sim.config import SimModelConfig, load_sim_config
+from amoe_serve.sim.sim_config import SimModelConfig, load_sim_config
 from amoe_serve.sim.cost import TABLES, CostModel, DeviceTable, compute_bound_rows, load_table
 from amoe_serve.sim.engine import (AepSim, LockstepSim, SimParams, make_workload, makespan,
                                    simulate_aep)
