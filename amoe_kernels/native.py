@@ -100,6 +100,8 @@ def _lib() -> ctypes.CDLL | None:
     lib.amoe_dispatch_rows.restype = ctypes.c_int
     lib.amoe_rope_kv_write_f32.argtypes = [ptr, i64, ptr, ptr, i64, i64, i64, i64, ptr, i64, ptr, ptr, ptr]
     lib.amoe_rope_kv_write_f32.restype = ctypes.c_int
+    lib.amoe_grouped_swiglu_f32.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, i64, ptr, ptr, i64, ptr, ptr, ptr]
+    lib.amoe_grouped_swiglu_f32.restype = ctypes.c_int
     return lib
 
 
@@ -149,6 +151,28 @@ def moe_combine(h_TD: torch.Tensor, out_TKD: torch.Tensor, w_TK: torch.Tensor) -
     T, K, D = out_TKD.shape
     y_TD = torch.empty_like(h_TD)
     _lib().amoe_moe_combine_f32(h_TD.data_ptr(), out_TKD.data_ptr(), w_TK.data_ptr(), T, K, D, y_TD.data_ptr())
+    return y_TD
+
+
+def grouped_swiglu(x_TD: torch.Tensor, counts_G: list[int], w1_EFD: torch.Tensor, w3_EFD: torch.Tensor,
+                   w2_EDF: torch.Tensor, experts_G: list[int]) -> torch.Tensor | None:
+    """SwiGLU of each group's rows with its expert's stacked weights, in one call; None when
+    this build has no AVX2/FMA path (the caller keeps torch's)."""
+    T, D = x_TD.shape
+    E, F, _ = w1_EFD.shape
+    counts = torch.tensor(counts_G, dtype=torch.int64)
+    experts = torch.tensor(experts_G, dtype=torch.int64)
+    h1_TF = torch.empty(T, F, dtype=torch.float32)
+    h3_TF = torch.empty(T, F, dtype=torch.float32)
+    y_TD = torch.empty(T, D, dtype=torch.float32)
+    rc = _lib().amoe_grouped_swiglu_f32(x_TD.data_ptr(), T, D, F, w1_EFD.data_ptr(), w3_EFD.data_ptr(),
+                                        w2_EDF.data_ptr(), E, counts.data_ptr(), experts.data_ptr(), len(counts_G),
+                                        h1_TF.data_ptr(), h3_TF.data_ptr(), y_TD.data_ptr())
+    if rc == -2:
+        return None
+    if rc != 0:
+        raise ValueError(f"grouped_swiglu: counts {counts_G} / experts {experts_G} do not fit x {tuple(x_TD.shape)} "
+                         f"and {E} stacked experts, or D={D} / F={F} is not a multiple of 8")
     return y_TD
 
 

@@ -41,8 +41,140 @@ static inline float exp_nonpos(float x)
     return p * two_i.f;
 }
 
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+
+/* The sums of eight 8-lane vectors, lane i of the result being the sum of a[i]'s lanes. */
+static inline __m256 hsum8(__m256 a0, __m256 a1, __m256 a2, __m256 a3, __m256 a4, __m256 a5, __m256 a6,
+                           __m256 a7)
+{
+    const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+    const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a4, a5), _mm256_hadd_ps(a6, a7));
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+/* Scores of one query row against n keys (rows `row` floats apart): eight keys at a time, each
+   dot product in its own accumulator, reduced together (one horizontal reduction per eight). */
+static inline void scores_row(const float *qr, const float *kb, int64_t n, int64_t row, const int64_t D,
+                              float scale, float *out)
+{
+    int64_t j = 0;
+    const __m256 sc = _mm256_set1_ps(scale);
+    for (; j + 8 <= n; j += 8) {
+        const float *k0 = kb + j * row;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+        for (int64_t i = 0; i < D; i += 8) {
+            const __m256 qv = _mm256_loadu_ps(qr + i);
+            a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + i), a0);
+            a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + row + i), a1);
+            a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 2 * row + i), a2);
+            a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 3 * row + i), a3);
+            a4 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 4 * row + i), a4);
+            a5 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 5 * row + i), a5);
+            a6 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 6 * row + i), a6);
+            a7 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 7 * row + i), a7);
+        }
+        _mm256_storeu_ps(out + j, _mm256_mul_ps(hsum8(a0, a1, a2, a3, a4, a5, a6, a7), sc));
+    }
+    for (; j < n; j++) {
+        const float *kt = kb + j * row;
+        __m256 a = _mm256_setzero_ps();
+        for (int64_t i = 0; i < D; i += 8)
+            a = _mm256_fmadd_ps(_mm256_loadu_ps(qr + i), _mm256_loadu_ps(kt + i), a);
+        const __m256 z = _mm256_setzero_ps();
+        out[j] = _mm256_cvtss_f32(hsum8(a, z, z, z, z, z, z, z)) * scale;
+    }
+}
+
+/* out_D = sum_j p[j] v_j over n values: two sets of accumulators (even and odd positions), so
+   consecutive FMAs do not wait on each other. */
+static inline void weighted_rows(const float *pr, const float *vb, int64_t n, int64_t row, const int64_t D,
+                                 float *acc)
+{
+    for (int64_t i = 0; i < D; i += 8) {
+        __m256 e = _mm256_loadu_ps(acc + i), o = _mm256_setzero_ps();
+        int64_t j = 0;
+        for (; j + 2 <= n; j += 2) {
+            e = _mm256_fmadd_ps(_mm256_set1_ps(pr[j]), _mm256_loadu_ps(vb + j * row + i), e);
+            o = _mm256_fmadd_ps(_mm256_set1_ps(pr[j + 1]), _mm256_loadu_ps(vb + (j + 1) * row + i), o);
+        }
+        if (j < n)
+            e = _mm256_fmadd_ps(_mm256_set1_ps(pr[j]), _mm256_loadu_ps(vb + j * row + i), e);
+        _mm256_storeu_ps(acc + i, _mm256_add_ps(e, o));
+    }
+}
+
+/* exp_nonpos on eight lanes (the same polynomial, with fused multiply-adds). */
+static inline __m256 exp8_nonpos(__m256 x)
+{
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
+    const __m256 t = _mm256_mul_ps(x, _mm256_set1_ps(1.4426950408889634f));
+    const __m256 fi = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256 f = _mm256_sub_ps(t, fi);
+    __m256 p = _mm256_set1_ps(1.5465317883e-04f);
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.3395285364e-03f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.6180399298e-03f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.5503406681e-02f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.4022651101e-01f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.9314720007e-01f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+    const __m256i two_i = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fi), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(two_i));
+}
+
+static inline float hmax8(__m256 a)
+{
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    return _mm_cvtss_f32(m);
+}
+
+/* In place: pr[0..L) <- softmax(pr), eight lanes at a time (the scalar loop the compiler left
+   unvectorized was a third of the kernel). */
+static inline void softmax_row(float *pr, int64_t L)
+{
+    int64_t t = 0;
+    __m256 m8 = _mm256_set1_ps(-INFINITY);
+    for (; t + 8 <= L; t += 8)
+        m8 = _mm256_max_ps(m8, _mm256_loadu_ps(pr + t));
+    float mx = hmax8(m8);
+    for (; t < L; t++)
+        mx = pr[t] > mx ? pr[t] : mx;
+    const __m256 mv = _mm256_set1_ps(mx);
+    __m256 s8 = _mm256_setzero_ps();
+    for (t = 0; t + 8 <= L; t += 8) {
+        const __m256 e = exp8_nonpos(_mm256_sub_ps(_mm256_loadu_ps(pr + t), mv));
+        _mm256_storeu_ps(pr + t, e);
+        s8 = _mm256_add_ps(s8, e);
+    }
+    const __m256 z = _mm256_setzero_ps();
+    float sum = _mm256_cvtss_f32(hsum8(s8, z, z, z, z, z, z, z));
+    for (; t < L; t++) {
+        pr[t] = exp_nonpos(pr[t] - mx);
+        sum += pr[t];
+    }
+    const __m256 inv = _mm256_set1_ps(1.f / sum);
+    for (t = 0; t + 8 <= L; t += 8)
+        _mm256_storeu_ps(pr + t, _mm256_mul_ps(_mm256_loadu_ps(pr + t), inv));
+    for (; t < L; t++)
+        pr[t] *= 1.f / sum;
+}
+#define HAVE_SOFTMAX_ROW 1
+#define VECTOR_D(D) ((D) % 8 == 0)
+#else
+#define VECTOR_D(D) 0
+static inline void scores_row(const float *qr, const float *kb, int64_t n, int64_t row, const int64_t D,
+                              float scale, float *out) { (void)qr; (void)kb; (void)n; (void)row; (void)D;
+                              (void)scale; (void)out; }
+static inline void weighted_rows(const float *pr, const float *vb, int64_t n, int64_t row, const int64_t D,
+                                 float *acc) { (void)pr; (void)vb; (void)n; (void)row; (void)D; (void)acc; }
+#endif
+
 /* One (sequence, KV head): D is a compile-time constant in the specialised copies below, so the
-   per-position dot products and the output rows stay in vector registers. */
+   per-position dot products and the output rows stay in vector registers. With AVX2 and D a
+   multiple of 8, the scores go eight positions at a time through scores_row and the values
+   through weighted_rows; otherwise plain loops that the compiler vectorizes. */
 static inline void attend_one(const float *qg, const float *k, const float *v, const int64_t *table,
                               int64_t L, int64_t bs, int64_t row, int64_t rep, const int64_t D,
                               float scale, float *p, float *og)
@@ -50,6 +182,11 @@ static inline void attend_one(const float *qg, const float *k, const float *v, c
     for (int64_t t0 = 0; t0 < L; t0 += bs) {
         const float *kb = k + table[t0 / bs] * bs * row;
         const int64_t n = L - t0 < bs ? L - t0 : bs;
+        if (VECTOR_D(D)) {
+            for (int64_t r = 0; r < rep; r++)
+                scores_row(qg + r * D, kb, n, row, D, scale, p + r * L + t0);
+            continue;
+        }
         for (int64_t j = 0; j < n; j++) {
             const float *kt = kb + j * row;
             for (int64_t r = 0; r < rep; r++) {
@@ -64,6 +201,10 @@ static inline void attend_one(const float *qg, const float *k, const float *v, c
     }
     for (int64_t r = 0; r < rep; r++) {
         float *pr = p + r * L;
+#ifdef HAVE_SOFTMAX_ROW
+        softmax_row(pr, L);
+        continue;
+#endif
         float mx = -INFINITY;
         for (int64_t t = 0; t < L; t++)
             mx = pr[t] > mx ? pr[t] : mx;
@@ -86,6 +227,10 @@ static inline void attend_one(const float *qg, const float *k, const float *v, c
         for (int64_t t0 = 0; t0 < L; t0 += bs) {
             const float *vb = v + table[t0 / bs] * bs * row;
             const int64_t n = L - t0 < bs ? L - t0 : bs;
+            if (VECTOR_D(D)) {
+                weighted_rows(pr + t0, vb, n, row, D, acc);
+                continue;
+            }
             for (int64_t j = 0; j < n; j++) {
                 const float w = pr[t0 + j];
                 const float *vt = vb + j * row;

@@ -4,9 +4,16 @@ import pytest
 import torch
 
 import amoe_kernels as K
-from amoe_kernels import grouped_mm, reference
+from amoe_kernels import dispatch, grouped_mm, reference
 
 pytestmark = pytest.mark.skipif(not grouped_mm.supports(32, 48, torch.float32), reason="this torch has no CPU _grouped_mm")
+
+
+@pytest.fixture(autouse=True)
+def _no_native_experts(monkeypatch):
+    """These shapes are small enough for the C kernel (tests/kernels/test_native.py); here the
+    grouped-GEMM path is under test."""
+    monkeypatch.setattr(dispatch, "_native_experts", lambda *a: False)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -190,3 +190,60 @@ def test_native_rope_kv_write_is_the_reference_exactly(T, H, G, d):
     kr, vr = (c.bfloat16() for c in caches)
     assert torch.equal(K.rope_kv_write(qkv, cos, sin, H, G, slots, kb, vb), R.rope_kv_write(qkv, cos, sin, H, G, slots, kr, vr))
     assert torch.equal(kb, kr) and torch.equal(vb, vr)
+
+
+def _experts(E, D, F, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    w1, w3 = (torch.randn(E, F, D, generator=g) * D ** -0.5 for _ in range(2))
+    w2 = torch.randn(E, D, F, generator=g) * F ** -0.5
+    return g, w1, w3, w2
+
+
+@needs_native
+@pytest.mark.parametrize("D,F,counts,experts", [(128, 256, [3, 0, 5, 1], [0, 1, 2, 3]), (32, 48, [4, 2], [1, 3]),
+                                                (16, 8, [1], [2]), (128, 256, [33, 7], [3, 0]), (64, 512, [2, 2, 2], [0, 1, 3])])
+def test_native_grouped_swiglu_matches_reference(D, F, counts, experts):
+    g, w1, w3, w2 = _experts(4, D, F)
+    x = torch.randn(sum(counts), D, generator=g)
+    got = native.grouped_swiglu(x, counts, w1, w3, w2, experts)
+    want = R.grouped_expert_ffn(x, counts, w1, w3, w2, experts)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@needs_native
+def test_native_grouped_swiglu_rows_do_not_depend_on_their_batch():
+    """A row's output has the same bits alone, in a pair, in an odd-sized group or beside other
+    groups: AEP and lockstep batch the same token differently and must agree exactly."""
+    g, w1, w3, w2 = _experts(4, 128, 256)
+    x = torch.randn(9, 128, generator=g)
+    whole = native.grouped_swiglu(x, [9], w1, w3, w2, [2])
+    for i in range(9):
+        assert torch.equal(native.grouped_swiglu(x[i:i + 1], [1], w1, w3, w2, [2])[0], whole[i])
+    mixed = native.grouped_swiglu(torch.cat([x[:4], x[4:]]), [4, 5], w1, w3, w2, [2, 2])
+    assert torch.equal(mixed, whole)
+
+
+@needs_native
+def test_native_grouped_swiglu_rejects_bad_groups():
+    _, w1, w3, w2 = _experts(2, 16, 8)
+    x = torch.zeros(3, 16)
+    for counts, experts in (([2], [0]), ([1, 2], [0, 2]), ([4, -1], [0, 1])):
+        with pytest.raises(ValueError, match="grouped_swiglu"):
+            native.grouped_swiglu(x, counts, w1, w3, w2, experts)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        native.grouped_swiglu(torch.zeros(1, 12), [1], torch.zeros(1, 8, 12), torch.zeros(1, 8, 12),
+                              torch.zeros(1, 12, 8), [0])
+
+
+@needs_native
+def test_dispatch_sends_small_experts_to_native_by_shape_only(monkeypatch):
+    calls = []
+    real = native.grouped_swiglu
+    monkeypatch.setattr(native, "grouped_swiglu", lambda *a: calls.append(a[0].shape) or real(*a))
+    g, w1, w3, w2 = _experts(4, 128, 256)
+    for rows in (1, 64):  # the same path whatever the rows
+        K.grouped_expert_ffn(torch.randn(rows, 128, generator=g), [rows], w1, w3, w2, experts=[1])
+    K.grouped_expert_ffn(torch.randn(2, 128, generator=g), [2], w1, w3, w2, experts=[1], backend="reference")
+    _, b1, b3, b2 = _experts(1, 256, 512)  # over NATIVE_EXPERT_MAX_DF: torch's GEMMs
+    K.grouped_expert_ffn(torch.randn(2, 256, generator=g), [2], b1, b3, b2)
+    assert calls == [(1, 128), (64, 128)]
