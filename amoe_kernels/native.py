@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 _SRCS = sorted((Path(__file__).with_name("csrc")).glob("*.c"))
+_HEADERS = sorted((Path(__file__).with_name("csrc")).glob("*.h"))  # in the cache key, not on the command line
 # -ffp-contract=off: no fused multiply-adds, so elementwise code rounds as torch's ops do.
 _FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared"]
 _reason: str | None = None
@@ -79,7 +80,7 @@ def _lib() -> ctypes.CDLL | None:
         _reason = "no C compiler (cc or gcc) on PATH"
         return None
     h = hashlib.sha256(" ".join(_FLAGS).encode() + _cpu_flags().encode())
-    for src in _SRCS:
+    for src in _SRCS + _HEADERS:
         h.update(src.name.encode() + src.read_bytes())
     out = _cache_dir() / f"amoe-cpu-{h.hexdigest()[:16]}.so"
     try:

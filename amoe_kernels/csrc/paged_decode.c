@@ -44,6 +44,8 @@ static inline float exp_nonpos(float x)
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 
+#include "vec_math.h"
+
 /* The sums of eight 8-lane vectors, lane i of the result being the sum of a[i]'s lanes. */
 static inline __m256 hsum8(__m256 a0, __m256 a1, __m256 a2, __m256 a3, __m256 a4, __m256 a5, __m256 a6,
                            __m256 a7)
@@ -104,24 +106,6 @@ static inline void weighted_rows(const float *pr, const float *vb, int64_t n, in
     }
 }
 
-/* exp_nonpos on eight lanes (the same polynomial, with fused multiply-adds). */
-static inline __m256 exp8_nonpos(__m256 x)
-{
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
-    const __m256 t = _mm256_mul_ps(x, _mm256_set1_ps(1.4426950408889634f));
-    const __m256 fi = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m256 f = _mm256_sub_ps(t, fi);
-    __m256 p = _mm256_set1_ps(1.5465317883e-04f);
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.3395285364e-03f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.6180399298e-03f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.5503406681e-02f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.4022651101e-01f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.9314720007e-01f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
-    const __m256i two_i = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fi), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(two_i));
-}
-
 static inline float hmax8(__m256 a)
 {
     __m128 m = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
@@ -144,7 +128,7 @@ static inline void softmax_row(float *pr, int64_t L)
     const __m256 mv = _mm256_set1_ps(mx);
     __m256 s8 = _mm256_setzero_ps();
     for (t = 0; t + 8 <= L; t += 8) {
-        const __m256 e = exp8_nonpos(_mm256_sub_ps(_mm256_loadu_ps(pr + t), mv));
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(pr + t), mv));
         _mm256_storeu_ps(pr + t, e);
         s8 = _mm256_add_ps(s8, e);
     }
