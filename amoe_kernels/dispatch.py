@@ -80,17 +80,18 @@ def linear(x_TD, w_OD, b_O=None):
 
 def expert_ffn(x_TD, w1_FD, w3_FD, w2_DF, backend: str | None = None):
     checks.expert_ffn(x_TD, w1_FD, w3_FD, w2_DF)
-    if _widening(x_TD, w1_FD):
-        if _named_reference(backend):
-            return reference.expert_ffn(x_TD, *(w.to(x_TD.dtype) for w in (w1_FD, w3_FD, w2_DF)))
-        return upcast.expert_ffn(x_TD, w1_FD, w3_FD, w2_DF)
-    if backend_for(x_TD, backend) == "triton":
+    widening = _widening(x_TD, w1_FD)
+    if widening and _named_reference(backend):
+        return reference.expert_ffn(x_TD, *(w.to(x_TD.dtype) for w in (w1_FD, w3_FD, w2_DF)))
+    if not widening and backend_for(x_TD, backend) == "triton":
         return _module("triton_moe").grouped_expert_ffn(x_TD, [x_TD.shape[0]], w1_FD[None], w3_FD[None], w2_DF[None])
     if not _named_reference(backend) and x_TD.shape[0] and _native_experts(x_TD, w1_FD[None], w3_FD[None], w2_DF[None]):
         # The grouped path's kernel, so one expert's rows get the same bits either way.
         y_TD = native.grouped_swiglu(x_TD, [x_TD.shape[0]], w1_FD[None], w3_FD[None], w2_DF[None], [0])
         if y_TD is not None:
             return y_TD
+    if widening:
+        return upcast.expert_ffn(x_TD, w1_FD, w3_FD, w2_DF)
     return reference.expert_ffn(x_TD, w1_FD, w3_FD, w2_DF)
 
 
@@ -105,6 +106,11 @@ def grouped_expert_ffn(x_TD, counts_G, w1_GFD, w3_GFD, w2_GDF, experts=None, bac
         if named_reference:  # the definition: fp32 on the whole widened stacks
             ws = (w.to(x_TD.dtype) for w in (w1_GFD, w3_GFD, w2_GDF))
             return reference.grouped_expert_ffn(x_TD, counts_G, *ws, experts)
+        if x_TD.shape[0] and _native_experts(x_TD, w1_GFD, w3_GFD, w2_GDF):
+            y_TD = native.grouped_swiglu(x_TD, counts_G, w1_GFD, w3_GFD, w2_GDF,
+                                         list(range(len(counts_G))) if experts is None else experts)
+            if y_TD is not None:
+                return y_TD
         return upcast.grouped_expert_ffn(x_TD, counts_G, w1_GFD, w3_GFD, w2_GDF, experts)
     chosen = backend_for(x_TD, backend)
     if chosen == "triton":
@@ -132,8 +138,14 @@ NATIVE_EXPERT_MAX_DF = 128 * 512
 
 def _native_experts(x_TD, w1_GFD, w3_GFD, w2_GDF) -> bool:
     D, F = x_TD.shape[1], w1_GFD.shape[1]
-    return D * F <= NATIVE_EXPERT_MAX_DF and D % 8 == 0 and F % 8 == 0 \
-        and native.supports(x_TD, w1_GFD, w3_GFD, w2_GDF)
+    if D % 8 or F % 8 or not native.supports(x_TD):
+        return False
+    if w1_GFD.dtype == torch.bfloat16:
+        # bf16 at rest under fp32 compute: read and widened in registers, at every size (OLMoE's
+        # experts, 8 of them: 3.7-4.6x upcast.py's widen-then-GEMM at 1-4 rows each, 1.04x at
+        # 64); same dtype for all three, which checks.grouped_expert_ffn has made sure of.
+        return native.supports(w1_GFD, w3_GFD, w2_GDF, any_dtype=True)
+    return D * F <= NATIVE_EXPERT_MAX_DF and native.supports(w1_GFD, w3_GFD, w2_GDF)
 
 
 def topk_gating(logits_TE, k: int, renormalize: bool, scoring: str = "softmax", weight_dtype=None,

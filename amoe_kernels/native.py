@@ -103,6 +103,8 @@ def _lib() -> ctypes.CDLL | None:
     lib.amoe_rope_kv_write_f32.restype = ctypes.c_int
     lib.amoe_grouped_swiglu_f32.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, i64, ptr, ptr, i64, ptr, ptr, ptr]
     lib.amoe_grouped_swiglu_f32.restype = ctypes.c_int
+    lib.amoe_grouped_swiglu_bf16w.argtypes = lib.amoe_grouped_swiglu_f32.argtypes
+    lib.amoe_grouped_swiglu_bf16w.restype = ctypes.c_int
     return lib
 
 
@@ -157,18 +159,19 @@ def moe_combine(h_TD: torch.Tensor, out_TKD: torch.Tensor, w_TK: torch.Tensor) -
 
 def grouped_swiglu(x_TD: torch.Tensor, counts_G: list[int], w1_EFD: torch.Tensor, w3_EFD: torch.Tensor,
                    w2_EDF: torch.Tensor, experts_G: list[int]) -> torch.Tensor | None:
-    """SwiGLU of each group's rows with its expert's stacked weights, in one call; None when
-    this build has no AVX2/FMA path (the caller keeps torch's)."""
+    """SwiGLU of each group's rows with its expert's stacked weights, in one call; fp32 rows over
+    fp32 or bf16 weights (widened in registers). None when this build has no AVX2/FMA path (the
+    caller keeps torch's)."""
     T, D = x_TD.shape
     E, F, _ = w1_EFD.shape
+    fn = _lib().amoe_grouped_swiglu_bf16w if w1_EFD.dtype == torch.bfloat16 else _lib().amoe_grouped_swiglu_f32
     counts = torch.tensor(counts_G, dtype=torch.int64)
     experts = torch.tensor(experts_G, dtype=torch.int64)
     h1_TF = torch.empty(T, F, dtype=torch.float32)
     h3_TF = torch.empty(T, F, dtype=torch.float32)
     y_TD = torch.empty(T, D, dtype=torch.float32)
-    rc = _lib().amoe_grouped_swiglu_f32(x_TD.data_ptr(), T, D, F, w1_EFD.data_ptr(), w3_EFD.data_ptr(),
-                                        w2_EDF.data_ptr(), E, counts.data_ptr(), experts.data_ptr(), len(counts_G),
-                                        h1_TF.data_ptr(), h3_TF.data_ptr(), y_TD.data_ptr())
+    rc = fn(x_TD.data_ptr(), T, D, F, w1_EFD.data_ptr(), w3_EFD.data_ptr(), w2_EDF.data_ptr(), E, counts.data_ptr(),
+            experts.data_ptr(), len(counts_G), h1_TF.data_ptr(), h3_TF.data_ptr(), y_TD.data_ptr())
     if rc == -2:
         return None
     if rc != 0:

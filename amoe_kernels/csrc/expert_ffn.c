@@ -9,8 +9,10 @@
    Every row is computed by the same instruction sequence whichever rows share its step (its
    sums never mix with another row's), so a token's expert output does not depend on how the
    scheduler batched it: AEP and lockstep stay token-identical to each other.
+   Weights fp32, or bf16 at rest (amoe_grouped_swiglu_bf16w: widened in registers, fp32 compute,
+   half the bytes read and no widened copy, where upcast.py copies each expert to fp32 first).
    Legend: T rows (sorted by group), D hidden, F expert ffn, G groups, E stacked experts.
-   Layouts (contiguous fp32): x [T, D]; w1, w3 [E, F, D]; w2 [E, D, F]; counts [G], experts [G]
+   Layouts (contiguous; x, scratch, y fp32): x [T, D]; w1, w3 [E, F, D]; w2 [E, D, F]; counts [G], experts [G]
    int64 (group g: the next counts[g] rows, weights experts[g]); scratch [T, F]; y [T, D].
    Returns 0, or -1 for an expert index out of range, counts that do not sum to T, or D or F not
    a multiple of 8 (nothing is written then). */
@@ -32,78 +34,23 @@ static inline float hsum(__m256 a)
     return _mm_cvtss_f32(s);
 }
 
-/* out[r, o] = x_r . w_o for rows r of x (n of them, K floats each) and outputs o of w (O rows of
-   K floats): three rows by four outputs per tile, then two, then one, one accumulator each.
-   Every accumulator sums its row's products in the same order in every tile, so a row's result
-   does not depend on the tile it fell in. */
-static void rows_dot(const float *x, int64_t n, const float *w, int64_t O, int64_t K, float *out, int64_t ld)
+/* Eight weights as fp32: stored fp32, or bf16 widened in registers (the upper half of an fp32),
+   so bf16 experts at rest are read at half the bytes and never copied. */
+static inline __m256 load_f32(const float *p) { return _mm256_loadu_ps(p); }
+static inline __m256 load_bf16(const uint16_t *p)
 {
-    int64_t r = 0;
-    for (; r + 3 <= n; r += 3) {
-        const float *x0 = x + r * K, *x1 = x0 + K, *x2 = x1 + K;
-        for (int64_t o = 0; o < O; o += 4) {
-            const float *w0 = w + o * K;
-            __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00;
-            __m256 a10 = a00, a11 = a00, a12 = a00, a13 = a00;
-            __m256 a20 = a00, a21 = a00, a22 = a00, a23 = a00;
-            for (int64_t i = 0; i < K; i += 8) {
-                const __m256 u = _mm256_loadu_ps(x0 + i), v = _mm256_loadu_ps(x1 + i), z = _mm256_loadu_ps(x2 + i);
-                __m256 b = _mm256_loadu_ps(w0 + i);
-                a00 = _mm256_fmadd_ps(u, b, a00); a10 = _mm256_fmadd_ps(v, b, a10); a20 = _mm256_fmadd_ps(z, b, a20);
-                b = _mm256_loadu_ps(w0 + K + i);
-                a01 = _mm256_fmadd_ps(u, b, a01); a11 = _mm256_fmadd_ps(v, b, a11); a21 = _mm256_fmadd_ps(z, b, a21);
-                b = _mm256_loadu_ps(w0 + 2 * K + i);
-                a02 = _mm256_fmadd_ps(u, b, a02); a12 = _mm256_fmadd_ps(v, b, a12); a22 = _mm256_fmadd_ps(z, b, a22);
-                b = _mm256_loadu_ps(w0 + 3 * K + i);
-                a03 = _mm256_fmadd_ps(u, b, a03); a13 = _mm256_fmadd_ps(v, b, a13); a23 = _mm256_fmadd_ps(z, b, a23);
-            }
-            float *o0 = out + r * ld + o, *o1 = o0 + ld, *o2 = o1 + ld;
-            o0[0] = hsum(a00); o0[1] = hsum(a01); o0[2] = hsum(a02); o0[3] = hsum(a03);
-            o1[0] = hsum(a10); o1[1] = hsum(a11); o1[2] = hsum(a12); o1[3] = hsum(a13);
-            o2[0] = hsum(a20); o2[1] = hsum(a21); o2[2] = hsum(a22); o2[3] = hsum(a23);
-        }
-    }
-    for (; r + 2 <= n; r += 2) {
-        const float *x0 = x + r * K, *x1 = x0 + K;
-        for (int64_t o = 0; o < O; o += 4) {
-            const float *w0 = w + o * K;
-            __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00;
-            __m256 a10 = a00, a11 = a00, a12 = a00, a13 = a00;
-            for (int64_t i = 0; i < K; i += 8) {
-                const __m256 u = _mm256_loadu_ps(x0 + i), v = _mm256_loadu_ps(x1 + i);
-                const __m256 b0 = _mm256_loadu_ps(w0 + i), b1 = _mm256_loadu_ps(w0 + K + i);
-                const __m256 b2 = _mm256_loadu_ps(w0 + 2 * K + i), b3 = _mm256_loadu_ps(w0 + 3 * K + i);
-                a00 = _mm256_fmadd_ps(u, b0, a00);
-                a01 = _mm256_fmadd_ps(u, b1, a01);
-                a02 = _mm256_fmadd_ps(u, b2, a02);
-                a03 = _mm256_fmadd_ps(u, b3, a03);
-                a10 = _mm256_fmadd_ps(v, b0, a10);
-                a11 = _mm256_fmadd_ps(v, b1, a11);
-                a12 = _mm256_fmadd_ps(v, b2, a12);
-                a13 = _mm256_fmadd_ps(v, b3, a13);
-            }
-            float *o0 = out + r * ld + o, *o1 = o0 + ld;
-            o0[0] = hsum(a00); o0[1] = hsum(a01); o0[2] = hsum(a02); o0[3] = hsum(a03);
-            o1[0] = hsum(a10); o1[1] = hsum(a11); o1[2] = hsum(a12); o1[3] = hsum(a13);
-        }
-    }
-    for (; r < n; r++) {
-        const float *x0 = x + r * K;
-        for (int64_t o = 0; o < O; o += 4) {
-            const float *w0 = w + o * K;
-            __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00;
-            for (int64_t i = 0; i < K; i += 8) {
-                const __m256 u = _mm256_loadu_ps(x0 + i);
-                a00 = _mm256_fmadd_ps(u, _mm256_loadu_ps(w0 + i), a00);
-                a01 = _mm256_fmadd_ps(u, _mm256_loadu_ps(w0 + K + i), a01);
-                a02 = _mm256_fmadd_ps(u, _mm256_loadu_ps(w0 + 2 * K + i), a02);
-                a03 = _mm256_fmadd_ps(u, _mm256_loadu_ps(w0 + 3 * K + i), a03);
-            }
-            float *o0 = out + r * ld + o;
-            o0[0] = hsum(a00); o0[1] = hsum(a01); o0[2] = hsum(a02); o0[3] = hsum(a03);
-        }
-    }
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
 }
+
+#define ROWS_DOT rows_dot_f32
+#define WEIGHT_T float
+#define LOAD_W load_f32
+#include "rows_dot.h"
+
+#define ROWS_DOT rows_dot_bf16
+#define WEIGHT_T uint16_t
+#define LOAD_W load_bf16
+#include "rows_dot.h"
 
 /* a <- silu(a) * b = a / (1 + e^-a) * b, n floats (a multiple of 8). */
 static void swiglu(float *a, const float *b, int64_t n)
@@ -116,8 +63,8 @@ static void swiglu(float *a, const float *b, int64_t n)
     }
 }
 
-int amoe_grouped_swiglu_f32(const float *x, int64_t T, int64_t D, int64_t F, const float *w1, const float *w3,
-                            const float *w2, int64_t E, const int64_t *counts, const int64_t *experts, int64_t G,
+static int grouped_swiglu(const float *x, int64_t T, int64_t D, int64_t F, const void *w1, const void *w3,
+                          const void *w2, int bf16, int64_t E, const int64_t *counts, const int64_t *experts, int64_t G,
                             float *h1, float *h3, float *y)
 {
     if (D % 8 || F % 8 || D < 8 || F < 8)
@@ -136,13 +83,37 @@ int amoe_grouped_swiglu_f32(const float *x, int64_t T, int64_t D, int64_t F, con
         if (n == 0)
             continue;
         const float *xg = x + r0 * D;
-        rows_dot(xg, n, w1 + e * F * D, F, D, h1 + r0 * F, F);
-        rows_dot(xg, n, w3 + e * F * D, F, D, h3 + r0 * F, F);
+        if (bf16) {
+            rows_dot_bf16(xg, n, (const uint16_t *)w1 + e * F * D, F, D, h1 + r0 * F, F);
+            rows_dot_bf16(xg, n, (const uint16_t *)w3 + e * F * D, F, D, h3 + r0 * F, F);
+        } else {
+            rows_dot_f32(xg, n, (const float *)w1 + e * F * D, F, D, h1 + r0 * F, F);
+            rows_dot_f32(xg, n, (const float *)w3 + e * F * D, F, D, h3 + r0 * F, F);
+        }
         swiglu(h1 + r0 * F, h3 + r0 * F, n * F);
-        rows_dot(h1 + r0 * F, n, w2 + e * D * F, D, F, y + r0 * D, D);
+        if (bf16)
+            rows_dot_bf16(h1 + r0 * F, n, (const uint16_t *)w2 + e * D * F, D, F, y + r0 * D, D);
+        else
+            rows_dot_f32(h1 + r0 * F, n, (const float *)w2 + e * D * F, D, F, y + r0 * D, D);
         r0 += n;
     }
     return 0;
+}
+
+int amoe_grouped_swiglu_f32(const float *x, int64_t T, int64_t D, int64_t F, const float *w1, const float *w3,
+                            const float *w2, int64_t E, const int64_t *counts, const int64_t *experts, int64_t G,
+                            float *h1, float *h3, float *y)
+{
+    return grouped_swiglu(x, T, D, F, w1, w3, w2, 0, E, counts, experts, G, h1, h3, y);
+}
+
+/* The same with bf16 weights (uint16 bit patterns) and fp32 rows: fp32 compute on the widened
+   weights, as upcast.py defines it. */
+int amoe_grouped_swiglu_bf16w(const float *x, int64_t T, int64_t D, int64_t F, const uint16_t *w1,
+                              const uint16_t *w3, const uint16_t *w2, int64_t E, const int64_t *counts,
+                              const int64_t *experts, int64_t G, float *h1, float *h3, float *y)
+{
+    return grouped_swiglu(x, T, D, F, w1, w3, w2, 1, E, counts, experts, G, h1, h3, y);
 }
 
 #else
@@ -153,5 +124,12 @@ int amoe_grouped_swiglu_f32(const float *x, int64_t T, int64_t D, int64_t F, con
     (void)x; (void)T; (void)D; (void)F; (void)w1; (void)w3; (void)w2; (void)E; (void)counts; (void)experts;
     (void)G; (void)h1; (void)h3; (void)y;
     return -2; /* no AVX2/FMA: the caller keeps the PyTorch path */
+}
+int amoe_grouped_swiglu_bf16w(const float *x, int64_t T, int64_t D, int64_t F, const uint16_t *w1,
+                              const uint16_t *w3, const uint16_t *w2, int64_t E, const int64_t *counts,
+                              const int64_t *experts, int64_t G, float *h1, float *h3, float *y)
+{
+    return amoe_grouped_swiglu_f32(x, T, D, F, (const float *)w1, (const float *)w3, (const float *)w2, E, counts,
+                                   experts, G, h1, h3, y);
 }
 #endif

@@ -247,3 +247,32 @@ def test_dispatch_sends_small_experts_to_native_by_shape_only(monkeypatch):
     _, b1, b3, b2 = _experts(1, 256, 512)  # over NATIVE_EXPERT_MAX_DF: torch's GEMMs
     K.grouped_expert_ffn(torch.randn(2, 256, generator=g), [2], b1, b3, b2)
     assert calls == [(1, 128), (64, 128)]
+
+
+@needs_native
+@pytest.mark.parametrize("D,F,counts,experts", [(128, 256, [3, 0, 5, 1], [0, 1, 2, 3]), (256, 64, [9, 1], [3, 0]),
+                                                (16, 8, [2], [1])])
+def test_native_grouped_swiglu_bf16_weights_match_fp32_on_widened_weights(D, F, counts, experts):
+    g, w1, w3, w2 = _experts(4, D, F, seed=5)
+    w1, w3, w2 = w1.bfloat16(), w3.bfloat16(), w2.bfloat16()
+    x = torch.randn(sum(counts), D, generator=g)
+    got = native.grouped_swiglu(x, counts, w1, w3, w2, experts)
+    want = R.grouped_expert_ffn(x, counts, w1.float(), w3.float(), w2.float(), experts)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # and the row of a lone token has the bits it has in the batch
+    assert torch.equal(native.grouped_swiglu(x[:1], [1], w1, w3, w2, experts[:1]), got[:1])
+
+
+@needs_native
+def test_dispatch_sends_bf16_experts_to_native_at_every_size(monkeypatch):
+    calls = []
+    real = native.grouped_swiglu
+    monkeypatch.setattr(native, "grouped_swiglu", lambda *a: calls.append(a[2].dtype) or real(*a))
+    g, w1, w3, w2 = _experts(2, 256, 512)  # over NATIVE_EXPERT_MAX_DF for fp32 weights
+    x = torch.randn(3, 256, generator=g)
+    K.grouped_expert_ffn(x, [3], w1, w3, w2, experts=[1])
+    K.grouped_expert_ffn(x, [3], w1.bfloat16(), w3.bfloat16(), w2.bfloat16(), experts=[1])
+    K.expert_ffn(x, w1[1].bfloat16(), w3[1].bfloat16(), w2[1].bfloat16())
+    K.grouped_expert_ffn(x, [3], w1.half(), w3.half(), w2.half(), experts=[1])  # fp16: widened by upcast.py
+    K.grouped_expert_ffn(x, [3], w1.bfloat16(), w3.bfloat16(), w2.bfloat16(), experts=[1], backend="reference")
+    assert len(calls) == 2 and all(c == torch.bfloat16 for c in calls)

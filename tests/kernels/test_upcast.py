@@ -5,13 +5,16 @@ import pytest
 import torch
 
 import amoe_kernels as K
-from amoe_kernels import reference, upcast
+from amoe_kernels import dispatch, reference, upcast
 
 
 @pytest.fixture(autouse=True)
 def _small_slices(monkeypatch):
     # Slices much smaller than the weights, so the slice loop takes several turns.
     monkeypatch.setattr(upcast, "SLICE_ELEMS", 64 * 48)
+    # bf16 experts go to the C kernel where it builds (tests/kernels/test_native.py); here the
+    # widen-then-GEMM path, the one without it, is under test.
+    monkeypatch.setattr(dispatch, "_native_experts", lambda *a: False)
 
 
 @pytest.mark.parametrize("wdtype", [torch.bfloat16, torch.float16])

@@ -1,0 +1,80 @@
+/* The body of rows_dot, included once per weight type by expert_ffn.c with ROWS_DOT (the
+   function's name), WEIGHT_T (the weights' element type) and LOAD_W (eight weights as fp32)
+   defined; no include guard on purpose. */
+
+/* out[r, o] = x_r . w_o for rows r of x (n of them, K floats each) and outputs o of w (O rows of
+   K floats): three rows by four outputs per tile, then two, then one, one accumulator each.
+   Every accumulator sums its row's products in the same order in every tile, so a row's result
+   does not depend on the tile it fell in. */
+static void ROWS_DOT(const float *x, int64_t n, const WEIGHT_T *w, int64_t O, int64_t K, float *out, int64_t ld)
+{
+    int64_t r = 0;
+    for (; r + 3 <= n; r += 3) {
+        const float *x0 = x + r * K, *x1 = x0 + K, *x2 = x1 + K;
+        for (int64_t o = 0; o < O; o += 4) {
+            const WEIGHT_T *w0 = w + o * K;
+            __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00;
+            __m256 a10 = a00, a11 = a00, a12 = a00, a13 = a00;
+            __m256 a20 = a00, a21 = a00, a22 = a00, a23 = a00;
+            for (int64_t i = 0; i < K; i += 8) {
+                const __m256 u = _mm256_loadu_ps(x0 + i), v = _mm256_loadu_ps(x1 + i), z = _mm256_loadu_ps(x2 + i);
+                __m256 b = LOAD_W(w0 + i);
+                a00 = _mm256_fmadd_ps(u, b, a00); a10 = _mm256_fmadd_ps(v, b, a10); a20 = _mm256_fmadd_ps(z, b, a20);
+                b = LOAD_W(w0 + K + i);
+                a01 = _mm256_fmadd_ps(u, b, a01); a11 = _mm256_fmadd_ps(v, b, a11); a21 = _mm256_fmadd_ps(z, b, a21);
+                b = LOAD_W(w0 + 2 * K + i);
+                a02 = _mm256_fmadd_ps(u, b, a02); a12 = _mm256_fmadd_ps(v, b, a12); a22 = _mm256_fmadd_ps(z, b, a22);
+                b = LOAD_W(w0 + 3 * K + i);
+                a03 = _mm256_fmadd_ps(u, b, a03); a13 = _mm256_fmadd_ps(v, b, a13); a23 = _mm256_fmadd_ps(z, b, a23);
+            }
+            float *o0 = out + r * ld + o, *o1 = o0 + ld, *o2 = o1 + ld;
+            o0[0] = hsum(a00); o0[1] = hsum(a01); o0[2] = hsum(a02); o0[3] = hsum(a03);
+            o1[0] = hsum(a10); o1[1] = hsum(a11); o1[2] = hsum(a12); o1[3] = hsum(a13);
+            o2[0] = hsum(a20); o2[1] = hsum(a21); o2[2] = hsum(a22); o2[3] = hsum(a23);
+        }
+    }
+    for (; r + 2 <= n; r += 2) {
+        const float *x0 = x + r * K, *x1 = x0 + K;
+        for (int64_t o = 0; o < O; o += 4) {
+            const WEIGHT_T *w0 = w + o * K;
+            __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00;
+            __m256 a10 = a00, a11 = a00, a12 = a00, a13 = a00;
+            for (int64_t i = 0; i < K; i += 8) {
+                const __m256 u = _mm256_loadu_ps(x0 + i), v = _mm256_loadu_ps(x1 + i);
+                const __m256 b0 = LOAD_W(w0 + i), b1 = LOAD_W(w0 + K + i);
+                const __m256 b2 = LOAD_W(w0 + 2 * K + i), b3 = LOAD_W(w0 + 3 * K + i);
+                a00 = _mm256_fmadd_ps(u, b0, a00);
+                a01 = _mm256_fmadd_ps(u, b1, a01);
+                a02 = _mm256_fmadd_ps(u, b2, a02);
+                a03 = _mm256_fmadd_ps(u, b3, a03);
+                a10 = _mm256_fmadd_ps(v, b0, a10);
+                a11 = _mm256_fmadd_ps(v, b1, a11);
+                a12 = _mm256_fmadd_ps(v, b2, a12);
+                a13 = _mm256_fmadd_ps(v, b3, a13);
+            }
+            float *o0 = out + r * ld + o, *o1 = o0 + ld;
+            o0[0] = hsum(a00); o0[1] = hsum(a01); o0[2] = hsum(a02); o0[3] = hsum(a03);
+            o1[0] = hsum(a10); o1[1] = hsum(a11); o1[2] = hsum(a12); o1[3] = hsum(a13);
+        }
+    }
+    for (; r < n; r++) {
+        const float *x0 = x + r * K;
+        for (int64_t o = 0; o < O; o += 4) {
+            const WEIGHT_T *w0 = w + o * K;
+            __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00;
+            for (int64_t i = 0; i < K; i += 8) {
+                const __m256 u = _mm256_loadu_ps(x0 + i);
+                a00 = _mm256_fmadd_ps(u, LOAD_W(w0 + i), a00);
+                a01 = _mm256_fmadd_ps(u, LOAD_W(w0 + K + i), a01);
+                a02 = _mm256_fmadd_ps(u, LOAD_W(w0 + 2 * K + i), a02);
+                a03 = _mm256_fmadd_ps(u, LOAD_W(w0 + 3 * K + i), a03);
+            }
+            float *o0 = out + r * ld + o;
+            o0[0] = hsum(a00); o0[1] = hsum(a01); o0[2] = hsum(a02); o0[3] = hsum(a03);
+        }
+    }
+}
+
+#undef ROWS_DOT
+#undef WEIGHT_T
+#undef LOAD_W
