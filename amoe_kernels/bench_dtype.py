@@ -1,6 +1,8 @@
 """Per operator, at OLMoE-1B-7B's shapes: fp32 weights, bf16 weights with bf16 compute (torch's
-native CPU path), and bf16 at rest widened per call to fp32 (amoe_kernels.linear /
-grouped_expert_ffn). One thread, as each rank has about one core here; best of 5 repeats.
+native CPU path), bf16 at rest widened per call to fp32 (upcast.py: amoe_kernels.linear), and,
+for the experts, bf16 widened in registers by the C kernel (native.grouped_swiglu, what
+amoe_kernels.grouped_expert_ffn runs when it builds). One thread, as each rank has about one
+core here; best of 5 repeats.
 
     python -m amoe_kernels.bench_dtype [--threads N] [--rows 1,8,64] [--json FILE]
 """
@@ -14,7 +16,7 @@ import time
 import torch
 import torch.nn.functional as Fn
 
-from . import dispatch
+from . import dispatch, native, upcast
 
 OPS = {  # name -> (out features, in features): OLMoE-1B-7B
     "qkv_proj": (3 * 2048, 2048),
@@ -46,7 +48,7 @@ def measure(rows: list[int]) -> list[dict]:
             out.append({"op": name, "rows": T,
                         "fp32_ms": _time(lambda: Fn.linear(x, w32)),
                         "bf16_native_ms": _time(lambda: Fn.linear(x.bfloat16(), w16)),
-                        "bf16_widened_ms": _time(lambda: dispatch.linear(x, w16))})
+                        "bf16_widened_ms": _time(lambda: dispatch.linear(x, w16)), "bf16_in_registers_ms": None})
     F, D = EXPERT
     E = 8  # a step's experts on one rank, rows split evenly
     w = [torch.randn(E, F, D, generator=g) * 0.02, torch.randn(E, F, D, generator=g) * 0.02,
@@ -58,7 +60,9 @@ def measure(rows: list[int]) -> list[dict]:
         out.append({"op": f"experts ({E} x FFN)", "rows": per,
                     "fp32_ms": _time(lambda: dispatch.grouped_expert_ffn(x, counts, *w)),
                     "bf16_native_ms": _time(lambda: dispatch.grouped_expert_ffn(x.bfloat16(), counts, *w16)),
-                    "bf16_widened_ms": _time(lambda: dispatch.grouped_expert_ffn(x, counts, *w16))})
+                    "bf16_widened_ms": _time(lambda: upcast.grouped_expert_ffn(x, counts, *w16)),
+                    "bf16_in_registers_ms": (_time(lambda: native.grouped_swiglu(x, counts, *w16, list(range(E))))
+                                             if native.available() else None)})
     return out
 
 
@@ -70,10 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     res = measure([int(r) for r in args.rows.split(",")])
-    print("| op | rows | fp32 ms | bf16 native ms | bf16 widened to fp32 ms |")
-    print("|---|---|---|---|---|")
+    print("| op | rows | fp32 ms | bf16 native ms | bf16 widened to fp32 ms | bf16 widened in registers (C) ms |")
+    print("|---|---|---|---|---|---|")
     for r in res:
-        print(f"| {r['op']} | {r['rows']} | {r['fp32_ms']:.2f} | {r['bf16_native_ms']:.2f} | {r['bf16_widened_ms']:.2f} |")
+        reg = "-" if r["bf16_in_registers_ms"] is None else f"{r['bf16_in_registers_ms']:.2f}"
+        print(f"| {r['op']} | {r['rows']} | {r['fp32_ms']:.2f} | {r['bf16_native_ms']:.2f} | {r['bf16_widened_ms']:.2f} | {reg} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"threads": args.threads, "rows": res}, f, indent=1)

@@ -3,9 +3,10 @@
 Rule: Triton when the tensors are on CUDA and triton imports; the PyTorch reference otherwise
 (CPU tensors always get the reference numbers; grouped_expert_ffn computes them with
 torch._grouped_mm, bit-identical to the per-expert loop, unless the reference is named).
-Decode attention, and the grouped expert FFN of small experts, on fp32 CPU tensors run the C
-kernels of native.py when they build (the same result up to the order of fp32 sums), unless the
-reference is named.
+Decode attention, and the grouped expert FFN of small fp32 experts and of bf16 experts under
+fp32 compute, on CPU run the C kernels of native.py when they build (the same result up to the
+order of fp32 sums), unless the reference is named; without them bf16 experts are widened by
+upcast.py.
 `backend="triton"` forces the kernels (tests run them on CPU tensors under TRITON_INTERPRET=1),
 `backend="reference"` forces the reference. The environment variable AMOE_KERNELS_BACKEND
 (auto | reference | triton) sets the default for calls that pass no backend.
