@@ -86,11 +86,11 @@ def expert_ffn(x_TD, w1_FD, w3_FD, w2_DF, backend: str | None = None):
         return reference.expert_ffn(x_TD, *(w.to(x_TD.dtype) for w in (w1_FD, w3_FD, w2_DF)))
     if not widening and backend_for(x_TD, backend) == "triton":
         return _module("triton_moe").grouped_expert_ffn(x_TD, [x_TD.shape[0]], w1_FD[None], w3_FD[None], w2_DF[None])
-    if not _named_reference(backend) and x_TD.shape[0] and _native_experts(x_TD, w1_FD[None], w3_FD[None], w2_DF[None]):
-        # The grouped path's kernel, so one expert's rows get the same bits either way.
-        y_TD = native.grouped_swiglu(x_TD, [x_TD.shape[0]], w1_FD[None], w3_FD[None], w2_DF[None], [0])
-        if y_TD is not None:
-            return y_TD
+    # The grouped path's kernel, so one expert's rows get the same bits either way.
+    y_TD = None if _named_reference(backend) else _native_grouped(x_TD, [x_TD.shape[0]], w1_FD[None], w3_FD[None],
+                                                                  w2_DF[None], [0])
+    if y_TD is not None:
+        return y_TD
     if widening:
         return upcast.expert_ffn(x_TD, w1_FD, w3_FD, w2_DF)
     return reference.expert_ffn(x_TD, w1_FD, w3_FD, w2_DF)
@@ -107,20 +107,16 @@ def grouped_expert_ffn(x_TD, counts_G, w1_GFD, w3_GFD, w2_GDF, experts=None, bac
         if named_reference:  # the definition: fp32 on the whole widened stacks
             ws = (w.to(x_TD.dtype) for w in (w1_GFD, w3_GFD, w2_GDF))
             return reference.grouped_expert_ffn(x_TD, counts_G, *ws, experts)
-        if x_TD.shape[0] and _native_experts(x_TD, w1_GFD, w3_GFD, w2_GDF):
-            y_TD = native.grouped_swiglu(x_TD, counts_G, w1_GFD, w3_GFD, w2_GDF,
-                                         list(range(len(counts_G))) if experts is None else experts)
-            if y_TD is not None:
-                return y_TD
+        y_TD = _native_grouped(x_TD, counts_G, w1_GFD, w3_GFD, w2_GDF, experts)
+        if y_TD is not None:
+            return y_TD
         return upcast.grouped_expert_ffn(x_TD, counts_G, w1_GFD, w3_GFD, w2_GDF, experts)
     chosen = backend_for(x_TD, backend)
     if chosen == "triton":
         return _module("triton_moe").grouped_expert_ffn(x_TD, counts_G, w1_GFD, w3_GFD, w2_GDF, experts=experts)
-    if not named_reference and x_TD.shape[0] and _native_experts(x_TD, w1_GFD, w3_GFD, w2_GDF):
-        y_TD = native.grouped_swiglu(x_TD, counts_G, w1_GFD, w3_GFD, w2_GDF,
-                                     list(range(len(counts_G))) if experts is None else experts)
-        if y_TD is not None:
-            return y_TD
+    y_TD = None if named_reference else _native_grouped(x_TD, counts_G, w1_GFD, w3_GFD, w2_GDF, experts)
+    if y_TD is not None:
+        return y_TD
     # Unless the reference is asked for by name: the same numbers in one GEMM per weight.
     if not named_reference and x_TD.shape[0] \
             and not x_TD.is_cuda and grouped_mm.supports(x_TD.shape[1], w1_GFD.shape[1], x_TD.dtype):
@@ -147,6 +143,15 @@ def _native_experts(x_TD, w1_GFD, w3_GFD, w2_GDF) -> bool:
         # 64); same dtype for all three, which checks.grouped_expert_ffn has made sure of.
         return native.supports(w1_GFD, w3_GFD, w2_GDF, any_dtype=True)
     return D * F <= NATIVE_EXPERT_MAX_DF and native.supports(w1_GFD, w3_GFD, w2_GDF)
+
+
+def _native_grouped(x_TD, counts_G, w1_GFD, w3_GFD, w2_GDF, experts):
+    """The C kernel's output where _native_experts takes these tensors and it has an AVX2 path;
+    None otherwise (the caller's torch path runs)."""
+    if not x_TD.shape[0] or not _native_experts(x_TD, w1_GFD, w3_GFD, w2_GDF):
+        return None
+    return native.grouped_swiglu(x_TD, counts_G, w1_GFD, w3_GFD, w2_GDF,
+                                 list(range(len(counts_G))) if experts is None else experts)
 
 
 def topk_gating(logits_TE, k: int, renormalize: bool, scoring: str = "softmax", weight_dtype=None,
