@@ -51,7 +51,10 @@ class TokenPool:
             raise ValueError(
                 f"need num_tokens >= 0, top_k >= 1, hidden >= 1; got {num_tokens}, {top_k}, {hidden}"
             )
-        out_TKD = torch.zeros(num_tokens, top_k, hidden, dtype=dtype, device=device)
+        # Uninitialised: every (token, slot) is written before pop, and untouched pages of a large
+        # buffer stay out of the resident set until the replies land (by then the dispatch rows
+        # sent from the same rank are usually freed), which lowers a prefill chunk's peak.
+        out_TKD = torch.empty(num_tokens, top_k, hidden, dtype=dtype, device=device)
         self._entries[key] = _Entry(out_TKD, np.zeros(num_tokens * top_k, dtype=bool), num_tokens * top_k, context)
 
     def add(
