@@ -133,6 +133,11 @@ class RuntimeConfig:
     device: str = "auto"
     # Intra-op threads per rank process.
     threads_per_rank: int = 1
+    # "core": each attention/expert rank pins itself to one of the cores it may use, round-robin
+    # in rank order over the node's compute ranks; the gateway (mostly asleep) is not pinned.
+    # "none": the OS places them. Pins without regard to other jobs on the node, so it is off
+    # by default. Needs threads_per_rank 1.
+    cpu_bind: str = "none"
     # Longest sleep of an idle poll loop, in microseconds (back-off starts near zero).
     max_poll_sleep_us: int = 500
     # The same for the gateway (rank 0). It only admits requests and collects sampled tokens,
@@ -290,6 +295,11 @@ def validate(cfg: AmoeConfig) -> AmoeConfig:
         raise ConfigError("engine.max_running_requests and engine.max_batch_tokens must be >= 1")
     if cfg.runtime.max_poll_sleep_us < 1 or cfg.runtime.gateway_poll_sleep_us < 1:
         raise ConfigError("runtime.max_poll_sleep_us and runtime.gateway_poll_sleep_us must be >= 1")
+    if cfg.runtime.cpu_bind not in ("none", "core"):
+        raise ConfigError(f"runtime.cpu_bind={cfg.runtime.cpu_bind!r}: expected 'none' or 'core'")
+    if cfg.runtime.cpu_bind == "core" and cfg.runtime.threads_per_rank != 1:
+        raise ConfigError(f"runtime.cpu_bind='core' binds a rank to one core; it cannot run "
+                          f"runtime.threads_per_rank={cfg.runtime.threads_per_rank} threads")
     validate_serving(cfg.serving)
     return cfg
 

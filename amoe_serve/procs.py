@@ -188,6 +188,23 @@ def precise_sleeps(slack_ns: int = 1000) -> bool:
         return False
 
 
+_ALLOWED_BEFORE_BIND: set[int] | None = None
+
+
+def bind_to_core(index: int) -> int | None:
+    """Pin this process to the index-th core it may run on (modulo their count; the set honours
+    a launcher's or cgroup's own restriction); returns the core, None where not supported."""
+    global _ALLOWED_BEFORE_BIND
+    try:
+        allowed = sorted(os.sched_getaffinity(0))
+        core = allowed[index % len(allowed)]
+        os.sched_setaffinity(0, {core})
+        _ALLOWED_BEFORE_BIND = set(allowed)
+        return core
+    except (AttributeError, OSError):
+        return None
+
+
 def ranks_on_this_node(world_size: int) -> int:
     """How many ranks of this job share this node: from the launcher's environment (Hydra's
     MPI_LOCALNRANKS, Slurm's SLURM_STEP_TASKS_PER_NODE with SLURM_NODEID), else all of them."""
@@ -207,7 +224,8 @@ def ranks_on_this_node(world_size: int) -> int:
 
 
 def cores_available() -> int:
-    return len(os.sched_getaffinity(0))
+    """Cores this job may use on this node: the set before bind_to_core narrowed it to one."""
+    return len(_ALLOWED_BEFORE_BIND or os.sched_getaffinity(0))
 
 
 def memory_mb() -> dict[str, float]:

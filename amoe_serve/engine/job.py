@@ -6,6 +6,7 @@ The same function serves an MPI process (rank_main) and a thread of an in-proces
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 from typing import Optional
@@ -136,6 +137,7 @@ def run_worker(cfg: AmoeConfig, transport: Transport, device: str = "cpu") -> No
     else:
         raise ValueError(f"rank {rank} is the gateway, not a worker")
     final = r.stats()
+    final["cpus"] = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     if role == "attention":  # the routing trace goes with the final report only (it can be large)
         final["trace"] = r.core.trace.snapshot().to_dict()
     transport.isend(GATEWAY_RANK, Tag.STATS, final)

@@ -18,7 +18,7 @@ from amoe_serve.config import from_yaml
 from amoe_serve.engine.batch_job import gateway_generate
 from amoe_serve.engine.job import pick_device, print_fatal, report_fatal, run_worker, topology
 from amoe_serve.engine.serve_gateway import gateway_serve
-from amoe_serve.procs import precise_sleeps
+from amoe_serve.procs import bind_to_core, precise_sleeps
 from amoe_transport import TransportError, make_transport
 from amoe_transport.mpi import mpi_world
 
@@ -43,7 +43,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[amoe-serve] {e}", file=sys.stderr, flush=True)
         return 2
     from mpi4py import MPI  # only after mpi_world has set mpi4py's options and initialised MPI
-    local_rank = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    local_rank = node.Get_rank()
+    # Every rank of the node takes part (a collective); the gateway stays unpinned.
+    compute_here = node.allgather(comm.Get_rank() != 0)
+    if cfg.runtime.cpu_bind == "core" and compute_here[local_rank]:
+        bind_to_core(sum(compute_here[:local_rank]))
     device = pick_device(cfg, local_rank)
     # NCCL between GPU ranks, MPI between CPU ranks; every rank must pick the same kind.
     kind = cfg.runtime.transport

@@ -1,6 +1,9 @@
 """Asynchrony must never change results: greedy outputs of local, lockstep and aep equal
 transformers `generate` token for token, for every supported architecture."""
 
+import json
+import os
+
 import pytest
 
 from amoe_serve.config import load_config
@@ -65,6 +68,21 @@ def test_mpi_generate_matches_transformers(arch, mode, ranks, checkpoints, hf_re
     assert [r["id"] for r in res] == [f"r{i}" for i in range(len(PROMPTS))]
     assert [r["output_token_ids"] for r in res] == hf_reference[arch]
     assert all(r["finish_reason"] in ("length", "stop") for r in res)
+
+
+@pytest.mark.mpi(ranks=4)
+def test_mpi_generate_with_ranks_bound_to_cores_matches_transformers(checkpoints, hf_reference, tmp_path):
+    """runtime.cpu_bind=core pins each compute rank to one core, round-robin over the cores the
+    job may use, and changes where ranks run, not what they compute."""
+    inp, out, stats = write_requests(tmp_path / "in.jsonl"), tmp_path / "out.jsonl", tmp_path / "stats.json"
+    p = run_cli(["generate", "--model", str(checkpoints["mixtral"]), "--input", str(inp), "--output", str(out),
+                 "--mode", "aep", "--attention-ranks", "1", "--expert-ranks", "2", "--timeout", "180",
+                 "--stats", str(stats), "runtime.cpu_bind=core"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert [r["output_token_ids"] for r in read_results(out)] == hf_reference["mixtral"]
+    cores = sorted(os.sched_getaffinity(0))
+    ranks = json.loads(stats.read_text())  # the compute ranks' reports by rank: 1 attention, 2 and 3 experts
+    assert [ranks[str(r)]["cpus"] for r in (1, 2, 3)] == [[cores[i % len(cores)]] for i in range(3)]
 
 
 @pytest.mark.parametrize("arch", ARCHS)

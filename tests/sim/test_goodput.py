@@ -83,3 +83,28 @@ def test_gpu_calibrate_cpu_safe_parts(tmp_path):
     assert p.returncode == 0, p.stderr
     assert "gpu_calibrate --out configs/sim/" in p.stdout and "amoe_kernels.bench" in p.stdout
     assert "tests/kernels/test_gpu.py" in p.stdout
+
+
+def test_ablation_rows_and_each_sweep_contains_the_row_it_extends(tmp_path):
+    """The ablation table at CI size: every mechanism row at both noise levels and both SLOs;
+    '+ split ratio' sweeps a superset of '+ replicas' (the configured split is among its
+    fractions), so its goodput can only be at least that row's at every SLO."""
+    from amoe_serve.sim.ablation import ablation, ablation_markdown
+    from amoe_serve.sim.goodput import with_overrides
+    cfg = load_sim_config("configs/sim/goodput-tiny.yaml", [
+        "run.aep_max_running=[4,16]", "run.lockstep_max_running=[4,16]", "run.aep_waves=[1,2]",
+        "run.replicas=[0,1]", "run.aep_attention_fractions=[0.25,0.5]", "goodput.ablation_gpus=4"])
+    cfg = with_overrides(cfg, cluster={"attention_fraction": 0.5})
+    rows = ablation(cfg, log=lambda *a, **k: None)
+    names = ["lockstep", "μ-queues alone", "+ micro-waves", "+ micro-waves, MTFS", "+ micro-waves, FLFS",
+             "+ replicas", "+ split ratio", "lockstep, no host cost", "+ split ratio, no host cost"]
+    got = {(r["row"], r["noise_cv"], r["tpot_slo_ms"]) for r in rows}
+    assert got == {(n, cv, s) for n in names for cv in (0.0, 0.05) for s in (1.0, 3.0)}
+    by = {(r["row"], r["noise_cv"], r["tpot_slo_ms"]): r for r in rows}
+    for cv in (0.0, 0.05):
+        for s in (1.0, 3.0):
+            assert by[("+ split ratio", cv, s)]["goodput_tok_s_per_gpu"] >= \
+                by[("+ replicas", cv, s)]["goodput_tok_s_per_gpu"] - 1e-9
+        assert by[("lockstep", cv, 1.0)]["saturation_tok_s_per_gpu"] > 0
+    md = ablation_markdown(rows)
+    assert md.count("\n") == len(names) + 2 and "+ split ratio" in md
