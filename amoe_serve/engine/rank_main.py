@@ -45,10 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     from mpi4py import MPI  # only after mpi_world has set mpi4py's options and initialised MPI
     node = comm.Split_type(MPI.COMM_TYPE_SHARED)
     local_rank = node.Get_rank()
-    # Every rank of the node takes part (a collective); the gateway stays unpinned.
-    compute_here = node.allgather(comm.Get_rank() != 0)
-    if cfg.runtime.cpu_bind == "core" and compute_here[local_rank]:
-        bind_to_core(sum(compute_here[:local_rank]))
+    if cfg.runtime.cpu_bind == "core":  # every rank reads the same config: all join the collective
+        compute_here = node.allgather(comm.Get_rank() != 0)  # the gateway stays unpinned
+        if compute_here[local_rank]:
+            bind_to_core(sum(compute_here[:local_rank]))
     device = pick_device(cfg, local_rank)
     # NCCL between GPU ranks, MPI between CPU ranks; every rank must pick the same kind.
     kind = cfg.runtime.transport
