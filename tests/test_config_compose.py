@@ -36,3 +36,12 @@ def test_cli_config_is_repeatable():
         args = build_parser().parse_args(cmd + ["--config", "a.yaml", "--config", "b.yaml", "scheduler.policy=mtfs"])
         assert args.config == ["a.yaml", "b.yaml"] and args.overrides == ["scheduler.policy=mtfs"]
     assert build_parser().parse_args(["up"]).config is None
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["runtime.cpu_bind=socket"], "expected 'none' or 'core'"),
+    (["runtime.cpu_bind=core", "runtime.threads_per_rank=2"], "cannot run runtime.threads_per_rank=2"),
+])
+def test_cpu_bind_rejects_what_it_cannot_do(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)

@@ -3,6 +3,7 @@
 import os
 import signal
 import subprocess
+import sys
 import time
 
 from amoe_serve.procs import alive, group_alive, kill_group, trap_signals
@@ -45,3 +46,19 @@ def test_trap_signals_routes_and_restores():
         os.kill(os.getpid(), signal.SIGTERM)
     assert got == [signal.SIGTERM, signal.SIGTERM]
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_bind_to_core_pins_to_the_index_th_allowed_core_modulo_their_count():
+    """In a child process (pinning the test process would slow the rest of the run)."""
+    code = ("import os; from amoe_serve.procs import bind_to_core; os.sched_setaffinity(0, {0}); "
+            "print(bind_to_core(5), sorted(os.sched_getaffinity(0)))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split(None, 1) == ["0", "[0]\n"]  # one allowed core: 5 mod 1 is that core
+    cores = sorted(os.sched_getaffinity(0))
+    code = ("from amoe_serve.procs import bind_to_core, cores_available; import os; "
+            "print(bind_to_core(1), cores_available(), sorted(os.sched_getaffinity(0)))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    want = cores[1 % len(cores)]
+    # cores_available still counts the job's cores: the auto wave count depends on it
+    assert p.stdout.split(None, 2) == [str(want), str(len(cores)), f"[{want}]\n"]

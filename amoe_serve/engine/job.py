@@ -137,7 +137,7 @@ def run_worker(cfg: AmoeConfig, transport: Transport, device: str = "cpu") -> No
     else:
         raise ValueError(f"rank {rank} is the gateway, not a worker")
     final = r.stats()
-    final["cpus"] = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    final["cpus"] = sorted(os.sched_getaffinity(0))  # the cores this rank ran on (cpu_bind)
     if role == "attention":  # the routing trace goes with the final report only (it can be large)
         final["trace"] = r.core.trace.snapshot().to_dict()
     transport.isend(GATEWAY_RANK, Tag.STATS, final)

@@ -46,9 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     node = comm.Split_type(MPI.COMM_TYPE_SHARED)
     local_rank = node.Get_rank()
     if cfg.runtime.cpu_bind == "core":  # every rank reads the same config: all join the collective
-        compute_here = node.allgather(comm.Get_rank() != 0)  # the gateway stays unpinned
-        if compute_here[local_rank]:
-            bind_to_core(sum(compute_here[:local_rank]))
+        compute_here = node.allgather(topo.role(comm.Get_rank()) != "gateway")  # the gateway floats
+        if compute_here[local_rank] and bind_to_core(sum(compute_here[:local_rank])) is None:
+            print(f"[amoe-serve] rank {comm.Get_rank()}: runtime.cpu_bind=core: could not pin to a core; "
+                  "running unpinned", file=sys.stderr, flush=True)
     device = pick_device(cfg, local_rank)
     # NCCL between GPU ranks, MPI between CPU ranks; every rank must pick the same kind.
     kind = cfg.runtime.transport
