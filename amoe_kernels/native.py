@@ -120,8 +120,10 @@ def unavailable_reason() -> str | None:
 def supports(*ts: torch.Tensor, any_dtype: bool = False) -> bool:
     """Contiguous fp32 (or, for pure data movement, any dtype) CPU tensors, and the library
     built; anything else stays on the reference."""
-    return all(t.device.type == "cpu" and (any_dtype or t.dtype == torch.float32) and t.is_contiguous() for t in ts) \
-        and available()
+    for t in ts:  # is_cpu, not device.type: a fifth of the cost, on every kernel call
+        if not (t.is_cpu and (any_dtype or t.dtype == torch.float32) and t.is_contiguous()):
+            return False
+    return available()
 
 
 def paged_decode_attention(q_SHd: torch.Tensor, k_NbGd: torch.Tensor, v_NbGd: torch.Tensor,

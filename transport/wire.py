@@ -154,7 +154,7 @@ def pack(tag: int, header: dict, tensors: Sequence[torch.Tensor] = (),
     if copies:
         addr = frame.ctypes.data + pstart
         for t, o, nb in copies:
-            if t.device.type == "cpu" and t.is_contiguous():
+            if t.is_cpu and t.is_contiguous():
                 ctypes.memmove(addr + o, t.data_ptr(), nb)
             else:  # strided or device source: one copy into a typed view of its slot
                 dst = torch.from_numpy(frame)[pstart + o: pstart + o + nb]

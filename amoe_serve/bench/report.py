@@ -31,9 +31,36 @@ def ratio_table(records: list[dict]) -> str:
     return "\n".join(rows) + "\n"
 
 
-def sim_check_table(checks: list[dict]) -> str:
-    if not checks:
+def _x(v) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
+def sim_goodput_table(checks: list[dict]) -> str:
+    rows = []
+    for c in checks:
+        if "error" in c:
+            rows.append(f"| {c['workload']} | not simulated: {c['error']} | | | | |")
+            continue
+        mg, pg = c["measured_goodput"], c["predicted_goodput"]
+        rows.append(f"| {c['workload']} | {mg['aep']['tokens_per_s']:.1f} / {mg['lockstep']['tokens_per_s']:.1f} | "
+                    f"{pg['aep']['tokens_per_s']:.1f} / {pg['lockstep']['tokens_per_s']:.1f} | "
+                    f"{_x(c['measured_aep_vs_lockstep'])} | {_x(c['predicted_aep_vs_lockstep'])} | "
+                    f"{'-' if c['ratio_error'] is None else format(c['ratio_error'], '.0%')} "
+                    f"({c['verdicts_agree']}/{len(c['points'])} verdicts agree) |")
+    if not rows:
         return ""
+    slo = next((c["slo"] for c in checks if "slo" in c), None)
+    at = f" at ITL p50 <= {slo['itl_p50_ms']:g} ms, TTFT p99 <= {slo['ttft_p99_ms']:g} ms" if slo else ""
+    return "\n".join(["", f"Simulator check, goodput{at} (the bench's Poisson points, same arrival times):", "",
+                      "| workload | measured goodput AEP / lockstep (tok/s) | predicted | measured AEP/lockstep | "
+                      "predicted | off by |", "|---|---|---|---|---|---|", *rows]) + "\n"
+
+
+def sim_check_table(checks: list[dict]) -> str:
+    goodput = sim_goodput_table([c for c in checks if c.get("kind") == "goodput"])
+    checks = [c for c in checks if c.get("kind", "saturation") == "saturation"]
+    if not checks:
+        return goodput
     rows = ["", "Simulator check (local table calibrated in this run, same deployment and workload, offline):", "",
             "| workload | measured AEP/lockstep | predicted | off by |", "|---|---|---|---|"]
     for c in checks:
@@ -42,7 +69,7 @@ def sim_check_table(checks: list[dict]) -> str:
             continue
         rows.append(f"| {c['workload']} | {c['measured_aep_vs_lockstep']:.2f}x | "
                     f"{c['predicted_aep_vs_lockstep']:.2f}x | {c['ratio_error']:.0%} |")
-    return "\n".join(rows) + "\n"
+    return "\n".join(rows) + "\n" + goodput
 
 
 def goodput_md(goodput: list[dict], slo: dict | None) -> str:

@@ -87,6 +87,7 @@ def run_bench(cfg: BenchConfig, output: Path, cache: Path) -> list[dict]:
     records: list[dict] = []
     skipped: dict[str, str] = {}
     offline: dict[str, list] = {}
+    poisson: dict[str, dict[float, list]] = {}  # the sim check replays these arrival times
     top_k = baseline_top_k(cfg, spec)
     base_k = top_k or spec.top_k  # the baselines' experts per token
     vllm = None
@@ -101,6 +102,8 @@ def run_bench(cfg: BenchConfig, output: Path, cache: Path) -> list[dict]:
                 reqs = make_requests(workload, cfg.num_requests, rate, spec.vocab_size, cfg.seed)
                 if rate == 0:
                     offline[workload] = reqs
+                else:
+                    poisson.setdefault(workload, {})[rate] = reqs
                 n_in = sum(len(r.prompt_token_ids) for r in reqs)
                 n_out = sum(r.max_tokens for r in reqs)
                 mean_ctx = sum(len(r.prompt_token_ids) + r.max_tokens / 2 for r in reqs) / len(reqs)
@@ -173,7 +176,8 @@ def run_bench(cfg: BenchConfig, output: Path, cache: Path) -> list[dict]:
             vllm.close()
     checks = []
     if cfg.sim_check and {"aep", "lockstep"} <= set(cfg.systems):
-        checks = sim_check(records, dataplane_config(cfg, "aep", path), spec, path, output, offline)
+        checks = sim_check(records, dataplane_config(cfg, "aep", path), spec, path, output, offline, poisson,
+                           (cfg.slo.itl_p50_ms, cfg.slo.ttft_p99_ms))
     meta = {"config": asdict(cfg), "model_path": path, "gemm_flops_per_core": gemm}
     (output / "bench_meta.json").write_text(json.dumps(meta, indent=1, default=str))
     doc = write_results(output, cfg, records, skipped)

@@ -1,6 +1,7 @@
 """Check the simulator against the bench: calibrate the local table in the same run (same
-machine, same noise), simulate the bench's own deployment and workload, and compare the
-predicted AEP/lockstep throughput ratio at saturation with the measured one."""
+machine, same noise), simulate the bench's own deployment and requests, and compare the
+predicted AEP/lockstep ratios with the measured ones: throughput at saturation (offline
+points), and goodput at the bench's SLO (its Poisson points, the same arrival times)."""
 
 from __future__ import annotations
 
@@ -15,10 +16,13 @@ from amoe_serve.sim.calibrate import calibrate
 from amoe_serve.sim.sim_config import load_sim_config
 from amoe_serve.sim.engine import Workload
 from amoe_serve.sim.run import run_one
+from amoe_serve.slo import meets_slo
 
 
-def sim_config_for(dp: AmoeConfig, spec, workload: str, num_requests: int, table_path: Path, cores: int):
-    """The simulator's view of one bench point (offline): same shape, ranks, limits, skew."""
+def sim_config_for(dp: AmoeConfig, spec, workload: str, num_requests: int, table_path: Path, cores: int,
+                   arrival: str = "offline"):
+    """The simulator's view of one bench point: same shape, ranks, limits, skew (the requests
+    and their arrival times are passed to run_one)."""
     d, s, r = dp.deployment, dp.scheduler, dp.routing
     A, X = d.attention_ranks, d.expert_ranks
     over = [f"model.hidden={spec.hidden_size}", f"model.ffn={spec.expert_intermediate_size}",
@@ -28,7 +32,7 @@ def sim_config_for(dp: AmoeConfig, spec, workload: str, num_requests: int, table
             f"model.vocab={spec.vocab_size}", f"model.dtype_bytes={2 if dp.model.dtype in ('bfloat16', 'float16') else 4}",
             f"cluster.gpus=[{A + X}]", f"cluster.attention_fraction={A / (A + X)}",
             f"cluster.device={table_path}", f"cluster.cores={cores}",
-            f"workload.name={workload}", "workload.arrival=offline", f"workload.num_requests={num_requests}",
+            f"workload.name={workload}", f"workload.arrival={arrival}", f"workload.num_requests={num_requests}",
             "workload.duration_s=0", "workload.warmup_s=0", "workload.warm_start=false",
             f"workload.skew_rate={r.rate}",
             "run.systems=[aep,lockstep]", f"run.policies=[{s.policy}]", f"run.lookahead={s.lookahead}",
@@ -40,16 +44,81 @@ def sim_config_for(dp: AmoeConfig, spec, workload: str, num_requests: int, table
     return load_sim_config(None, over)
 
 
-def sim_check(records: list[dict], dp: AmoeConfig, spec, model_path: str, output: Path,
-              offline_requests: dict[str, list]) -> list[dict]:
-    """Predicted vs measured AEP/lockstep at every offline point that ran both, on the same
-    requests (prompt and output lengths); writes output/sim_check.json and the calibrated
-    table output/local-calibrated.yaml."""
+def _workload(reqs, poisson: bool) -> Workload:
     import numpy as np
+    arrivals = np.array([q.arrival_s for q in reqs]) if poisson else np.zeros(len(reqs))
+    return Workload(arrivals, np.array([len(q.prompt_token_ids) for q in reqs]), np.array([q.max_tokens for q in reqs]))
 
+
+def _goodput(points: dict[float, dict], itl_ms: float, ttft_ms: float) -> tuple[float, float | None]:
+    """(tokens/s at the highest rate meeting the SLO or 0, that rate): the bench's rule
+    (bench/goodput.py), on {rate: record}."""
+    passing = [r for r in sorted(points) if meets_slo(points[r], itl_ms, ttft_ms)]
+    return (points[passing[-1]]["output_tokens_per_s"], passing[-1]) if passing else (0.0, None)
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return a / b if b > 0 else None
+
+
+def goodput_check(records: list[dict], dp: AmoeConfig, spec, table_path: Path, cores: int, workload: str,
+                  requests: dict[float, list], slo: tuple[float, float]) -> dict:
+    """Predicted vs measured goodput of AEP and lockstep at the SLO (ITL p50, TTFT p99 ms) over
+    the Poisson rates both ran, each rate simulated on the bench's own requests and arrival times."""
+    itl_ms, ttft_ms = slo
+    measured: dict[str, dict[float, dict]] = {"aep": {}, "lockstep": {}}
+    for r in records:
+        if r["workload"] == workload and r["request_rate"] > 0 and r["system"] in measured \
+                and r["request_rate"] in requests:
+            measured[r["system"]][r["request_rate"]] = r
+    rates = sorted(set(measured["aep"]) & set(measured["lockstep"]))
+    if not rates:
+        return {}
+    predicted: dict[str, dict[float, dict]] = {"aep": {}, "lockstep": {}}
+    points = []
+    for rate in rates:
+        reqs = requests[rate]
+        cfg = sim_config_for(dp, spec, workload, len(reqs), table_path, cores, arrival="poisson")
+        for system in ("aep", "lockstep"):
+            sim = run_one(cfg, system, cfg.cluster.gpus[0], policy=cfg.run.policies[0],
+                          max_running=cfg.run.max_running_requests, workload=_workload(reqs, True))
+            predicted[system][rate] = {"itl_ms_p50": sim["itl_ms_p50"], "ttft_ms_p99": sim["ttft_ms_p99"],
+                                       "output_tokens_per_s": float(sim["tokens_per_s"]), "failed_requests": 0}
+            m = measured[system][rate]
+            points.append({"system": system, "request_rate": rate,
+                           "measured": {k: m.get(k) for k in ("output_tokens_per_s", "itl_ms_p50", "ttft_ms_p99")},
+                           "predicted": {k: predicted[system][rate][k]
+                                         for k in ("output_tokens_per_s", "itl_ms_p50", "ttft_ms_p99")},
+                           "measured_meets_slo": meets_slo(m, itl_ms, ttft_ms),
+                           "predicted_meets_slo": meets_slo(predicted[system][rate], itl_ms, ttft_ms)})
+    g_meas = {s: _goodput(measured[s], itl_ms, ttft_ms) for s in measured}
+    g_pred = {s: _goodput(predicted[s], itl_ms, ttft_ms) for s in predicted}
+    m_ratio = _ratio(g_meas["aep"][0], g_meas["lockstep"][0])
+    p_ratio = _ratio(g_pred["aep"][0], g_pred["lockstep"][0])
+    return {"kind": "goodput", "workload": workload, "slo": {"itl_p50_ms": itl_ms, "ttft_p99_ms": ttft_ms},
+            "rates": rates, "points": points,
+            "measured_goodput": {s: {"tokens_per_s": g, "request_rate": r} for s, (g, r) in g_meas.items()},
+            "predicted_goodput": {s: {"tokens_per_s": g, "request_rate": r} for s, (g, r) in g_pred.items()},
+            "measured_aep_vs_lockstep": m_ratio, "predicted_aep_vs_lockstep": p_ratio,
+            # None where a system has no goodput on either side (no ratio to compare)
+            "ratio_error": abs(p_ratio / m_ratio - 1.0) if m_ratio and p_ratio is not None else None,
+            "verdicts_agree": sum(p["measured_meets_slo"] == p["predicted_meets_slo"] for p in points),
+            "device_table": table_path.name}
+
+
+def sim_check(records: list[dict], dp: AmoeConfig, spec, model_path: str, output: Path,
+              offline_requests: dict[str, list], poisson_requests: dict[str, dict[float, list]] | None = None,
+              slo: tuple[float, float] | None = None) -> list[dict]:
+    """Predicted vs measured AEP/lockstep at every offline point that ran both, on the same
+    requests (prompt and output lengths), and, given the Poisson points' requests and the SLO,
+    goodput at the SLO per workload; writes output/sim_check.json and the calibrated table
+    output/local-calibrated.yaml."""
     points = [(r["workload"], r["num_requests"]) for r in records
               if r["system"] == "aep" and r["request_rate"] == 0 and r["workload"] in offline_requests]
-    if not points or dp.routing.mode != "exponential":  # the simulator draws the paper's skew only
+    poisson_requests = poisson_requests or {}
+    has_poisson = slo is not None and any(r["system"] == "aep" and r["request_rate"] > 0
+                                          and r["workload"] in poisson_requests for r in records)
+    if not (points or has_poisson) or dp.routing.mode != "exponential":  # the simulator draws the paper's skew only
         return []
     table_path = output / "local-calibrated.yaml"
     print("[bench] sim check: calibrating the local table (the ranks' code, one thread)", file=sys.stderr, flush=True)
@@ -61,9 +130,7 @@ def sim_check(records: list[dict], dp: AmoeConfig, spec, model_path: str, output
                     if r["workload"] == workload and r["request_rate"] == 0 and r["system"] in ("aep", "lockstep")}
         if len(measured) < 2:
             continue
-        reqs = offline_requests[workload]
-        wl = Workload(np.zeros(len(reqs)), np.array([len(q.prompt_token_ids) for q in reqs]),
-                      np.array([q.max_tokens for q in reqs]))
+        wl = _workload(offline_requests[workload], False)
         try:
             cfg = sim_config_for(dp, spec, workload, n, table_path, cores)
             predicted = {system: float(run_one(cfg, system, cfg.cluster.gpus[0], policy=cfg.run.policies[0],
@@ -71,15 +138,32 @@ def sim_check(records: list[dict], dp: AmoeConfig, spec, model_path: str, output
                          for system in ("aep", "lockstep")}
         except (ConfigError, ValueError) as e:  # a deployment the simulator cannot model
             print(f"[bench] sim check {workload}: not simulated: {e}", file=sys.stderr, flush=True)
-            checks.append({"workload": workload, "num_requests": n, "error": str(e)})
+            checks.append({"kind": "saturation", "workload": workload, "num_requests": n, "error": str(e)})
             continue
         m_ratio = measured["aep"] / measured["lockstep"]
         p_ratio = predicted["aep"] / predicted["lockstep"]
-        checks.append({"workload": workload, "num_requests": n, "measured_tokens_per_s": measured,
+        checks.append({"kind": "saturation", "workload": workload, "num_requests": n,
+                       "measured_tokens_per_s": measured,
                        "predicted_tokens_per_s": predicted, "measured_aep_vs_lockstep": m_ratio,
                        "predicted_aep_vs_lockstep": p_ratio, "ratio_error": abs(p_ratio / m_ratio - 1.0),
                        "device_table": table_path.name})
         print(f"[bench] sim check {workload}: AEP/lockstep predicted {p_ratio:.2f}x, measured {m_ratio:.2f}x "
               f"({abs(p_ratio / m_ratio - 1.0):.0%} off)", file=sys.stderr, flush=True)
+    for workload, by_rate in poisson_requests.items() if slo is not None else ():
+        try:
+            c = goodput_check(records, dp, spec, table_path, cores, workload, by_rate, slo)
+        except (ConfigError, ValueError) as e:
+            print(f"[bench] sim check {workload} goodput: not simulated: {e}", file=sys.stderr, flush=True)
+            checks.append({"kind": "goodput", "workload": workload, "error": str(e)})
+            continue
+        if not c:
+            continue
+        checks.append(c)
+        g = lambda side, s: c[side][s]["tokens_per_s"]  # noqa: E731
+        off = "no ratio" if c["ratio_error"] is None else f"{c['ratio_error']:.0%} off"
+        print(f"[bench] sim check {workload} goodput at ITL p50 <= {slo[0]:g} ms, TTFT p99 <= {slo[1]:g} ms: "
+              f"measured AEP {g('measured_goodput', 'aep'):.1f} / lockstep {g('measured_goodput', 'lockstep'):.1f}, "
+              f"predicted {g('predicted_goodput', 'aep'):.1f} / {g('predicted_goodput', 'lockstep'):.1f} ({off}); "
+              f"SLO verdicts agree at {c['verdicts_agree']}/{len(c['points'])} points", file=sys.stderr, flush=True)
     (output / "sim_check.json").write_text(json.dumps(checks, indent=1))
     return checks

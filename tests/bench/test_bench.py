@@ -70,8 +70,17 @@ def test_bench_command_writes_records_and_plots(tmp_path):
     assert hf["hf_batch_size"] == 2 and [s["batch_size"] for s in hf["hf_sweep"]] == [2]
     assert "Goodput at the SLO" in (out / "results.md").read_text()
     # The simulator, calibrated in the same run, predicted the offline AEP/lockstep ratio.
-    (check,) = json.loads((out / "sim_check.json").read_text())
+    checks = {c["kind"]: c for c in json.loads((out / "sim_check.json").read_text())}
+    assert set(checks) == {"saturation", "goodput"}
+    check = checks["saturation"]
     measured = {r["system"]: r["output_tokens_per_s"] for r in recs if r["request_rate"] == 0.0}
     assert check["measured_aep_vs_lockstep"] == pytest.approx(measured["aep"] / measured["lockstep"])
     assert check["predicted_aep_vs_lockstep"] > 0 and (out / "local-calibrated.yaml").is_file()
     assert "Simulator check" in (out / "results.md").read_text()
+    # ... and the goodput of both at the bench's SLO, replaying the 4 req/s point's arrivals
+    g = checks["goodput"]
+    assert g["rates"] == [4.0] and {p["system"] for p in g["points"]} == {"aep", "lockstep"}
+    assert {s: v["tokens_per_s"] for s, v in g["measured_goodput"].items()} == \
+        {s: good[s]["goodput_tokens_per_s"] for s in ("aep", "lockstep")}
+    assert all(p["predicted"]["output_tokens_per_s"] > 0 for p in g["points"])
+    assert "Simulator check, goodput" in (out / "results.md").read_text()
