@@ -10,6 +10,7 @@ import os
 import sys
 from pathlib import Path
 
+from amoe_serve.bench.goodput import goodput_table
 from amoe_serve.config import AmoeConfig, ConfigError
 from amoe_serve.engine.job import attention_waves
 from amoe_serve.sim.calibrate import calibrate
@@ -50,11 +51,14 @@ def _workload(reqs, poisson: bool) -> Workload:
     return Workload(arrivals, np.array([len(q.prompt_token_ids) for q in reqs]), np.array([q.max_tokens for q in reqs]))
 
 
-def _goodput(points: dict[float, dict], itl_ms: float, ttft_ms: float) -> tuple[float, float | None]:
-    """(tokens/s at the highest rate meeting the SLO or 0, that rate): the bench's rule
-    (bench/goodput.py), on {rate: record}."""
-    passing = [r for r in sorted(points) if meets_slo(points[r], itl_ms, ttft_ms)]
-    return (points[passing[-1]]["output_tokens_per_s"], passing[-1]) if passing else (0.0, None)
+def _goodput(workload: str, by_system: dict[str, dict[float, dict]], itl_ms: float,
+             ttft_ms: float) -> dict[str, dict]:
+    """{system: {tokens_per_s, request_rate}} by the bench's own rule (bench/goodput.py) on
+    {system: {rate: point}}."""
+    recs = [{**p, "system": s, "workload": workload, "request_rate": rate}
+            for s, points in by_system.items() for rate, p in points.items()]
+    return {g["system"]: {"tokens_per_s": g["goodput_tokens_per_s"], "request_rate": g["goodput_request_rate"]}
+            for g in goodput_table(recs, itl_ms, ttft_ms)}
 
 
 def _ratio(a: float, b: float) -> float | None:
@@ -91,14 +95,12 @@ def goodput_check(records: list[dict], dp: AmoeConfig, spec, table_path: Path, c
                                          for k in ("output_tokens_per_s", "itl_ms_p50", "ttft_ms_p99")},
                            "measured_meets_slo": meets_slo(m, itl_ms, ttft_ms),
                            "predicted_meets_slo": meets_slo(predicted[system][rate], itl_ms, ttft_ms)})
-    g_meas = {s: _goodput(measured[s], itl_ms, ttft_ms) for s in measured}
-    g_pred = {s: _goodput(predicted[s], itl_ms, ttft_ms) for s in predicted}
-    m_ratio = _ratio(g_meas["aep"][0], g_meas["lockstep"][0])
-    p_ratio = _ratio(g_pred["aep"][0], g_pred["lockstep"][0])
+    g_meas = _goodput(workload, measured, itl_ms, ttft_ms)
+    g_pred = _goodput(workload, predicted, itl_ms, ttft_ms)
+    m_ratio = _ratio(g_meas["aep"]["tokens_per_s"], g_meas["lockstep"]["tokens_per_s"])
+    p_ratio = _ratio(g_pred["aep"]["tokens_per_s"], g_pred["lockstep"]["tokens_per_s"])
     return {"kind": "goodput", "workload": workload, "slo": {"itl_p50_ms": itl_ms, "ttft_p99_ms": ttft_ms},
-            "rates": rates, "points": points,
-            "measured_goodput": {s: {"tokens_per_s": g, "request_rate": r} for s, (g, r) in g_meas.items()},
-            "predicted_goodput": {s: {"tokens_per_s": g, "request_rate": r} for s, (g, r) in g_pred.items()},
+            "rates": rates, "points": points, "measured_goodput": g_meas, "predicted_goodput": g_pred,
             "measured_aep_vs_lockstep": m_ratio, "predicted_aep_vs_lockstep": p_ratio,
             # None where a system has no goodput on either side (no ratio to compare)
             "ratio_error": abs(p_ratio / m_ratio - 1.0) if m_ratio and p_ratio is not None else None,
