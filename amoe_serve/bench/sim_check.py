@@ -80,12 +80,12 @@ def goodput_check(records: list[dict], dp: AmoeConfig, spec, table_path: Path, c
         return {}
     predicted: dict[str, dict[float, dict]] = {"aep": {}, "lockstep": {}}
     points = []
+    cfg = sim_config_for(dp, spec, workload, len(requests[rates[0]]), table_path, cores, arrival="poisson")
     for rate in rates:
-        reqs = requests[rate]
-        cfg = sim_config_for(dp, spec, workload, len(reqs), table_path, cores, arrival="poisson")
+        wl = _workload(requests[rate], True)
         for system in ("aep", "lockstep"):
             sim = run_one(cfg, system, cfg.cluster.gpus[0], policy=cfg.run.policies[0],
-                          max_running=cfg.run.max_running_requests, workload=_workload(reqs, True))
+                          max_running=cfg.run.max_running_requests, workload=wl)
             predicted[system][rate] = {"itl_ms_p50": sim["itl_ms_p50"], "ttft_ms_p99": sim["ttft_ms_p99"],
                                        "output_tokens_per_s": float(sim["tokens_per_s"]), "failed_requests": 0}
             m = measured[system][rate]
