@@ -5,6 +5,7 @@ launch parameters live in configs/*.json (see tuning.py); `python -m amoe_kernel
 """
 
 from .dispatch import (
+    attn_decode_block,
     backend_for,
     combine_slots,
     dispatch_rows,
@@ -16,6 +17,7 @@ from .dispatch import (
     paged_decode_attention,
     permute,
     permute_tokens,
+    pool_scatter,
     rms_norm,
     rope_kv_write,
     route,
@@ -24,6 +26,7 @@ from .dispatch import (
 )
 
 __all__ = [
+    "attn_decode_block",
     "backend_for",
     "combine_slots",
     "dispatch_rows",
@@ -35,6 +38,7 @@ __all__ = [
     "paged_decode_attention",
     "permute",
     "permute_tokens",
+    "pool_scatter",
     "rms_norm",
     "rope_kv_write",
     "route",

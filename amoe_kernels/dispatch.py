@@ -162,7 +162,43 @@ def topk_gating(logits_TE, k: int, renormalize: bool, scoring: str = "softmax", 
     checks.topk_gating(logits_TE, k)
     if backend_for(logits_TE, backend) == "triton":
         return _module("triton_moe").topk_gating(logits_TE, k, renormalize, weight_dtype, scoring)
+    if scoring == "softmax" and weight_dtype in (None, torch.float32) and not _named_reference(backend) \
+            and native.supports(logits_TE):
+        w_TK, ids_TK = native.topk_gating(logits_TE, k, renormalize)
+        return w_TK, ids_TK
     return reference.topk_gating(logits_TE, k, renormalize, weight_dtype, scoring)
+
+
+def attn_decode_block(x_TD, ln1_D, w_qkv_QD, w_o_DX, ln2_D, w_gate_ED, eps: float, H: int, G: int, d: int,
+                      cos_Td, sin_Td, slots_T, k_XGd, v_XGd, tables_TM, lens_T, block_size: int, scale: float,
+                      top_k: int, renormalize: bool, key_E, num_keys: int, seg: int, route=None,
+                      backend: str | None = None):
+    """One block of the attention side for an all-decode batch (one query per sequence), fused:
+    rms_norm, the qkv projection, rope_kv_write, the paged decode attention, the o projection
+    and residual, rms_norm, the router and topk_gating (unless route = (ids_TK, w_TK) is given)
+    and dispatch_rows keyed by key_E[expert]. Returns (h_TD, y_TD, w_TK, ids_TK, meta_R3, y_RD,
+    counts_X), the bits of those ops called one by one on fp32 CPU; None where the fused C step
+    does not apply (other dtypes or devices, the reference named, no C compiler or no BLAS with
+    F.linear's bits): the caller runs the ops one by one then."""
+    if _named_reference(backend) or not native.fused_block_available() or x_TD.dtype != torch.float32:
+        return None
+    floats = (x_TD, ln1_D, w_qkv_QD, w_o_DX, ln2_D, w_gate_ED, cos_Td, sin_Td, k_XGd, v_XGd)
+    if not native.supports(*floats) or not native.supports(slots_T, tables_TM, lens_T, key_E, any_dtype=True):
+        return None
+    if route is not None and not native.supports(*route, any_dtype=True):
+        return None
+    T, D = x_TD.shape
+    if not (slots_T.dtype == tables_TM.dtype == lens_T.dtype == key_E.dtype == torch.int64) \
+            or w_qkv_QD.shape != ((H + 2 * G) * d, D) or w_o_DX.shape != (D, H * d) or tuple(cos_Td.shape) != (T, d) \
+            or slots_T.shape != (T,) or lens_T.shape != (T,) or tables_TM.shape[0] != T \
+            or key_E.shape != (w_gate_ED.shape[0],) or k_XGd.shape[0] % block_size:
+        return None
+    if route is not None and (route[0].dtype != torch.int64 or route[1].dtype != torch.float32
+                              or route[0].shape != (T, top_k) or route[1].shape != (T, top_k)):
+        return None
+    return native.attn_decode_block(x_TD, ln1_D, w_qkv_QD, w_o_DX, ln2_D, w_gate_ED, eps, H, G, d, cos_Td, sin_Td,
+                                    slots_T, k_XGd, v_XGd, tables_TM, lens_T, block_size, scale, top_k, renormalize,
+                                    key_E, num_keys, seg, route)
 
 
 def route(logits_TE, k: int, renormalize: bool, num_experts: int | None = None, scoring: str = "softmax",
@@ -174,7 +210,10 @@ def route(logits_TE, k: int, renormalize: bool, num_experts: int | None = None, 
     checks.route(logits_TE, k, num_experts)
     if backend_for(logits_TE, backend) == "triton":
         return _module("triton_moe").route(logits_TE, k, renormalize, num_experts, weight_dtype, scoring)
-    return reference.route(logits_TE, k, renormalize, num_experts, weight_dtype, scoring)
+    if _named_reference(backend):
+        return reference.route(logits_TE, k, renormalize, num_experts, weight_dtype, scoring)
+    w_TK, ids_TK = topk_gating(logits_TE, k, renormalize, scoring, weight_dtype, backend)  # the same gating bits
+    return (w_TK, ids_TK, *reference.permute(ids_TK, num_experts))
 
 
 def permute(ids_TK, num_experts: int | None = None, backend: str | None = None):
@@ -232,6 +271,29 @@ def dispatch_rows(y_TD, key_R, k: int, seg: int, num_keys: int, backend: str | N
     if not _named_reference(backend) and native.supports(y_TD, key_R, any_dtype=True):
         return native.dispatch_rows(y_TD, key_R, k, seg, num_keys)
     return reference.dispatch_rows(y_TD, key_R, k, seg, num_keys)
+
+
+def pool_scatter(tok_R, slot_R, done_X, out_RD, dst_TKD, backend: str | None = None) -> int:
+    """Rows of an expert reply into the token pool: dst_TKD[tok_R[r], slot_R[r]] = out_RD[r],
+    marking done_X (numpy bool, T*K) at tok*K + slot. Validated before anything is written:
+    ValueError for an index out of range or a (token, slot) already delivered or repeated (the
+    marks unchanged then). Returns the rows written. One native pass for CPU rows of the pool's
+    dtype with int32 index columns of one stride (an expert reply's meta); the reference else."""
+    code = None
+    if not _named_reference(backend) and tok_R.dtype == slot_R.dtype == torch.int32 and tok_R.is_cpu \
+            and slot_R.is_cpu and tok_R.dim() == 1 and slot_R.shape == tok_R.shape \
+            and tok_R.stride(0) == slot_R.stride(0) and out_RD.dtype == dst_TKD.dtype \
+            and out_RD.shape == (tok_R.shape[0], dst_TKD.shape[2]) and done_X.dtype == bool \
+            and done_X.flags.c_contiguous and done_X.size == dst_TKD.shape[0] * dst_TKD.shape[1] \
+            and native.supports(out_RD, dst_TKD, any_dtype=True):
+        code = native.pool_scatter(tok_R, slot_R, done_X, out_RD, dst_TKD)
+    if code is None:
+        return reference.pool_scatter(tok_R, slot_R, done_X, out_RD, dst_TKD)
+    if code == -1:
+        raise ValueError(f"(token, slot) index out of range for T={dst_TKD.shape[0]}, K={dst_TKD.shape[1]}")
+    if code == -2:
+        raise ValueError("a (token, slot) pair was already delivered or appears twice in one delivery")
+    return int(code)
 
 
 def combine_slots(out_TKD, w_TK, backend: str | None = None):

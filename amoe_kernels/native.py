@@ -26,6 +26,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+import torch.nn.functional as Fn
 
 _SRCS = sorted((Path(__file__).with_name("csrc")).glob("*.c"))
 _HEADERS = sorted((Path(__file__).with_name("csrc")).glob("*.h"))  # in the cache key, not on the command line
@@ -105,6 +106,15 @@ def _lib() -> ctypes.CDLL | None:
     lib.amoe_grouped_swiglu_f32.restype = ctypes.c_int
     lib.amoe_grouped_swiglu_bf16w.argtypes = lib.amoe_grouped_swiglu_f32.argtypes
     lib.amoe_grouped_swiglu_bf16w.restype = ctypes.c_int
+    lib.amoe_pool_scatter.argtypes = [ptr, ptr, i64, i64, i64, i64, ptr, ptr, i64, ptr]
+    lib.amoe_pool_scatter.restype = i64
+    lib.amoe_topk_gating_f32.argtypes = [ptr, i64, i64, i64, ctypes.c_int, ptr, ptr]
+    lib.amoe_topk_gating_f32.restype = ctypes.c_int
+    lib.amoe_attn_decode_block_f32.argtypes = [
+        ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, ptr, f32, i64, i64, i64, ptr, ptr,  # gemm .. sin
+        ptr, ptr, ptr, ptr, i64, ptr, i64, i64, f32, i64, i64, ctypes.c_int, ctypes.c_int, ptr, i64,  # .. X
+        ctypes.c_int32, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr]  # seg .. counts
+    lib.amoe_attn_decode_block_f32.restype = ctypes.c_int
     return lib
 
 
@@ -143,6 +153,96 @@ def paged_decode_attention(q_SHd: torch.Tensor, k_NbGd: torch.Tensor, v_NbGd: to
         raise ValueError("paged_decode_attention: a block id is outside the cache, a length is outside its "
                          f"table ({tables.shape[1]} blocks of {bs}), or H={H} is not a multiple of G={G}")
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def _sgemm() -> int | None:
+    """Address of the BLAS sgemm that torch's CPU F.linear calls (MKL's, exported by
+    libtorch_cpu), if this process's linear gives exactly its bits (checked once, on shapes from
+    one row to more than a block of rows); None otherwise, and the fused block step stays off."""
+    try:
+        lib = ctypes.CDLL(str(Path(torch.__file__).with_name("lib") / "libtorch_cpu.so"))
+        addr = ctypes.cast(lib.sgemm_, ctypes.c_void_p).value
+    except (OSError, AttributeError):
+        return None
+    g = torch.Generator().manual_seed(0)
+    for T, D, O in ((1, 64, 8), (7, 128, 192), (33, 96, 64), (64, 256, 40)):
+        x, w = torch.randn(T, D, generator=g), torch.randn(O, D, generator=g)
+        if not torch.equal(_linear_via(addr, x, w), Fn.linear(x, w)):
+            return None
+    return addr
+
+
+def _linear_via(addr: int, x_TD: torch.Tensor, w_OD: torch.Tensor) -> torch.Tensor:
+    (T, D), O = x_TD.shape, w_OD.shape[0]
+    y = torch.empty(T, O)
+    fn = ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * 13)(addr)
+    ints = [ctypes.c_int(v) for v in (O, T, D)]
+    one, zero = ctypes.c_float(1.0), ctypes.c_float(0.0)
+    fn(b"T", b"N", *map(ctypes.addressof, ints), ctypes.addressof(one), w_OD.data_ptr(), ctypes.addressof(ints[2]),
+       x_TD.data_ptr(), ctypes.addressof(ints[2]), ctypes.addressof(zero), y.data_ptr(), ctypes.addressof(ints[0]))
+    return y
+
+
+def fused_block_available() -> bool:
+    return available() and _sgemm() is not None
+
+
+def pool_scatter(tok_R: torch.Tensor, slot_R: torch.Tensor, done_X, out_RD: torch.Tensor,
+                 dst_TKD: torch.Tensor) -> int:
+    """csrc/dispatch_rows.c amoe_pool_scatter: int32 index columns sharing one stride, done_X a
+    uint8/bool numpy array of T*K marks; returns its code (rows, -1 out of range, -2 repeated)."""
+    T, K, D = dst_TKD.shape
+    return _lib().amoe_pool_scatter(tok_R.data_ptr(), slot_R.data_ptr(), tok_R.stride(0), tok_R.shape[0], T, K,
+                                    done_X.ctypes.data, out_RD.data_ptr(), D * out_RD.element_size(),
+                                    dst_TKD.data_ptr())
+
+
+def topk_gating(logits_TE: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    T, E = logits_TE.shape
+    w_TK = torch.empty(T, k, dtype=torch.float32)
+    ids_TK = torch.empty(T, k, dtype=torch.int64)
+    if _lib().amoe_topk_gating_f32(logits_TE.data_ptr(), T, E, k, int(renormalize), w_TK.data_ptr(),
+                                   ids_TK.data_ptr()) != 0:
+        raise ValueError(f"topk_gating: k={k} must be in [1, E={E}]")
+    return w_TK, ids_TK
+
+
+def attn_decode_block(x_TD, ln1_D, w_qkv_QD, w_o_DX, ln2_D, w_gate_ED, eps: float, H: int, G: int, d: int,
+                      cos_Td, sin_Td, slots_T, k_XGd, v_XGd, tables_TM, lens_T, block_size: int, scale: float,
+                      top_k: int, renormalize: bool, key_E, num_keys: int, seg: int, route=None):
+    """csrc/attn_block.c: (h_TD, y_TD, w_TK, ids_TK, meta_R3, y_RD, counts_X) of one block for
+    an all-decode batch. route: (ids_TK, w_TK) chosen by the caller (synthetic skew), or None for
+    the model's router. Every tensor contiguous fp32 / int64 on CPU (the caller checks)."""
+    T, D = x_TD.shape
+    E, K = w_gate_ED.shape[0], top_k
+    X = k_XGd.shape[0]
+    Q = w_qkv_QD.shape[0]
+    scratch = torch.empty(T * (D + Q + 2 * H * d + E), dtype=torch.float32)
+    key_R = torch.empty(T * K, dtype=torch.int64)
+    h_TD, y_TD = torch.empty(T, D), torch.empty(T, D)
+    if route is None:
+        ids_TK, w_TK = torch.empty(T, K, dtype=torch.int64), torch.empty(T, K, dtype=torch.float32)
+    else:
+        ids_TK, w_TK = route
+    meta_R3 = torch.empty(T * K, 3, dtype=torch.int32)
+    y_RD = torch.empty(T * K, D)
+    counts_X = torch.empty(num_keys, dtype=torch.int64)
+    rc = _lib().amoe_attn_decode_block_f32(
+        _sgemm(), x_TD.data_ptr(), T, D, ln1_D.data_ptr(), w_qkv_QD.data_ptr(), w_o_DX.data_ptr(), ln2_D.data_ptr(),
+        w_gate_ED.data_ptr(), eps, H, G, d, cos_Td.data_ptr(), sin_Td.data_ptr(), slots_T.data_ptr(), k_XGd.data_ptr(),
+        v_XGd.data_ptr(), tables_TM.data_ptr(), tables_TM.shape[1], lens_T.data_ptr(), block_size,
+        X // block_size, scale, E, K, int(renormalize), int(route is not None), key_E.data_ptr(), num_keys, seg,
+        scratch.data_ptr(), key_R.data_ptr(), h_TD.data_ptr(), y_TD.data_ptr(), w_TK.data_ptr(), ids_TK.data_ptr(),
+        meta_R3.data_ptr(), y_RD.data_ptr(), counts_X.data_ptr())
+    if rc == -1:
+        raise ValueError("attn_decode_block: a KV slot, block id or length is outside the cache or its table, "
+                         f"or H={H} is not a multiple of G={G}")
+    if rc == -2:
+        raise ValueError(f"attn_decode_block: an expert id is outside [0, {E}) or a key outside [0, {num_keys})")
+    if rc != 0:
+        raise ValueError(f"attn_decode_block: top_k={K} must be in [1, E={E}]")
+    return h_TD, y_TD, w_TK, ids_TK, meta_R3, y_RD, counts_X
 
 
 def rms_norm(x_TD: torch.Tensor, w_D: torch.Tensor, eps: float) -> torch.Tensor:

@@ -7,6 +7,7 @@ S=block size, M=blocks per table, L=context length.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as Fn
 
@@ -106,6 +107,27 @@ def route(
     w_TK, ids_TK = topk_gating(logits_TE, k, renormalize, weight_dtype, scoring)
     order_R, counts_E = permute(ids_TK, num_experts)
     return w_TK, ids_TK, order_R, counts_E
+
+
+def pool_scatter(tok_R: torch.Tensor, slot_R: torch.Tensor, done_X: np.ndarray, out_RD: torch.Tensor,
+                 dst_TKD: torch.Tensor) -> int:
+    """dst_TKD[tok, slot] = out_RD rows, marking done_X[tok * K + slot]; ValueError (nothing
+    written, marks unchanged) for an index out of range or a pair delivered before or twice."""
+    T, K, D = dst_TKD.shape
+    R = tok_R.numel()
+    if R == 0:
+        return 0
+    t_R = tok_R.cpu().numpy().astype(np.int64)
+    s_R = slot_R.cpu().numpy().astype(np.int64)
+    if t_R.min() < 0 or s_R.min() < 0 or t_R.max() >= T or s_R.max() >= K:
+        raise ValueError(f"(token, slot) index out of range for T={T}, K={K}")
+    flat_R = t_R * K + s_R
+    if done_X[flat_R].any() or np.unique(flat_R).size != R:
+        raise ValueError("a (token, slot) pair was already delivered or appears twice in one delivery")
+    done_X[flat_R] = True
+    dst_TKD.view(T * K, D).index_copy_(0, torch.from_numpy(flat_R).to(dst_TKD.device),
+                                       out_RD.to(dst_TKD.device, dst_TKD.dtype))
+    return R
 
 
 def permute_tokens(x_TD: torch.Tensor, order_R: torch.Tensor, k: int) -> torch.Tensor:

@@ -36,3 +36,30 @@ int amoe_dispatch_rows(const int64_t *key, int64_t R, int64_t K, int64_t X, int3
     free(next);
     return 0;
 }
+
+/* The attention rank's token pool (sched/token_pool.py) taking one expert reply: rows r of src
+   land at dst[(tok[r], slot[r])], marking done[tok * K + slot]. tok and slot are int32 columns
+   of the reply's meta rows (stride elements apart). Validated before any row is written: returns
+   -1 for a (token, slot) outside [0, T) x [0, K), -2 for one already delivered or repeated in
+   this reply (the marks are then as they were), else the number of rows. */
+int64_t amoe_pool_scatter(const int32_t *tok, const int32_t *slot, int64_t stride, int64_t R, int64_t T, int64_t K,
+                          uint8_t *done, const char *src, int64_t row_bytes, char *dst)
+{
+    for (int64_t r = 0; r < R; r++) {
+        const int64_t t = tok[r * stride], s = slot[r * stride];
+        if (t < 0 || t >= T || s < 0 || s >= K)
+            return -1;
+    }
+    for (int64_t r = 0; r < R; r++) {
+        const int64_t x = tok[r * stride] * K + slot[r * stride];
+        if (done[x]) {
+            for (int64_t j = 0; j < r; j++)
+                done[tok[j * stride] * K + slot[j * stride]] = 0;
+            return -2;
+        }
+        done[x] = 1;
+    }
+    for (int64_t r = 0; r < R; r++)
+        memcpy(dst + (tok[r * stride] * K + slot[r * stride]) * row_bytes, src + r * row_bytes, (size_t)row_bytes);
+    return R;
+}

@@ -5,7 +5,22 @@
 /* out[r, o] = x_r . w_o for rows r of x (n of them, K floats each) and outputs o of w (O rows of
    K floats): three rows by four outputs per tile, then two, then one, one accumulator each.
    Every accumulator sums its row's products in the same order in every tile, so a row's result
-   does not depend on the tile it fell in. */
+   does not depend on the tile it fell in.
+   An expert's weights are usually not in cache (a rank's experts over all blocks outgrow the
+   L3), and the hardware prefetcher alone left the cold reads un-overlapped (+280 µs per step
+   of 8 experts 128x256 at any row count): each tile prefetches the weights PF_ROWS rows ahead,
+   spread over its inner loop, so the next tiles' reads overlap this one's arithmetic. */
+#ifndef PF_ROWS
+#define PF_ROWS 32
+/* The 4 K weights of the tile PF_ROWS rows ahead, 32 of them per 8-wide step i (two lines of
+   fp32; a prefetch past the end of the weights is harmless: it never faults). */
+#define PREFETCH_AHEAD(w0, K, i)                                                                  \
+    do {                                                                                          \
+        _mm_prefetch((const char *)((w0) + PF_ROWS * (K) + 4 * (i)), _MM_HINT_T0);                 \
+        _mm_prefetch((const char *)((w0) + PF_ROWS * (K) + 4 * (i) + 16), _MM_HINT_T0);            \
+    } while (0)
+#endif
+
 static void ROWS_DOT(const float *x, int64_t n, const WEIGHT_T *w, int64_t O, int64_t K, float *out, int64_t ld)
 {
     int64_t r = 0;
@@ -17,6 +32,7 @@ static void ROWS_DOT(const float *x, int64_t n, const WEIGHT_T *w, int64_t O, in
             __m256 a10 = a00, a11 = a00, a12 = a00, a13 = a00;
             __m256 a20 = a00, a21 = a00, a22 = a00, a23 = a00;
             for (int64_t i = 0; i < K; i += 8) {
+                PREFETCH_AHEAD(w0, K, i);
                 const __m256 u = _mm256_loadu_ps(x0 + i), v = _mm256_loadu_ps(x1 + i), z = _mm256_loadu_ps(x2 + i);
                 __m256 b = LOAD_W(w0 + i);
                 a00 = _mm256_fmadd_ps(u, b, a00); a10 = _mm256_fmadd_ps(v, b, a10); a20 = _mm256_fmadd_ps(z, b, a20);
@@ -40,6 +56,7 @@ static void ROWS_DOT(const float *x, int64_t n, const WEIGHT_T *w, int64_t O, in
             __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00;
             __m256 a10 = a00, a11 = a00, a12 = a00, a13 = a00;
             for (int64_t i = 0; i < K; i += 8) {
+                PREFETCH_AHEAD(w0, K, i);
                 const __m256 u = _mm256_loadu_ps(x0 + i), v = _mm256_loadu_ps(x1 + i);
                 const __m256 b0 = LOAD_W(w0 + i), b1 = LOAD_W(w0 + K + i);
                 const __m256 b2 = LOAD_W(w0 + 2 * K + i), b3 = LOAD_W(w0 + 3 * K + i);
@@ -63,6 +80,7 @@ static void ROWS_DOT(const float *x, int64_t n, const WEIGHT_T *w, int64_t O, in
             const WEIGHT_T *w0 = w + o * K;
             __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00;
             for (int64_t i = 0; i < K; i += 8) {
+                PREFETCH_AHEAD(w0, K, i);
                 const __m256 u = _mm256_loadu_ps(x0 + i);
                 a00 = _mm256_fmadd_ps(u, LOAD_W(w0 + i), a00);
                 a01 = _mm256_fmadd_ps(u, LOAD_W(w0 + K + i), a01);

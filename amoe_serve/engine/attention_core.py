@@ -158,25 +158,29 @@ class AttentionCore:
         if seg.paged is None:
             seg.paged = self.kv.batch([r.table_M for r in seg.reqs], seg.start_S, seg.n_S)
         x_TD = seg.x_TD
-        h_TD = self.model.attention(b, x_TD, seg.paged, self.kv)
-        y_TD = self.model.moe_input(b, h_TD)
+        T = x_TD.shape[0]
+        E = self.spec.num_experts
         prev_TK = seg.route_TK if b > 0 else None
-        if self.skew is None:
-            ids_TK, w_TK = self.model.route(b, y_TD)
+        skew = None if self.skew is None else self.skew.route(b, T, x_TD.dtype, x_TD.device, prev_TK)
+        # All-decode steps run the block as one native call (the same bits as the calls below).
+        fused = None if self.replicated else self.model.decode_block(
+            b, x_TD, seg.paged, self.kv, self.key_BE[b], self.expert_ranks * E, seg.seg_id, skew)
+        if fused is not None:
+            h_TD, y_TD, w_TK, ids_TK, meta_R3, y_RD, counts_X = fused
         else:
-            ids_TK, w_TK = self.skew.route(b, y_TD.shape[0], y_TD.dtype, y_TD.device, prev_TK)
+            h_TD = self.model.attention(b, x_TD, seg.paged, self.kv)
+            y_TD = self.model.moe_input(b, h_TD)
+            ids_TK, w_TK = self.model.route(b, y_TD) if skew is None else skew
         self.trace.record(b, ids_TK, prev_TK)
         s_TD = self.model.shared_expert(b, y_TD)
         seg.route_TK = ids_TK
-        T = x_TD.shape[0]
         self.pool.open((seg.seg_id, b), T, K, h_TD.shape[1], h_TD.dtype, context=(h_TD, w_TK, s_TD), device=self.device)
         self.segments[seg.seg_id] = seg
 
-        # Rows r = t*K + k, sorted by (owner rank, expert) so each rank gets contiguous runs.
-        E = self.spec.num_experts
-        expert_R = ids_TK.reshape(-1)
-        key_R = self._owners(b, expert_R) * E + expert_R if self.replicated else self.key_BE[b][expert_R]
-        meta_R3, y_RD, counts_X = amoe_kernels.dispatch_rows(y_TD, key_R, K, seg.seg_id, self.expert_ranks * E)
+        if fused is None:  # rows r = t*K + k, sorted by (owner rank, expert): contiguous runs per rank
+            expert_R = ids_TK.reshape(-1)
+            key_R = self._owners(b, expert_R) * E + expert_R if self.replicated else self.key_BE[b][expert_R]
+            meta_R3, y_RD, counts_X = amoe_kernels.dispatch_rows(y_TD, key_R, K, seg.seg_id, self.expert_ranks * E)
         counts_RE = counts_X.view(self.expert_ranks, E).tolist()
 
         out: list[Dispatch] = []

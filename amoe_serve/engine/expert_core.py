@@ -8,6 +8,7 @@ Legend: R rows, D hidden, G experts in a grouped step.
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -38,6 +39,24 @@ class Chunk:
     meta_R3: torch.Tensor
     y_RD: torch.Tensor
     seg: int = -1     # the segment the rows belong to (the dispatch header's "seg"; -1: unknown)
+    # Where the rows sit in their dispatch message (its tensors, first row): a step that runs
+    # consecutive chunks of one message takes a view of it instead of concatenating copies.
+    msg: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+    start: int = 0
+
+
+def _joined(chunks: list[Chunk]) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """(meta_R3, y_RD) of chunks that are consecutive rows of one message, as views; else None."""
+    first = chunks[0]
+    if first.msg is None:
+        return None
+    end = first.start
+    for c in chunks:
+        if c.msg is not first.msg or c.start != end:
+            return None
+        end += c.y_RD.shape[0]
+    meta_R3, y_RD = first.msg
+    return meta_R3[first.start:end], y_RD[first.start:end]
 
 
 @dataclass
@@ -76,18 +95,20 @@ class ExpertCore:
     def receive(self, src: int, header: dict, meta_R3: torch.Tensor, y_RD: torch.Tensor) -> None:
         b = int(header["b"])
         seg = int(header.get("seg", -1))
-        start = 0
-        for e, n in zip(header["experts"], header["counts"]):
-            slot = self.slot_of.get((b, int(e)))
-            if slot is None:
-                raise RuntimeError(f"received tokens for block {b} expert {e}, which this rank does not hold")
-            sl = slice(start, start + n)
-            self.queues.push(b, slot, Chunk(src, meta_R3[sl], y_RD[sl], seg), n)
-            start += n
+        experts, counts = header["experts"], header["counts"]
+        if sum(counts) != y_RD.shape[0] or meta_R3.shape[0] != y_RD.shape[0] or len(experts) != len(counts):
+            raise RuntimeError(f"dispatch counts sum to {sum(counts)} but {y_RD.shape[0]} rows arrived")
+        try:
+            slots = [self.slot_of[(b, e)] for e in experts]
+        except KeyError as exc:
+            raise RuntimeError(f"received tokens for block {b} expert {exc.args[0][1]}, which this rank does "
+                               "not hold") from None
+        msg = (meta_R3, y_RD)
+        starts = list(itertools.accumulate(counts, initial=0))
+        self.queues.push_many(b, slots, [Chunk(src, meta_R3[s0:s1], y_RD[s0:s1], seg, msg, s0)
+                                         for s0, s1 in zip(starts, starts[1:])], counts)
         if self.gate.enabled:
             self.gate.pushed(b, time.perf_counter())
-        if start != y_RD.shape[0]:
-            raise RuntimeError(f"dispatch counts sum to {start} but {y_RD.shape[0]} rows arrived")
 
     def pending(self) -> int:
         return self.queues.total()
@@ -119,14 +140,14 @@ class ExpertCore:
         if step is None:
             return []
         b = step.block
-        for s, n in zip(step.slots, step.rows):
-            self.counters.record_batch(b, s, n)
+        self.counters.record_batches(b, step.slots, step.rows)
         # Groups in expert order, so the grouped GEMM indexes the weight stacks directly.
         groups = sorted(zip(step.slots, step.items, step.rows), key=lambda g: self.expert_of[b][g[0]])
         chunks: list[Chunk] = [c for _, got, _ in groups for c in got]
         experts = [self.expert_of[b][s] for s, _, _ in groups]
         counts = [n for _, _, n in groups]
-        y_RD = torch.cat([c.y_RD for c in chunks]) if len(chunks) > 1 else chunks[0].y_RD
+        joined = _joined(chunks) if len(chunks) > 1 else (chunks[0].meta_R3, chunks[0].y_RD)
+        y_RD = joined[1] if joined is not None else torch.cat([c.y_RD for c in chunks])
         if self.hints:
             out_RD = self.experts.run_grouped(b, experts, counts, y_RD, upcoming=self._upcoming(b))
             self._last_run[b] = experts
@@ -134,7 +155,7 @@ class ExpertCore:
             out_RD = self.experts.run_grouped(b, experts, counts, y_RD)
         srcs = {c.src for c in chunks}
         if len(srcs) == 1:  # one attention rank: the rows go back as they are
-            meta_R3 = torch.cat([c.meta_R3 for c in chunks]) if len(chunks) > 1 else chunks[0].meta_R3
+            meta_R3 = joined[0] if joined is not None else torch.cat([c.meta_R3 for c in chunks])
             return [Reply(chunks[0].src, _reply_header(b, chunks), [meta_R3, out_RD])]
         # Replies grouped by source attention rank.
         by_src: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}

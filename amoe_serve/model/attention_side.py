@@ -75,6 +75,9 @@ class AttentionSide:
         self.lm_head_VD = weights.get("lm_head.weight", weights["model.embed_tokens.weight"])
         self.inv_freq = rope_inv_freq(spec.rope_theta, spec.head_dim)
         self.scale = spec.head_dim**-0.5
+        # decode_block's fused native step covers the plain Mixtral-style block in one dtype.
+        self._fusable = (self.dtype == at_rest == torch.float32 and not spec.attention_bias and not spec.o_bias
+                         and not spec.qk_norm and spec.clip_qkv is None)
         self._check_shapes(where)
         # One fused [q; k; v] projection per block: one GEMM instead of three per step.
         self.qkv_w: list[torch.Tensor] = []
@@ -161,6 +164,33 @@ class AttentionSide:
                                       future_SnL=g.future_SnL)
             o_TX[g.rows_Sn[g.valid_Sn]] = o_SnX[g.valid_Sn]
         return self._out(b, x_TD, o_TX)
+
+    @torch.inference_mode()
+    def decode_block(self, b: int, x_TD: torch.Tensor, batch: PagedBatch, kv: PagedKVCache, key_E: torch.Tensor,
+                     num_keys: int, seg: int, route: Optional[tuple[torch.Tensor, torch.Tensor]] = None):
+        """attention + moe_input + route + dispatch_rows (keys key_E[expert]) of block b in one
+        native call, for an all-decode batch: (h_TD, y_TD, w_TK, ids_TK, meta_R3, y_RD,
+        counts_X), the bits of the four calls. None where it does not apply (prefill rows, biases,
+        q/k norms or clipping, weights narrower than the activations, CUDA): call them then.
+        route: (ids_TK, w_TK) of a synthetic router, else the model's."""
+        s = self.spec
+        if not self._fusable or len(batch.groups) != 1 or batch.groups[0].rows_Sn is not None:
+            return None
+        if batch.max_pos >= s.max_position_embeddings:
+            raise ValueError(f"attention: position {batch.max_pos} >= max_position_embeddings {s.max_position_embeddings}")
+        T = x_TD.shape[0]
+        if batch.num_tokens != T:
+            raise ValueError(f"attention: segments cover {batch.num_tokens} tokens, x has {T}")
+        cos, sin = batch.once(("rope", x_TD.dtype),
+                              lambda: rope_tables(*rope_cos_sin(batch.pos_T, self.inv_freq, x_TD.dtype)))
+        g = batch.groups[0]
+        k_XGd, v_XGd = kv.flat(b)
+        return K.attn_decode_block(
+            x_TD, self._p(b, "input_layernorm.weight"), self.qkv_w[b], self._p(b, "self_attn.o_proj.weight"),
+            self._p(b, "post_attention_layernorm.weight"), self._p(b, "mlp.gate.weight"), s.rms_norm_eps,
+            s.num_heads, s.num_kv_heads, s.head_dim, cos.view(T, -1), sin.view(T, -1), batch.write_slots_T, k_XGd,
+            v_XGd, g.blocks_SM, g.klen_S, kv.block_size, self.scale, s.top_k, s.norm_topk_prob, key_E, num_keys,
+            seg, route)
 
     def _out(self, b: int, x_TD: torch.Tensor, o_TX: torch.Tensor) -> torch.Tensor:
         s = self.spec

@@ -115,6 +115,10 @@ class Defrag:
         busy = np.flatnonzero(Q_BS)
         if busy.size <= 1:  # nothing, or the one choice (a single wave in flight): no scoring
             return None if busy.size == 0 else _unravel(int(busy[0]), Q_BS)
+        NS = Q_BS.shape[1]
+        if busy[0] // NS == busy[-1] // NS:  # one block's queues (one dispatch landed): its longest
+            b = int(busy[0]) // NS
+            return b, int(np.argmax(Q_BS[b]))
         score_BS = self.scores(Q_BS)
         return _unravel(int(np.argmax(score_BS)), Q_BS)
 

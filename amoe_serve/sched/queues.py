@@ -42,6 +42,25 @@ class MuQueues:
         self._total += num_tokens
         self._num_items += 1
 
+    def push_many(self, block: int, slots: list[int], items: list, num_tokens: list[int]) -> None:
+        """push(block, slots[i], items[i], num_tokens[i]) for every i (distinct slots), with the
+        lengths updated in one vector op: one dispatch message fills several queues at once."""
+        if not (len(slots) == len(items) == len(num_tokens)):
+            raise ValueError(f"{len(slots)} slots, {len(items)} items and {len(num_tokens)} counts")
+        if not slots:
+            return
+        if not 0 <= block < self.num_blocks or min(slots) < 0 or max(slots) >= self.num_slots:
+            raise ValueError(f"queues ({block}, {slots}) out of range for {self.num_blocks} blocks x "
+                             f"{self.num_slots} slots")
+        if min(num_tokens) < 0:
+            raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
+        fifos = self._fifos[block]
+        for s, item, n in zip(slots, items, num_tokens):
+            fifos[s].append((item, n))
+        np.add.at(self._lengths[block], slots, num_tokens)
+        self._total += sum(num_tokens)
+        self._num_items += len(items)
+
     def pop(self, block: int, slot: int, max_tokens: int | None = None) -> list:
         """Drain items in FIFO order.
 

@@ -15,13 +15,14 @@ from typing import Any, Hashable
 import numpy as np
 import torch
 
+import amoe_kernels
+
 
 @dataclass
 class _Entry:
     out_TKD: torch.Tensor
-    # Host-side bool marks, one per (token, slot): the checks of a delivery run in numpy, where a
-    # call on a few hundred indices costs ~1 µs instead of a torch op's 5-10 (this runs once per
-    # expert reply on the attention rank's critical path).
+    # Host-side bool marks, one per (token, slot), checked and set by amoe_kernels.pool_scatter
+    # (this runs once per expert reply on the attention rank's critical path).
     delivered_X: np.ndarray
     remaining: int
     context: Any
@@ -84,23 +85,10 @@ class TokenPool:
             return False
         if entry.remaining == 0:
             raise ValueError(f"token pool entry {key!r} is already complete")
-        # Indices to the host once (a view for CPU tensors), checked and marked there.
-        t_R = token_idx_R.cpu().numpy().astype(np.int64)
-        s_R = slot_R.cpu().numpy()
-        if t_R.min() < 0 or s_R.min() < 0 or t_R.max() >= T or s_R.max() >= K:
-            raise ValueError(f"entry {key!r}: (token, slot) index out of range for T={T}, K={K}")
-        flat_R = t_R * K + s_R
-        done_X = entry.delivered_X
-        if done_X[flat_R].any():
-            raise ValueError(f"entry {key!r}: a (token, slot) pair was already delivered")
-        done_X[flat_R] = True
-        new = entry.remaining - (done_X.size - int(np.count_nonzero(done_X)))
-        if new != R:  # fewer new marks than rows: a pair repeats within this delivery
-            done_X[flat_R] = False
-            raise ValueError(f"entry {key!r}: a (token, slot) pair appears twice in one delivery")
-        if out_RD.dtype != entry.out_TKD.dtype or out_RD.device != entry.out_TKD.device:
-            out_RD = out_RD.to(entry.out_TKD.device, entry.out_TKD.dtype)
-        entry.out_TKD.view(T * K, D).index_copy_(0, torch.from_numpy(flat_R).to(entry.out_TKD.device), out_RD)
+        try:  # validated and marked before any row is written (one native pass on CPU)
+            amoe_kernels.pool_scatter(token_idx_R, slot_R, entry.delivered_X, out_RD, entry.out_TKD)
+        except ValueError as e:
+            raise ValueError(f"entry {key!r}: {e}") from None
         entry.remaining -= R
         return entry.remaining == 0
 

@@ -74,6 +74,17 @@ def test_batches_hist_and_time():
     assert d["busy_s"] == 3.0 and d["idle_s"] == 1.0 and d["idle_fraction"] == 0.25
 
 
+def test_record_batches_is_record_batch_of_each():
+    a, b = RankCounters(2, 3), RankCounters(2, 3)
+    a.record_batches(1, [2, 0], [5, 1])
+    b.record_batch(1, 2, 5)
+    b.record_batch(1, 0, 1)
+    assert a.to_dict() == b.to_dict()
+    assert a.tokens_BS.tolist() == [[0, 0, 0], [1, 0, 5]] and a.batches_BS.tolist() == [[0, 0, 0], [1, 0, 1]]
+    with pytest.raises(ValueError):
+        a.record_batches(0, [0], [0])
+
+
 def test_queue_depths_max_and_time_weighted_mean():
     c = RankCounters(1, 2)
     c.record_queue_depths(np.array([[4, 0]]), dt=1.0)

@@ -81,3 +81,20 @@ def test_randomized_lengths_match_contents():
         expected = np.array([[sum(n for _, n in shadow[b, s]) for s in range(3)] for b in range(4)])
         assert (q.lengths == expected).all()
     assert q.total() == q.lengths.sum()
+
+
+def test_push_many_is_push_of_each():
+    a, b = MuQueues(3, 4), MuQueues(3, 4)
+    items, slots, counts = ["x", "y", "z"], [3, 0, 2], [5, 0, 7]
+    a.push_many(1, slots, items, counts)
+    for s, it, n in zip(slots, items, counts):
+        b.push(1, s, it, n)
+    assert np.array_equal(a.lengths, b.lengths) and a.total() == b.total() == 12 and len(a) == len(b) == 3
+    assert [a.pop(1, s) for s in range(4)] == [b.pop(1, s) for s in range(4)]
+    a.push_many(0, [], [], [])
+    assert a.is_empty()
+    for bad in [(3, [0], ["i"], [1]), (0, [4], ["i"], [1]), (0, [-1], ["i"], [1]), (0, [0], ["i"], [-1]),
+                (0, [0, 1], ["i"], [1, 1])]:
+        with pytest.raises(ValueError):
+            a.push_many(*bad)
+    assert a.is_empty() and a.total() == 0

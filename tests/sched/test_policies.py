@@ -96,6 +96,21 @@ def test_defrag_matches_reference_randomized():
             assert d.pick(m) == _defrag_reference(m, K, delta)
 
 
+def test_defrag_one_busy_block_shortcut_matches_reference():
+    """Only one block's queues hold rows (one dispatch landed): the pick skips scoring and must
+    still be the scored argmax, ties to the first slot included."""
+    rng = np.random.default_rng(1)
+    d = Defrag(3, 0.8)
+    for _ in range(300):
+        NB, NS = int(rng.integers(1, 17)), int(rng.integers(2, 9))
+        m = np.zeros((NB, NS), dtype=np.int64)
+        b = int(rng.integers(0, NB))
+        m[b] = rng.integers(0, 4, size=NS)
+        if m[b].sum() == 0:
+            m[b, 0] = 1
+        assert d.pick(m) == _defrag_reference(m, 3, 0.8)
+
+
 def test_defrag_validation():
     with pytest.raises(ValueError):
         Defrag(lookahead=-1)

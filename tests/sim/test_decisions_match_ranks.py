@@ -55,7 +55,12 @@ def _real(cfg, spec, monkeypatch) -> dict[int, list]:
         seen.setdefault(int(threading.current_thread().name[4:]), []).append((int(b), int(s), int(n)))
         orig(self, b, s, n)
 
+    def record_many(self, b, slots, rows):  # an expert rank's grouped step: its queues in order
+        for s, n in zip(slots, rows):
+            record(self, b, s, n)
+
     monkeypatch.setattr(RankCounters, "record_batch", record)
+    monkeypatch.setattr(RankCounters, "record_batches", record_many)
     topo = topology(cfg)
     hub = InProcHub(topo.world_size)
     gw = make_gateway(cfg, hub.transport(0), spec)
