@@ -6,6 +6,8 @@ launch parameters live in configs/*.json (see tuning.py); `python -m amoe_kernel
 
 from .dispatch import (
     attn_decode_block,
+    attn_post,
+    attn_pre,
     backend_for,
     combine_slots,
     dispatch_rows,
@@ -27,6 +29,8 @@ from .dispatch import (
 
 __all__ = [
     "attn_decode_block",
+    "attn_post",
+    "attn_pre",
     "backend_for",
     "combine_slots",
     "dispatch_rows",

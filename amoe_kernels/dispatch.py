@@ -169,6 +169,18 @@ def topk_gating(logits_TE, k: int, renormalize: bool, scoring: str = "softmax", 
     return reference.topk_gating(logits_TE, k, renormalize, weight_dtype, scoring)
 
 
+def _fused_ok(backend, floats, ints, route, T: int, top_k: int) -> bool:
+    """Whether the fused block-step kernels take these tensors: fp32 / int64 contiguous CPU
+    tensors, the library and a BLAS with F.linear's bits, and the reference not named."""
+    if _named_reference(backend) or not native.fused_block_available() or floats[0].dtype != torch.float32:
+        return False
+    if not native.supports(*floats) or not native.supports(*ints, any_dtype=True) \
+            or any(t.dtype != torch.int64 for t in ints):
+        return False
+    return route is None or (native.supports(*route, any_dtype=True) and route[0].dtype == torch.int64
+                             and route[1].dtype == torch.float32 and route[0].shape == route[1].shape == (T, top_k))
+
+
 def attn_decode_block(x_TD, ln1_D, w_qkv_QD, w_o_DX, ln2_D, w_gate_ED, eps: float, H: int, G: int, d: int,
                       cos_Td, sin_Td, slots_T, k_XGd, v_XGd, tables_TM, lens_T, block_size: int, scale: float,
                       top_k: int, renormalize: bool, key_E, num_keys: int, seg: int, route=None,
@@ -180,25 +192,44 @@ def attn_decode_block(x_TD, ln1_D, w_qkv_QD, w_o_DX, ln2_D, w_gate_ED, eps: floa
     counts_X), the bits of those ops called one by one on fp32 CPU; None where the fused C step
     does not apply (other dtypes or devices, the reference named, no C compiler or no BLAS with
     F.linear's bits): the caller runs the ops one by one then."""
-    if _named_reference(backend) or not native.fused_block_available() or x_TD.dtype != torch.float32:
-        return None
-    floats = (x_TD, ln1_D, w_qkv_QD, w_o_DX, ln2_D, w_gate_ED, cos_Td, sin_Td, k_XGd, v_XGd)
-    if not native.supports(*floats) or not native.supports(slots_T, tables_TM, lens_T, key_E, any_dtype=True):
-        return None
-    if route is not None and not native.supports(*route, any_dtype=True):
-        return None
     T, D = x_TD.shape
-    if not (slots_T.dtype == tables_TM.dtype == lens_T.dtype == key_E.dtype == torch.int64) \
-            or w_qkv_QD.shape != ((H + 2 * G) * d, D) or w_o_DX.shape != (D, H * d) or tuple(cos_Td.shape) != (T, d) \
+    floats = (x_TD, ln1_D, w_qkv_QD, w_o_DX, ln2_D, w_gate_ED, cos_Td, sin_Td, k_XGd, v_XGd)
+    if not _fused_ok(backend, floats, (slots_T, tables_TM, lens_T, key_E), route, T, top_k):
+        return None
+    if w_qkv_QD.shape != ((H + 2 * G) * d, D) or w_o_DX.shape != (D, H * d) or tuple(cos_Td.shape) != (T, d) \
             or slots_T.shape != (T,) or lens_T.shape != (T,) or tables_TM.shape[0] != T \
             or key_E.shape != (w_gate_ED.shape[0],) or k_XGd.shape[0] % block_size:
-        return None
-    if route is not None and (route[0].dtype != torch.int64 or route[1].dtype != torch.float32
-                              or route[0].shape != (T, top_k) or route[1].shape != (T, top_k)):
         return None
     return native.attn_decode_block(x_TD, ln1_D, w_qkv_QD, w_o_DX, ln2_D, w_gate_ED, eps, H, G, d, cos_Td, sin_Td,
                                     slots_T, k_XGd, v_XGd, tables_TM, lens_T, block_size, scale, top_k, renormalize,
                                     key_E, num_keys, seg, route)
+
+
+def attn_pre(x_TD, ln1_D, w_qkv_QD, eps: float, H: int, G: int, d: int, cos_Td, sin_Td, slots_T, k_XGd, v_XGd,
+             backend: str | None = None):
+    """attn_decode_block's first part for any rows (prefill spans too): rms_norm, the qkv
+    projection and rope_kv_write; returns q [T, H, d] (the new K/V written), or None where the
+    fused kernels do not apply."""
+    T, D = x_TD.shape
+    if not _fused_ok(backend, (x_TD, ln1_D, w_qkv_QD, cos_Td, sin_Td, k_XGd, v_XGd), (slots_T,), None, T, 1):
+        return None
+    if w_qkv_QD.shape != ((H + 2 * G) * d, D) or tuple(cos_Td.shape) != (T, d) or slots_T.shape != (T,):
+        return None
+    return native.attn_pre(x_TD, ln1_D, w_qkv_QD, eps, H, G, d, cos_Td, sin_Td, slots_T, k_XGd, v_XGd)
+
+
+def attn_post(x_TD, o_TX, w_o_DX, ln2_D, w_gate_ED, eps: float, top_k: int, renormalize: bool, key_E,
+              num_keys: int, seg: int, route=None, backend: str | None = None):
+    """attn_decode_block's last part for any rows, after the attention (o_TX): the o projection
+    and residual, rms_norm, the router and topk_gating (or route) and dispatch_rows; the same
+    tuple, or None where the fused kernels do not apply."""
+    T, D = x_TD.shape
+    if not _fused_ok(backend, (x_TD, o_TX, w_o_DX, ln2_D, w_gate_ED), (key_E,), route, T, top_k):
+        return None
+    if w_o_DX.shape != (D, o_TX.shape[1]) or o_TX.shape[0] != T or key_E.shape != (w_gate_ED.shape[0],):
+        return None
+    return native.attn_post(x_TD, o_TX, w_o_DX, ln2_D, w_gate_ED, eps, top_k, renormalize, key_E, num_keys, seg,
+                            route)
 
 
 def route(logits_TE, k: int, renormalize: bool, num_experts: int | None = None, scoring: str = "softmax",

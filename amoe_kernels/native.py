@@ -115,6 +115,13 @@ def _lib() -> ctypes.CDLL | None:
         ptr, ptr, ptr, ptr, i64, ptr, i64, i64, f32, i64, i64, ctypes.c_int, ctypes.c_int, ptr, i64,  # .. X
         ctypes.c_int32, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr]  # seg .. counts
     lib.amoe_attn_decode_block_f32.restype = ctypes.c_int
+    lib.amoe_attn_pre_f32.argtypes = [ptr, ptr, i64, i64, ptr, ptr, f32, i64, i64, i64, ptr, ptr, ptr, i64, ptr, ptr,
+                                      ptr, ptr, ptr]
+    lib.amoe_attn_pre_f32.restype = ctypes.c_int
+    lib.amoe_attn_post_f32.argtypes = [ptr, ptr, ptr, i64, i64, i64, ptr, ptr, ptr, f32, i64, i64, ctypes.c_int,
+                                       ctypes.c_int, ptr, i64, ctypes.c_int32, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr,
+                                       ptr, ptr]
+    lib.amoe_attn_post_f32.restype = ctypes.c_int
     return lib
 
 
@@ -220,14 +227,8 @@ def attn_decode_block(x_TD, ln1_D, w_qkv_QD, w_o_DX, ln2_D, w_gate_ED, eps: floa
     Q = w_qkv_QD.shape[0]
     scratch = torch.empty(T * (D + Q + 2 * H * d + E), dtype=torch.float32)
     key_R = torch.empty(T * K, dtype=torch.int64)
-    h_TD, y_TD = torch.empty(T, D), torch.empty(T, D)
-    if route is None:
-        ids_TK, w_TK = torch.empty(T, K, dtype=torch.int64), torch.empty(T, K, dtype=torch.float32)
-    else:
-        ids_TK, w_TK = route
-    meta_R3 = torch.empty(T * K, 3, dtype=torch.int32)
-    y_RD = torch.empty(T * K, D)
-    counts_X = torch.empty(num_keys, dtype=torch.int64)
+    outs = _post_outputs(T, D, K, num_keys, route)
+    h_TD, y_TD, w_TK, ids_TK, meta_R3, y_RD, counts_X = outs
     rc = _lib().amoe_attn_decode_block_f32(
         _sgemm(), x_TD.data_ptr(), T, D, ln1_D.data_ptr(), w_qkv_QD.data_ptr(), w_o_DX.data_ptr(), ln2_D.data_ptr(),
         w_gate_ED.data_ptr(), eps, H, G, d, cos_Td.data_ptr(), sin_Td.data_ptr(), slots_T.data_ptr(), k_XGd.data_ptr(),
@@ -238,11 +239,57 @@ def attn_decode_block(x_TD, ln1_D, w_qkv_QD, w_o_DX, ln2_D, w_gate_ED, eps: floa
     if rc == -1:
         raise ValueError("attn_decode_block: a KV slot, block id or length is outside the cache or its table, "
                          f"or H={H} is not a multiple of G={G}")
-    if rc == -2:
-        raise ValueError(f"attn_decode_block: an expert id is outside [0, {E}) or a key outside [0, {num_keys})")
+    _post_check(rc, E, K, num_keys, "attn_decode_block")
+    return outs
+
+
+def attn_pre(x_TD, ln1_D, w_qkv_QD, eps: float, H: int, G: int, d: int, cos_Td, sin_Td, slots_T, k_XGd, v_XGd):
+    """csrc/attn_block.c amoe_attn_pre_f32: q [T, H, d] (K/V written); any rows."""
+    T, D = x_TD.shape
+    Q = w_qkv_QD.shape[0]
+    scratch = torch.empty(T * (D + Q), dtype=torch.float32)
+    q_THd = torch.empty(T, H, d, dtype=torch.float32)
+    rc = _lib().amoe_attn_pre_f32(_sgemm(), x_TD.data_ptr(), T, D, ln1_D.data_ptr(), w_qkv_QD.data_ptr(), eps, H, G, d,
+                                  cos_Td.data_ptr(), sin_Td.data_ptr(), slots_T.data_ptr(), k_XGd.shape[0],
+                                  k_XGd.data_ptr(), v_XGd.data_ptr(), scratch.data_ptr(), scratch.data_ptr() + 4 * T * D,
+                                  q_THd.data_ptr())
     if rc != 0:
-        raise ValueError(f"attn_decode_block: top_k={K} must be in [1, E={E}]")
-    return h_TD, y_TD, w_TK, ids_TK, meta_R3, y_RD, counts_X
+        raise ValueError(f"attn_pre: a KV slot is outside the cache's {k_XGd.shape[0]} or the head dim {d} is odd")
+    return q_THd
+
+
+def _post_outputs(T: int, D: int, K: int, num_keys: int, route):
+    if route is None:
+        ids_TK, w_TK = torch.empty(T, K, dtype=torch.int64), torch.empty(T, K, dtype=torch.float32)
+    else:
+        ids_TK, w_TK = route
+    return (torch.empty(T, D), torch.empty(T, D), w_TK, ids_TK, torch.empty(T * K, 3, dtype=torch.int32),
+            torch.empty(T * K, D), torch.empty(num_keys, dtype=torch.int64))
+
+
+def _post_check(rc: int, E: int, K: int, num_keys: int, op: str) -> None:
+    if rc == -2:
+        raise ValueError(f"{op}: an expert id is outside [0, {E}) or a key outside [0, {num_keys})")
+    if rc != 0:
+        raise ValueError(f"{op}: top_k={K} must be in [1, E={E}]")
+
+
+def attn_post(x_TD, o_TX, w_o_DX, ln2_D, w_gate_ED, eps: float, top_k: int, renormalize: bool, key_E, num_keys: int,
+              seg: int, route=None):
+    """csrc/attn_block.c amoe_attn_post_f32: (h_TD, y_TD, w_TK, ids_TK, meta_R3, y_RD, counts_X)."""
+    T, D = x_TD.shape
+    E, K, Hd = w_gate_ED.shape[0], top_k, o_TX.shape[1]
+    scratch = torch.empty(T * (D + E), dtype=torch.float32)
+    key_R = torch.empty(T * K, dtype=torch.int64)
+    outs = _post_outputs(T, D, K, num_keys, route)
+    h_TD, y_TD, w_TK, ids_TK, meta_R3, y_RD, counts_X = outs
+    rc = _lib().amoe_attn_post_f32(
+        _sgemm(), x_TD.data_ptr(), o_TX.data_ptr(), T, D, Hd, w_o_DX.data_ptr(), ln2_D.data_ptr(), w_gate_ED.data_ptr(),
+        eps, E, K, int(renormalize), int(route is not None), key_E.data_ptr(), num_keys, seg, scratch.data_ptr(),
+        scratch.data_ptr() + 4 * T * D, key_R.data_ptr(), h_TD.data_ptr(), y_TD.data_ptr(), w_TK.data_ptr(),
+        ids_TK.data_ptr(), meta_R3.data_ptr(), y_RD.data_ptr(), counts_X.data_ptr())
+    _post_check(rc, E, K, num_keys, "attn_post")
+    return outs
 
 
 def rms_norm(x_TD: torch.Tensor, w_D: torch.Tensor, eps: float) -> torch.Tensor:

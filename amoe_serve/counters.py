@@ -32,6 +32,7 @@ class RankCounters:
         self.idle_s = 0.0
         self.depth_max_BS = np.zeros(shape, dtype=np.int64)
         self._depth_time_sum_BS = np.zeros(shape, dtype=np.float64)  # sum of depth * dt
+        self._depth_tmp_BS = np.zeros(shape, dtype=np.float64)
         self._depth_time_s = 0.0
 
     def record_batch(self, block: int, slot: int, num_tokens: int) -> None:
@@ -79,8 +80,9 @@ class RankCounters:
         if dt < 0:
             raise ValueError(f"dt must be >= 0, got {dt}")
         np.maximum(self.depth_max_BS, lengths, out=self.depth_max_BS)
-        if dt > 0:
-            self._depth_time_sum_BS += lengths * dt
+        if dt > 0:  # in place: a rank samples on every loop
+            np.multiply(lengths, dt, out=self._depth_tmp_BS)
+            np.add(self._depth_time_sum_BS, self._depth_tmp_BS, out=self._depth_time_sum_BS)
             self._depth_time_s += float(dt)
 
     def to_dict(self) -> dict:

@@ -79,31 +79,31 @@ int amoe_topk_gating_f32(const float *logits, int64_t T, int64_t E, int64_t K, i
     return 0;
 }
 
-/* x [T, D] -> h = x + o_proj(attention(rms_norm(x))) [T, D], y = rms_norm(h) [T, D]; when
-   route_given is 0, ids/w [T, K] = top-k of softmax(y gate^T) (else the caller's, read); then
-   the dispatch rows of (token, slot) keyed by key_E[ids] (dispatch_rows.c). The new tokens' K/V
-   are written at slots [T] of the layer's caches ([N * bs, G, d] each); sequence t attends to
-   lens[t] positions through tables [T, M]. scratch: T * (D + Q + 2 H d + E) floats.
-   Returns 0; -1 for a bad slot, block, length or head shape, -2 for a key outside [0, X), -3
-   for a bad K (the caller raises; the cache may hold this step's K/V then). */
-int amoe_attn_decode_block_f32(amoe_sgemm_t gemm, const float *x, int64_t T, int64_t D, const float *ln1,
-                               const float *w_qkv, const float *w_o, const float *ln2, const float *w_gate,
-                               float eps, int64_t H, int64_t G, int64_t d, const float *cos, const float *sin,
-                               const int64_t *slots, float *k_cache, float *v_cache, const int64_t *tables,
-                               int64_t M, const int64_t *lens, int64_t bs, int64_t N, float scale, int64_t E,
-                               int64_t K, int renormalize, int route_given, const int64_t *key_E, int64_t X,
-                               int32_t seg, float *scratch, int64_t *key_R, float *h, float *y, float *w_TK,
-                               int64_t *ids_TK, int32_t *meta, float *y_RD, int64_t *counts)
+/* The block up to the attention: a = rms_norm(x) [T, D] and qkv = a w_qkv^T [T, Q] (scratch),
+   RoPE on q and k, k and v into the caches at slots [T] (X slots), q out [T, H, d] contiguous.
+   Any rows: prefill and decode alike. Returns 0, or -1 for a bad slot or an odd d. */
+int amoe_attn_pre_f32(amoe_sgemm_t gemm, const float *x, int64_t T, int64_t D, const float *ln1, const float *w_qkv,
+                      float eps, int64_t H, int64_t G, int64_t d, const float *cos, const float *sin,
+                      const int64_t *slots, int64_t X, float *k_cache, float *v_cache, float *a, float *qkv, float *q)
 {
-    const int64_t Q = (H + 2 * G) * d, Hd = H * d;
-    float *a = scratch, *qkv = a + T * D, *q = qkv + T * Q, *o = q + T * Hd, *logits = o + T * Hd;
+    const int64_t Q = (H + 2 * G) * d;
     amoe_rms_norm_f32(x, ln1, T, D, eps, a);
     linear(gemm, a, T, D, w_qkv, Q, qkv);
-    if (amoe_rope_kv_write_f32(qkv, Q, cos, sin, T, H, G, d, slots, N * bs, k_cache, v_cache, q))
-        return -1;
-    if (amoe_paged_decode_f32(q, k_cache, v_cache, tables, M, lens, T, H, G, d, bs, N, scale, o))
-        return -1;
-    linear(gemm, o, T, Hd, w_o, D, a); /* a is free again: the projection goes there */
+    return amoe_rope_kv_write_f32(qkv, Q, cos, sin, T, H, G, d, slots, X, k_cache, v_cache, q);
+}
+
+/* The block after the attention: h = x + o w_o^T [T, D] (o [T, Hd]; a [T, D] scratch), y =
+   rms_norm(h); when route_given is 0, ids/w [T, K] = top-k of softmax(y w_gate^T) (logits
+   [T, E] scratch), else the caller's; then the dispatch rows of (token, slot) keyed by
+   key_E[ids] (dispatch_rows.c). Returns 0, -2 for an expert id outside [0, E) or a key outside
+   [0, X), -3 for a bad K. */
+int amoe_attn_post_f32(amoe_sgemm_t gemm, const float *x, const float *o, int64_t T, int64_t D, int64_t Hd,
+                       const float *w_o, const float *ln2, const float *w_gate, float eps, int64_t E, int64_t K,
+                       int renormalize, int route_given, const int64_t *key_E, int64_t X, int32_t seg, float *a,
+                       float *logits, int64_t *key_R, float *h, float *y, float *w_TK, int64_t *ids_TK,
+                       int32_t *meta, float *y_RD, int64_t *counts)
+{
+    linear(gemm, o, T, Hd, w_o, D, a);
     for (int64_t i = 0; i < T * D; i++)
         h[i] = x[i] + a[i];
     amoe_rms_norm_f32(h, ln2, T, D, eps, y);
@@ -121,4 +121,28 @@ int amoe_attn_decode_block_f32(amoe_sgemm_t gemm, const float *x, int64_t T, int
                            (char *)y_RD, counts))
         return -2;
     return 0;
+}
+
+/* pre, the decode attention of one query per sequence (sequence t attends to lens[t] positions
+   through tables [T, M]; caches [N * bs, G, d]) and post, in one call: the whole block of an
+   all-decode batch. scratch: T * (D + Q + 2 H d + E) floats. Returns 0; -1 for a bad slot,
+   block, length or head shape, -2 / -3 as post (the cache may hold this step's K/V then). */
+int amoe_attn_decode_block_f32(amoe_sgemm_t gemm, const float *x, int64_t T, int64_t D, const float *ln1,
+                               const float *w_qkv, const float *w_o, const float *ln2, const float *w_gate,
+                               float eps, int64_t H, int64_t G, int64_t d, const float *cos, const float *sin,
+                               const int64_t *slots, float *k_cache, float *v_cache, const int64_t *tables,
+                               int64_t M, const int64_t *lens, int64_t bs, int64_t N, float scale, int64_t E,
+                               int64_t K, int renormalize, int route_given, const int64_t *key_E, int64_t X,
+                               int32_t seg, float *scratch, int64_t *key_R, float *h, float *y, float *w_TK,
+                               int64_t *ids_TK, int32_t *meta, float *y_RD, int64_t *counts)
+{
+    const int64_t Q = (H + 2 * G) * d, Hd = H * d;
+    float *a = scratch, *qkv = a + T * D, *q = qkv + T * Q, *o = q + T * Hd, *logits = o + T * Hd;
+    if (amoe_attn_pre_f32(gemm, x, T, D, ln1, w_qkv, eps, H, G, d, cos, sin, slots, N * bs, k_cache, v_cache, a,
+                          qkv, q))
+        return -1;
+    if (amoe_paged_decode_f32(q, k_cache, v_cache, tables, M, lens, T, H, G, d, bs, N, scale, o))
+        return -1;
+    return amoe_attn_post_f32(gemm, x, o, T, D, Hd, w_o, ln2, w_gate, eps, E, K, renormalize, route_given, key_E, X,
+                              seg, a, logits, key_R, h, y, w_TK, ids_TK, meta, y_RD, counts);
 }

@@ -162,8 +162,8 @@ class AttentionCore:
         E = self.spec.num_experts
         prev_TK = seg.route_TK if b > 0 else None
         skew = None if self.skew is None else self.skew.route(b, T, x_TD.dtype, x_TD.device, prev_TK)
-        # All-decode steps run the block as one native call (the same bits as the calls below).
-        fused = None if self.replicated else self.model.decode_block(
+        # The block in one to three native calls (the same bits as the calls below).
+        fused = None if self.replicated else self.model.block_step(
             b, x_TD, seg.paged, self.kv, self.key_BE[b], self.expert_ranks * E, seg.seg_id, skew)
         if fused is not None:
             h_TD, y_TD, w_TK, ids_TK, meta_R3, y_RD, counts_X = fused

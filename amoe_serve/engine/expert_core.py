@@ -33,29 +33,43 @@ class BufferedRankCounters(RankCounters):
         return {**super().to_dict(), "expert_buffer": self.store.stats()}
 
 
-@dataclass
 class Chunk:
-    src: int          # attention rank the rows came from (world rank)
-    meta_R3: torch.Tensor
-    y_RD: torch.Tensor
-    seg: int = -1     # the segment the rows belong to (the dispatch header's "seg"; -1: unknown)
-    # Where the rows sit in their dispatch message (its tensors, first row): a step that runs
-    # consecutive chunks of one message takes a view of it instead of concatenating copies.
-    msg: Optional[tuple[torch.Tensor, torch.Tensor]] = None
-    start: int = 0
+    """Rows start..stop of one dispatch message (its meta_R3 and y_RD), all for one expert. The
+    views are cut only when asked for: a step that runs consecutive chunks of one message takes
+    one view of it (_joined), so the usual step slices nothing per expert."""
+
+    __slots__ = ("src", "msg", "start", "stop", "seg")
+
+    def __init__(self, src: int, msg: tuple[torch.Tensor, torch.Tensor], start: int, stop: int, seg: int = -1):
+        self.src = src      # attention rank the rows came from (world rank)
+        self.msg = msg      # (meta_R3, y_RD) of the whole message
+        self.start, self.stop = start, stop
+        self.seg = seg      # the segment the rows belong to (the dispatch header's "seg"; -1: unknown)
+
+    @property
+    def rows(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def meta_R3(self) -> torch.Tensor:
+        return self.msg[0][self.start:self.stop]
+
+    @property
+    def y_RD(self) -> torch.Tensor:
+        return self.msg[1][self.start:self.stop]
 
 
 def _joined(chunks: list[Chunk]) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
     """(meta_R3, y_RD) of chunks that are consecutive rows of one message, as views; else None."""
     first = chunks[0]
-    if first.msg is None:
-        return None
     end = first.start
     for c in chunks:
         if c.msg is not first.msg or c.start != end:
             return None
-        end += c.y_RD.shape[0]
+        end = c.stop
     meta_R3, y_RD = first.msg
+    if first.start == 0 and end == y_RD.shape[0]:
+        return meta_R3, y_RD
     return meta_R3[first.start:end], y_RD[first.start:end]
 
 
@@ -105,8 +119,7 @@ class ExpertCore:
                                "not hold") from None
         msg = (meta_R3, y_RD)
         starts = list(itertools.accumulate(counts, initial=0))
-        self.queues.push_many(b, slots, [Chunk(src, meta_R3[s0:s1], y_RD[s0:s1], seg, msg, s0)
-                                         for s0, s1 in zip(starts, starts[1:])], counts)
+        self.queues.push_many(b, slots, [Chunk(src, msg, s0, s1, seg) for s0, s1 in zip(starts, starts[1:])], counts)
         if self.gate.enabled:
             self.gate.pushed(b, time.perf_counter())
 
@@ -146,7 +159,7 @@ class ExpertCore:
         chunks: list[Chunk] = [c for _, got, _ in groups for c in got]
         experts = [self.expert_of[b][s] for s, _, _ in groups]
         counts = [n for _, _, n in groups]
-        joined = _joined(chunks) if len(chunks) > 1 else (chunks[0].meta_R3, chunks[0].y_RD)
+        joined = _joined(chunks)
         y_RD = joined[1] if joined is not None else torch.cat([c.y_RD for c in chunks])
         if self.hints:
             out_RD = self.experts.run_grouped(b, experts, counts, y_RD, upcoming=self._upcoming(b))
@@ -161,7 +174,7 @@ class ExpertCore:
         by_src: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         start = 0
         for c in chunks:
-            n = c.y_RD.shape[0]
+            n = c.rows
             metas, outs = by_src.setdefault(c.src, ([], []))
             metas.append(c.meta_R3)
             outs.append(out_RD[start:start + n])

@@ -75,7 +75,7 @@ class AttentionSide:
         self.lm_head_VD = weights.get("lm_head.weight", weights["model.embed_tokens.weight"])
         self.inv_freq = rope_inv_freq(spec.rope_theta, spec.head_dim)
         self.scale = spec.head_dim**-0.5
-        # decode_block's fused native step covers the plain Mixtral-style block in one dtype.
+        # block_step's native calls cover the plain Mixtral-style block in one dtype.
         self._fusable = (self.dtype == at_rest == torch.float32 and not spec.attention_bias and not spec.o_bias
                          and not spec.qk_norm and spec.clip_qkv is None)
         self._check_shapes(where)
@@ -158,23 +158,32 @@ class AttentionSide:
                 return self._out(b, x_TD, K.paged_decode_attention(q_THd, k_NSGd, v_NSGd, g.tables_SM, g.klen_S, self.scale))
             return self._out(b, x_TD, K.paged_attention(q_THd[:, None], k_NSGd, v_NSGd, g.blocks_SM, g.qpos_Sn, self.scale,
                                                         future_SnL=g.future_SnL)[:, 0])
-        o_TX = torch.empty(T, H * d, dtype=x_TD.dtype, device=x_TD.device)
-        for g in batch.groups:  # decode spans, then prefill spans: two calls at most
+        return self._out(b, x_TD, self._grouped_attention(b, q_THd, batch, kv))
+
+    def _grouped_attention(self, b: int, q_THd: torch.Tensor, batch: PagedBatch, kv: PagedKVCache) -> torch.Tensor:
+        """o [T, H d] of a batch with prefill spans: decode spans, then prefill spans, two calls
+        at most."""
+        T, H, d = q_THd.shape
+        k_NSGd, v_NSGd = kv.k_LNSGd[b], kv.v_LNSGd[b]
+        o_TX = torch.empty(T, H * d, dtype=q_THd.dtype, device=q_THd.device)
+        for g in batch.groups:
             o_SnX = K.paged_attention(q_THd[g.rows_Sn], k_NSGd, v_NSGd, g.blocks_SM, g.qpos_Sn, self.scale,
                                       future_SnL=g.future_SnL)
             o_TX[g.rows_Sn[g.valid_Sn]] = o_SnX[g.valid_Sn]
-        return self._out(b, x_TD, o_TX)
+        return o_TX
 
     @torch.inference_mode()
-    def decode_block(self, b: int, x_TD: torch.Tensor, batch: PagedBatch, kv: PagedKVCache, key_E: torch.Tensor,
-                     num_keys: int, seg: int, route: Optional[tuple[torch.Tensor, torch.Tensor]] = None):
-        """attention + moe_input + route + dispatch_rows (keys key_E[expert]) of block b in one
-        native call, for an all-decode batch: (h_TD, y_TD, w_TK, ids_TK, meta_R3, y_RD,
-        counts_X), the bits of the four calls. None where it does not apply (prefill rows, biases,
-        q/k norms or clipping, weights narrower than the activations, CUDA): call them then.
-        route: (ids_TK, w_TK) of a synthetic router, else the model's."""
+    def block_step(self, b: int, x_TD: torch.Tensor, batch: PagedBatch, kv: PagedKVCache, key_E: torch.Tensor,
+                   num_keys: int, seg: int, route: Optional[tuple[torch.Tensor, torch.Tensor]] = None):
+        """attention + moe_input + route + dispatch_rows (keys key_E[expert]) of block b in
+        native calls: (h_TD, y_TD, w_TK, ids_TK, meta_R3, y_RD, counts_X), the bits of those four
+        calls. An all-decode batch takes one call; a batch with prompt spans three (their causal
+        attention stays the paged_attention call in between). None where the native step does
+        not apply (biases, q/k norms or clipping, weights narrower than the activations, CUDA, no
+        compiler): call the four then. route: (ids_TK, w_TK) of a synthetic router, else the
+        model's."""
         s = self.spec
-        if not self._fusable or len(batch.groups) != 1 or batch.groups[0].rows_Sn is not None:
+        if not self._fusable:
             return None
         if batch.max_pos >= s.max_position_embeddings:
             raise ValueError(f"attention: position {batch.max_pos} >= max_position_embeddings {s.max_position_embeddings}")
@@ -183,14 +192,27 @@ class AttentionSide:
             raise ValueError(f"attention: segments cover {batch.num_tokens} tokens, x has {T}")
         cos, sin = batch.once(("rope", x_TD.dtype),
                               lambda: rope_tables(*rope_cos_sin(batch.pos_T, self.inv_freq, x_TD.dtype)))
-        g = batch.groups[0]
+        cos, sin = cos.view(T, -1), sin.view(T, -1)
         k_XGd, v_XGd = kv.flat(b)
-        return K.attn_decode_block(
-            x_TD, self._p(b, "input_layernorm.weight"), self.qkv_w[b], self._p(b, "self_attn.o_proj.weight"),
-            self._p(b, "post_attention_layernorm.weight"), self._p(b, "mlp.gate.weight"), s.rms_norm_eps,
-            s.num_heads, s.num_kv_heads, s.head_dim, cos.view(T, -1), sin.view(T, -1), batch.write_slots_T, k_XGd,
-            v_XGd, g.blocks_SM, g.klen_S, kv.block_size, self.scale, s.top_k, s.norm_topk_prob, key_E, num_keys,
-            seg, route)
+        H, G, d = s.num_heads, s.num_kv_heads, s.head_dim
+        ln1, ln2 = self._p(b, "input_layernorm.weight"), self._p(b, "post_attention_layernorm.weight")
+        w_o, w_gate = self._p(b, "self_attn.o_proj.weight"), self._p(b, "mlp.gate.weight")
+        k = s.top_k if route is None else route[0].shape[1]  # a synthetic router may pick another top-k
+        g = batch.groups[0]
+        if len(batch.groups) == 1 and g.rows_Sn is None:  # all decode: one call
+            return K.attn_decode_block(x_TD, ln1, self.qkv_w[b], w_o, ln2, w_gate, s.rms_norm_eps, H, G, d, cos, sin,
+                                       batch.write_slots_T, k_XGd, v_XGd, g.blocks_SM, g.klen_S, kv.block_size,
+                                       self.scale, k, s.norm_topk_prob, key_E, num_keys, seg, route)
+        q_THd = K.attn_pre(x_TD, ln1, self.qkv_w[b], s.rms_norm_eps, H, G, d, cos, sin, batch.write_slots_T, k_XGd,
+                           v_XGd)
+        if q_THd is None:
+            return None
+        o_TX = self._grouped_attention(b, q_THd, batch, kv)
+        out = K.attn_post(x_TD, o_TX, w_o, ln2, w_gate, s.rms_norm_eps, k, s.norm_topk_prob, key_E, num_keys, seg,
+                          route)
+        if out is None:
+            raise RuntimeError("attn_post refused what attn_pre took")  # the same support rules
+        return out
 
     def _out(self, b: int, x_TD: torch.Tensor, o_TX: torch.Tensor) -> torch.Tensor:
         s = self.spec

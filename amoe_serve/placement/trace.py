@@ -183,17 +183,19 @@ class TraceRecorder:
         E, dev = self.E, routed[0][1].device
         if self._load_BE.device != dev:
             self._load_BE, self._trans_LEE = self._load_BE.to(dev), self._trans_LEE.to(dev)
-        ids = [r[1].detach().reshape(-1).long() for r in routed]
-        base_X = torch.repeat_interleave(torch.tensor([r[0] * E for r in routed], device=dev),
-                                         torch.tensor([x.numel() for x in ids], device=dev))
-        self._load_BE += torch.bincount(torch.cat(ids) + base_X, minlength=self.B * E)
+        # One cat per kind over all entries (every entry is [T_i, K]), not ops per entry.
+        T_N = torch.tensor([r[1].shape[0] for r in routed], device=dev)
+        ids_XK = torch.cat([r[1] for r in routed]).detach().long()
+        base_X = torch.repeat_interleave(torch.tensor([r[0] * E for r in routed], device=dev), T_N)
+        self._load_BE += torch.bincount((ids_XK + base_X[:, None]).reshape(-1), minlength=self.B * E)
         pairs = [(b, cur, prev) for b, cur, prev in routed if prev is not None]
         if pairs:
-            pair = [(prev.detach().long()[:, :, None] * E + cur.detach().long()[:, None, :]).reshape(-1)
-                    for _, cur, prev in pairs]
+            cur_XK = torch.cat([p[1] for p in pairs]).detach().long()
+            prev_XK = torch.cat([p[2] for p in pairs]).detach().long()
             base_X = torch.repeat_interleave(torch.tensor([(b - 1) * E * E for b, _, _ in pairs], device=dev),
-                                             torch.tensor([x.numel() for x in pair], device=dev))
-            self._trans_LEE += torch.bincount(torch.cat(pair) + base_X, minlength=self._trans_LEE.numel())
+                                             torch.tensor([p[1].shape[0] for p in pairs], device=dev))
+            pair_XKK = prev_XK[:, :, None] * E + cur_XK[:, None, :] + base_X[:, None, None]
+            self._trans_LEE += torch.bincount(pair_XKK.reshape(-1), minlength=self._trans_LEE.numel())
 
     def close_window(self) -> None:
         self._fold()
