@@ -172,7 +172,7 @@ class AttentionCore:
             y_TD = self.model.moe_input(b, h_TD)
             ids_TK, w_TK = self.model.route(b, y_TD) if skew is None else skew
         self.trace.record(b, ids_TK, prev_TK)
-        s_TD = self.model.shared_expert(b, y_TD)
+        s_TD = self.model.shared_expert(b, y_TD) if self.model.has_shared_expert else None
         seg.route_TK = ids_TK
         self.pool.open((seg.seg_id, b), T, K, h_TD.shape[1], h_TD.dtype, context=(h_TD, w_TK, s_TD), device=self.device)
         self.segments[seg.seg_id] = seg

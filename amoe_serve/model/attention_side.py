@@ -78,6 +78,7 @@ class AttentionSide:
         # block_step's native calls cover the plain Mixtral-style block in one dtype.
         self._fusable = (self.dtype == at_rest == torch.float32 and not spec.attention_bias and not spec.o_bias
                          and not spec.qk_norm and spec.clip_qkv is None)
+        self.has_shared_expert = bool(spec.shared_expert_intermediate_size)
         self._check_shapes(where)
         # One fused [q; k; v] projection per block: one GEMM instead of three per step.
         self.qkv_w: list[torch.Tensor] = []
@@ -86,6 +87,10 @@ class AttentionSide:
             names = [f"model.layers.{b}.self_attn.{x}_proj" for x in "qkv"]
             self.qkv_w.append(torch.cat([weights.pop(n + ".weight") for n in names]))
             self.qkv_b.append(torch.cat([weights.pop(n + ".bias") for n in names]) if spec.attention_bias else None)
+        # block_step's weights per block, looked up once (input norm, qkv, o, post norm, router).
+        self._step_w = [(self._p(b, "input_layernorm.weight"), self.qkv_w[b], self._p(b, "self_attn.o_proj.weight"),
+                         self._p(b, "post_attention_layernorm.weight"), self._p(b, "mlp.gate.weight"))
+                        for b in range(spec.num_blocks)]
 
     def _check_shapes(self, where: str) -> None:
         s = self.spec
@@ -195,15 +200,14 @@ class AttentionSide:
         cos, sin = cos.view(T, -1), sin.view(T, -1)
         k_XGd, v_XGd = kv.flat(b)
         H, G, d = s.num_heads, s.num_kv_heads, s.head_dim
-        ln1, ln2 = self._p(b, "input_layernorm.weight"), self._p(b, "post_attention_layernorm.weight")
-        w_o, w_gate = self._p(b, "self_attn.o_proj.weight"), self._p(b, "mlp.gate.weight")
+        ln1, w_qkv, w_o, ln2, w_gate = self._step_w[b]
         k = s.top_k if route is None else route[0].shape[1]  # a synthetic router may pick another top-k
         g = batch.groups[0]
         if len(batch.groups) == 1 and g.rows_Sn is None:  # all decode: one call
-            return K.attn_decode_block(x_TD, ln1, self.qkv_w[b], w_o, ln2, w_gate, s.rms_norm_eps, H, G, d, cos, sin,
+            return K.attn_decode_block(x_TD, ln1, w_qkv, w_o, ln2, w_gate, s.rms_norm_eps, H, G, d, cos, sin,
                                        batch.write_slots_T, k_XGd, v_XGd, g.blocks_SM, g.klen_S, kv.block_size,
                                        self.scale, k, s.norm_topk_prob, key_E, num_keys, seg, route)
-        q_THd = K.attn_pre(x_TD, ln1, self.qkv_w[b], s.rms_norm_eps, H, G, d, cos, sin, batch.write_slots_T, k_XGd,
+        q_THd = K.attn_pre(x_TD, ln1, w_qkv, s.rms_norm_eps, H, G, d, cos, sin, batch.write_slots_T, k_XGd,
                            v_XGd)
         if q_THd is None:
             return None
