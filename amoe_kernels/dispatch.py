@@ -181,6 +181,21 @@ def _fused_ok(backend, floats, ints, route, T: int, top_k: int) -> bool:
                              and route[1].dtype == torch.float32 and route[0].shape == route[1].shape == (T, top_k))
 
 
+def _pre_shapes_ok(x_TD, ln1_D, w_qkv_QD, H, G, d, cos_Td, sin_Td, slots_T, k_XGd, v_XGd) -> bool:
+    """The shapes the C first part reads and writes (it trusts them; the slots it checks)."""
+    T, D = x_TD.shape
+    return (ln1_D.shape == (D,) and w_qkv_QD.shape == ((H + 2 * G) * d, D) and cos_Td.shape == sin_Td.shape == (T, d)
+            and slots_T.shape == (T,) and k_XGd.dim() == 3 and k_XGd.shape[1:] == (G, d)
+            and v_XGd.shape == k_XGd.shape)
+
+
+def _post_shapes_ok(x_TD, Hd: int, w_o_DX, ln2_D, w_gate_ED, key_E) -> bool:
+    """The shapes the C last part reads (it trusts them; expert ids and keys it checks)."""
+    D = x_TD.shape[1]
+    return (w_o_DX.shape == (D, Hd) and ln2_D.shape == (D,) and w_gate_ED.dim() == 2 and w_gate_ED.shape[1] == D
+            and key_E.shape == (w_gate_ED.shape[0],))
+
+
 def attn_decode_block(x_TD, ln1_D, w_qkv_QD, w_o_DX, ln2_D, w_gate_ED, eps: float, H: int, G: int, d: int,
                       cos_Td, sin_Td, slots_T, k_XGd, v_XGd, tables_TM, lens_T, block_size: int, scale: float,
                       top_k: int, renormalize: bool, key_E, num_keys: int, seg: int, route=None,
@@ -196,9 +211,9 @@ def attn_decode_block(x_TD, ln1_D, w_qkv_QD, w_o_DX, ln2_D, w_gate_ED, eps: floa
     floats = (x_TD, ln1_D, w_qkv_QD, w_o_DX, ln2_D, w_gate_ED, cos_Td, sin_Td, k_XGd, v_XGd)
     if not _fused_ok(backend, floats, (slots_T, tables_TM, lens_T, key_E), route, T, top_k):
         return None
-    if w_qkv_QD.shape != ((H + 2 * G) * d, D) or w_o_DX.shape != (D, H * d) or tuple(cos_Td.shape) != (T, d) \
-            or slots_T.shape != (T,) or lens_T.shape != (T,) or tables_TM.shape[0] != T \
-            or key_E.shape != (w_gate_ED.shape[0],) or k_XGd.shape[0] % block_size:
+    if not _pre_shapes_ok(x_TD, ln1_D, w_qkv_QD, H, G, d, cos_Td, sin_Td, slots_T, k_XGd, v_XGd) \
+            or not _post_shapes_ok(x_TD, H * d, w_o_DX, ln2_D, w_gate_ED, key_E) \
+            or lens_T.shape != (T,) or tables_TM.dim() != 2 or tables_TM.shape[0] != T or k_XGd.shape[0] % block_size:
         return None
     return native.attn_decode_block(x_TD, ln1_D, w_qkv_QD, w_o_DX, ln2_D, w_gate_ED, eps, H, G, d, cos_Td, sin_Td,
                                     slots_T, k_XGd, v_XGd, tables_TM, lens_T, block_size, scale, top_k, renormalize,
@@ -213,7 +228,7 @@ def attn_pre(x_TD, ln1_D, w_qkv_QD, eps: float, H: int, G: int, d: int, cos_Td, 
     T, D = x_TD.shape
     if not _fused_ok(backend, (x_TD, ln1_D, w_qkv_QD, cos_Td, sin_Td, k_XGd, v_XGd), (slots_T,), None, T, 1):
         return None
-    if w_qkv_QD.shape != ((H + 2 * G) * d, D) or tuple(cos_Td.shape) != (T, d) or slots_T.shape != (T,):
+    if not _pre_shapes_ok(x_TD, ln1_D, w_qkv_QD, H, G, d, cos_Td, sin_Td, slots_T, k_XGd, v_XGd):
         return None
     return native.attn_pre(x_TD, ln1_D, w_qkv_QD, eps, H, G, d, cos_Td, sin_Td, slots_T, k_XGd, v_XGd)
 
@@ -226,7 +241,7 @@ def attn_post(x_TD, o_TX, w_o_DX, ln2_D, w_gate_ED, eps: float, top_k: int, reno
     T, D = x_TD.shape
     if not _fused_ok(backend, (x_TD, o_TX, w_o_DX, ln2_D, w_gate_ED), (key_E,), route, T, top_k):
         return None
-    if w_o_DX.shape != (D, o_TX.shape[1]) or o_TX.shape[0] != T or key_E.shape != (w_gate_ED.shape[0],):
+    if o_TX.dim() != 2 or o_TX.shape[0] != T or not _post_shapes_ok(x_TD, o_TX.shape[1], w_o_DX, ln2_D, w_gate_ED, key_E):
         return None
     return native.attn_post(x_TD, o_TX, w_o_DX, ln2_D, w_gate_ED, eps, top_k, renormalize, key_E, num_keys, seg,
                             route)

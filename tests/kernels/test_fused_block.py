@@ -117,12 +117,36 @@ def test_fused_decode_block_rejects_what_it_cannot_run_and_bad_indices():
     assert call(x=x.double()) is None                    # other dtypes
     assert call(slots=slots.int()) is None               # int32 indices
     assert call(x=rnd(T, 2 * D)[:, :D]) is None          # strided rows
+    assert call(x=rnd(T, D + 8)) is None                 # rows that do not match the weights
+    assert call(tables=tables[:-1]) is None              # a table per sequence
     with pytest.raises(ValueError, match="outside the cache"):
         call(slots=torch.full((T,), kc.shape[0], dtype=torch.int64))
     with pytest.raises(ValueError, match="outside the cache"):
         call(lens=lens + 10_000)
     with pytest.raises(ValueError, match="key outside"):
         call(key_E=torch.full((E,), E, dtype=torch.int64))
+
+
+@needs_fused
+def test_pre_and_post_around_the_attention_are_the_block():
+    """attn_pre, the decode attention and attn_post give attn_decode_block's outputs; both parts
+    decline caches or weights of the wrong shape instead of reading past them."""
+    T, D, H, G, d, E = 9, 64, 4, 2, 16, 8
+    w, kc, vc, tables, lens, slots, cos, sin = _block_case(T, D, H, G, d, E)
+    x, key_E = rnd(T, D), torch.arange(E)
+    kc2, vc2 = kc.clone(), vc.clone()
+    whole = K.attn_decode_block(x, w["ln1"], w["qkv"], w["o"], w["ln2"], w["gate"], 1e-5, H, G, d, cos, sin, slots,
+                                kc, vc, tables, lens, 16, d**-0.5, 2, True, key_E, E, 3)
+    q = K.attn_pre(x, w["ln1"], w["qkv"], 1e-5, H, G, d, cos, sin, slots, kc2, vc2)
+    o = K.paged_decode_attention(q, kc2.view(-1, 16, G, d), vc2.view(-1, 16, G, d), tables, lens, d**-0.5)
+    parts = K.attn_post(x, o, w["o"], w["ln2"], w["gate"], 1e-5, 2, True, key_E, E, 3)
+    for a, b in zip(whole, parts):
+        assert torch.equal(a, b)
+    assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
+    assert K.attn_pre(x, w["ln1"], w["qkv"], 1e-5, H, G, d, cos, sin, slots, kc2[:, :1], vc2[:, :1]) is None
+    assert K.attn_pre(x, w["ln1"][:-1], w["qkv"], 1e-5, H, G, d, cos, sin, slots, kc2, vc2) is None
+    assert K.attn_post(x, o, w["o"][:, :-1], w["ln2"], w["gate"], 1e-5, 2, True, key_E, E, 3) is None
+    assert K.attn_post(x, o, w["o"], w["ln2"], w["gate"], 1e-5, 2, True, key_E[:-1], E, 3) is None
 
 
 def test_sgemm_check_compares_with_f_linear():
