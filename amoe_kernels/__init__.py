@@ -23,6 +23,7 @@ from .dispatch import (
     rms_norm,
     rope_kv_write,
     route,
+    set_linear_threads,
     topk_gating,
     unpermute_combine,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "rms_norm",
     "rope_kv_write",
     "route",
+    "set_linear_threads",
     "topk_gating",
     "unpermute_combine",
 ]

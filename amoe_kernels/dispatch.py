@@ -68,15 +68,31 @@ def _widening(x: torch.Tensor, w: torch.Tensor) -> bool:
     return x.dtype != w.dtype  # checks allow only fp32 over bf16/fp16 weights
 
 
-def linear(x_TD, w_OD, b_O=None):
-    """x @ w.T + b; weights narrower than x (bf16 at rest, fp32 compute) are widened per call,
-    a slice at a time (upcast.py); the reference widens the whole weight."""
+def linear(x_TD, w_OD, b_O=None, backend: str | None = None):
+    """x @ w.T + b. fp32 on CPU (D a multiple of 8): the C kernel (csrc/linear.c; no packing
+    copy of w per call, and a token's bits independent of its batch), chosen by dtype and shape
+    alone; the fused block step uses the same function. Weights narrower than x (bf16 at rest,
+    fp32 compute) are widened per call, a slice at a time (upcast.py); the reference (by name)
+    is F.linear, widening the whole weight."""
     checks.linear(x_TD, w_OD, b_O)
     if not _widening(x_TD, w_OD):
+        if x_TD.dim() == 2 and _native_linear(x_TD, w_OD) and not _named_reference(backend):
+            y_TO = native.linear(x_TD, w_OD)
+            return y_TO if b_O is None else y_TO.add_(b_O)
         return Fn.linear(x_TD, w_OD, b_O)
     if _named_reference(None):
         return Fn.linear(x_TD, w_OD.to(x_TD.dtype), None if b_O is None else b_O.to(x_TD.dtype))
     return upcast.linear(x_TD, w_OD, b_O)
+
+
+def set_linear_threads(n: int) -> None:
+    """Threads of this process's large fp32 CPU linear calls (C kernel; 1 by default). The split is
+    by whole outputs: the bits do not depend on it."""
+    native.set_linear_threads(n)
+
+
+def _native_linear(x_TD, w_OD) -> bool:
+    return x_TD.dtype == torch.float32 and x_TD.shape[1] % 8 == 0 and native.supports(x_TD, w_OD)
 
 
 def expert_ffn(x_TD, w1_FD, w3_FD, w2_DF, backend: str | None = None):
@@ -126,23 +142,19 @@ def grouped_expert_ffn(x_TD, counts_G, w1_GFD, w3_GFD, w2_GDF, experts=None, bac
     return reference.grouped_expert_ffn(x_TD, counts_G, w1_GFD, w3_GFD, w2_GDF, experts)
 
 
-# Experts this small (D x F elements per weight) take the C kernel whatever the step's rows: it
-# beats MKL 1.1-2.3x at 1-16 rows per expert and is within 5% at 32 (128 x 256, this CPU;
-# tests/kernels/test_native.py), and choosing by shape alone, never by the batch, keeps a
-# token's bits the same however the scheduler grouped it.
-NATIVE_EXPERT_MAX_DF = 128 * 512
-
-
 def _native_experts(x_TD, w1_GFD, w3_GFD, w2_GDF) -> bool:
+    """Whether the C kernel takes these experts: fp32 rows on CPU with AVX2, D and F multiples of
+    8, weights fp32 or bf16 (same dtype for all three, which checks.grouped_expert_ffn has made
+    sure of). Chosen by shape and dtype alone, never by the step's rows, so a token's bits are the
+    same however the scheduler grouped it. It beats MKL (torch._grouped_mm) at every size and row
+    count measured here except one row of a 4096 x 14336 expert (0.87x): 1.5-2x at 4-16 rows per
+    expert, 1.1-1.6x at 64, 1.0-1.1x at 256 (fp32, weights cold, one core; docs/bench/overhead/
+    README.md, ninth round). bf16 at rest is read and widened in registers: 3.7-4.6x upcast.py's
+    widen-then-GEMM at 1-4 rows per expert."""
     D, F = x_TD.shape[1], w1_GFD.shape[1]
     if D % 8 or F % 8 or not native.supports(x_TD):
         return False
-    if w1_GFD.dtype == torch.bfloat16:
-        # bf16 at rest under fp32 compute: read and widened in registers, at every size (OLMoE's
-        # experts, 8 of them: 3.7-4.6x upcast.py's widen-then-GEMM at 1-4 rows each, 1.04x at
-        # 64); same dtype for all three, which checks.grouped_expert_ffn has made sure of.
-        return native.supports(w1_GFD, w3_GFD, w2_GDF, any_dtype=True)
-    return D * F <= NATIVE_EXPERT_MAX_DF and native.supports(w1_GFD, w3_GFD, w2_GDF)
+    return native.supports(w1_GFD, w3_GFD, w2_GDF, any_dtype=w1_GFD.dtype == torch.bfloat16)
 
 
 def _native_grouped(x_TD, counts_G, w1_GFD, w3_GFD, w2_GDF, experts):
@@ -171,8 +183,10 @@ def topk_gating(logits_TE, k: int, renormalize: bool, scoring: str = "softmax", 
 
 def _fused_ok(backend, floats, ints, route, T: int, top_k: int) -> bool:
     """Whether the fused block-step kernels take these tensors: fp32 / int64 contiguous CPU
-    tensors, the library and a BLAS with F.linear's bits, and the reference not named."""
+    tensors, D a multiple of 8, the library built, and the reference not named."""
     if _named_reference(backend) or not native.fused_block_available() or floats[0].dtype != torch.float32:
+        return False
+    if floats[0].shape[1] % 8:  # D: the projections' linear.c needs a multiple of 8
         return False
     if not native.supports(*floats) or not native.supports(*ints, any_dtype=True) \
             or any(t.dtype != torch.int64 for t in ints):
@@ -205,14 +219,14 @@ def attn_decode_block(x_TD, ln1_D, w_qkv_QD, w_o_DX, ln2_D, w_gate_ED, eps: floa
     and residual, rms_norm, the router and topk_gating (unless route = (ids_TK, w_TK) is given)
     and dispatch_rows keyed by key_E[expert]. Returns (h_TD, y_TD, w_TK, ids_TK, meta_R3, y_RD,
     counts_X), the bits of those ops called one by one on fp32 CPU; None where the fused C step
-    does not apply (other dtypes or devices, the reference named, no C compiler or no BLAS with
-    F.linear's bits): the caller runs the ops one by one then."""
+    does not apply (other dtypes or devices, D or H*d not a multiple of 8, the reference named, no
+    C compiler): the caller runs the ops one by one then."""
     T, D = x_TD.shape
     floats = (x_TD, ln1_D, w_qkv_QD, w_o_DX, ln2_D, w_gate_ED, cos_Td, sin_Td, k_XGd, v_XGd)
     if not _fused_ok(backend, floats, (slots_T, tables_TM, lens_T, key_E), route, T, top_k):
         return None
     if not _pre_shapes_ok(x_TD, ln1_D, w_qkv_QD, H, G, d, cos_Td, sin_Td, slots_T, k_XGd, v_XGd) \
-            or not _post_shapes_ok(x_TD, H * d, w_o_DX, ln2_D, w_gate_ED, key_E) \
+            or (H * d) % 8 or not _post_shapes_ok(x_TD, H * d, w_o_DX, ln2_D, w_gate_ED, key_E) \
             or lens_T.shape != (T,) or tables_TM.dim() != 2 or tables_TM.shape[0] != T or k_XGd.shape[0] % block_size:
         return None
     return native.attn_decode_block(x_TD, ln1_D, w_qkv_QD, w_o_DX, ln2_D, w_gate_ED, eps, H, G, d, cos_Td, sin_Td,
@@ -241,7 +255,7 @@ def attn_post(x_TD, o_TX, w_o_DX, ln2_D, w_gate_ED, eps: float, top_k: int, reno
     T, D = x_TD.shape
     if not _fused_ok(backend, (x_TD, o_TX, w_o_DX, ln2_D, w_gate_ED), (key_E,), route, T, top_k):
         return None
-    if o_TX.dim() != 2 or o_TX.shape[0] != T or not _post_shapes_ok(x_TD, o_TX.shape[1], w_o_DX, ln2_D, w_gate_ED, key_E):
+    if o_TX.dim() != 2 or o_TX.shape[0] != T or o_TX.shape[1] % 8 or not _post_shapes_ok(x_TD, o_TX.shape[1], w_o_DX, ln2_D, w_gate_ED, key_E):
         return None
     return native.attn_post(x_TD, o_TX, w_o_DX, ln2_D, w_gate_ED, eps, top_k, renormalize, key_E, num_keys, seg,
                             route)

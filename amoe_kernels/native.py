@@ -26,12 +26,11 @@ import tempfile
 from pathlib import Path
 
 import torch
-import torch.nn.functional as Fn
 
 _SRCS = sorted((Path(__file__).with_name("csrc")).glob("*.c"))
 _HEADERS = sorted((Path(__file__).with_name("csrc")).glob("*.h"))  # in the cache key, not on the command line
 # -ffp-contract=off: no fused multiply-adds, so elementwise code rounds as torch's ops do.
-_FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared"]
+_FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared", "-pthread"]
 _reason: str | None = None
 
 
@@ -111,17 +110,21 @@ def _lib() -> ctypes.CDLL | None:
     lib.amoe_topk_gating_f32.argtypes = [ptr, i64, i64, i64, ctypes.c_int, ptr, ptr]
     lib.amoe_topk_gating_f32.restype = ctypes.c_int
     lib.amoe_attn_decode_block_f32.argtypes = [
-        ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, ptr, f32, i64, i64, i64, ptr, ptr,  # gemm .. sin
+        ptr, i64, i64, ptr, ptr, ptr, ptr, ptr, f32, i64, i64, i64, ptr, ptr,  # x .. sin
         ptr, ptr, ptr, ptr, i64, ptr, i64, i64, f32, i64, i64, ctypes.c_int, ctypes.c_int, ptr, i64,  # .. X
         ctypes.c_int32, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr]  # seg .. counts
     lib.amoe_attn_decode_block_f32.restype = ctypes.c_int
-    lib.amoe_attn_pre_f32.argtypes = [ptr, ptr, i64, i64, ptr, ptr, f32, i64, i64, i64, ptr, ptr, ptr, i64, ptr, ptr,
+    lib.amoe_attn_pre_f32.argtypes = [ptr, i64, i64, ptr, ptr, f32, i64, i64, i64, ptr, ptr, ptr, i64, ptr, ptr,
                                       ptr, ptr, ptr]
     lib.amoe_attn_pre_f32.restype = ctypes.c_int
-    lib.amoe_attn_post_f32.argtypes = [ptr, ptr, ptr, i64, i64, i64, ptr, ptr, ptr, f32, i64, i64, ctypes.c_int,
+    lib.amoe_attn_post_f32.argtypes = [ptr, ptr, i64, i64, i64, ptr, ptr, ptr, f32, i64, i64, ctypes.c_int,
                                        ctypes.c_int, ptr, i64, ctypes.c_int32, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr,
                                        ptr, ptr]
     lib.amoe_attn_post_f32.restype = ctypes.c_int
+    lib.amoe_linear_f32.argtypes = [ptr, i64, i64, ptr, i64, ptr]
+    lib.amoe_linear_f32.restype = ctypes.c_int
+    lib.amoe_set_linear_threads.argtypes = [ctypes.c_int]
+    lib.amoe_set_linear_threads.restype = None
     return lib
 
 
@@ -162,37 +165,24 @@ def paged_decode_attention(q_SHd: torch.Tensor, k_NbGd: torch.Tensor, v_NbGd: to
     return out
 
 
-@functools.lru_cache(maxsize=None)
-def _sgemm() -> int | None:
-    """Address of the BLAS sgemm that torch's CPU F.linear calls (MKL's, exported by
-    libtorch_cpu), if this process's linear gives exactly its bits (checked once, on shapes from
-    one row to more than a block of rows); None otherwise, and the fused block step stays off."""
-    try:
-        lib = ctypes.CDLL(str(Path(torch.__file__).with_name("lib") / "libtorch_cpu.so"))
-        addr = ctypes.cast(lib.sgemm_, ctypes.c_void_p).value
-    except (OSError, AttributeError):
-        return None
-    g = torch.Generator().manual_seed(0)
-    for T, D, O in ((1, 64, 8), (7, 128, 192), (33, 96, 64), (64, 256, 40)):
-        x, w = torch.randn(T, D, generator=g), torch.randn(O, D, generator=g)
-        if not torch.equal(_linear_via(addr, x, w), Fn.linear(x, w)):
-            return None
-    return addr
+def linear(x_TD: torch.Tensor, w_OD: torch.Tensor) -> torch.Tensor:
+    """csrc/linear.c: x @ w.T in fp32 (D a multiple of 8, which the caller checks)."""
+    T, D = x_TD.shape
+    O = w_OD.shape[0]
+    y_TO = torch.empty(T, O, dtype=torch.float32)
+    if _lib().amoe_linear_f32(x_TD.data_ptr(), T, D, w_OD.data_ptr(), O, y_TO.data_ptr()) != 0:
+        raise ValueError(f"linear: D={D} must be a multiple of 8")
+    return y_TO
 
 
-def _linear_via(addr: int, x_TD: torch.Tensor, w_OD: torch.Tensor) -> torch.Tensor:
-    (T, D), O = x_TD.shape, w_OD.shape[0]
-    y = torch.empty(T, O)
-    fn = ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * 13)(addr)
-    ints = [ctypes.c_int(v) for v in (O, T, D)]
-    one, zero = ctypes.c_float(1.0), ctypes.c_float(0.0)
-    fn(b"T", b"N", *map(ctypes.addressof, ints), ctypes.addressof(one), w_OD.data_ptr(), ctypes.addressof(ints[2]),
-       x_TD.data_ptr(), ctypes.addressof(ints[2]), ctypes.addressof(zero), y.data_ptr(), ctypes.addressof(ints[0]))
-    return y
+def set_linear_threads(n: int) -> None:
+    """Threads of this process's large linear.c calls (projections, LM head): 1 by default."""
+    if _lib() is not None:
+        _lib().amoe_set_linear_threads(int(n))
 
 
 def fused_block_available() -> bool:
-    return available() and _sgemm() is not None
+    return available()
 
 
 def pool_scatter(tok_R: torch.Tensor, slot_R: torch.Tensor, done_X, out_RD: torch.Tensor,
@@ -230,7 +220,7 @@ def attn_decode_block(x_TD, ln1_D, w_qkv_QD, w_o_DX, ln2_D, w_gate_ED, eps: floa
     outs = _post_outputs(T, D, K, num_keys, route)
     h_TD, y_TD, w_TK, ids_TK, meta_R3, y_RD, counts_X = outs
     rc = _lib().amoe_attn_decode_block_f32(
-        _sgemm(), x_TD.data_ptr(), T, D, ln1_D.data_ptr(), w_qkv_QD.data_ptr(), w_o_DX.data_ptr(), ln2_D.data_ptr(),
+        x_TD.data_ptr(), T, D, ln1_D.data_ptr(), w_qkv_QD.data_ptr(), w_o_DX.data_ptr(), ln2_D.data_ptr(),
         w_gate_ED.data_ptr(), eps, H, G, d, cos_Td.data_ptr(), sin_Td.data_ptr(), slots_T.data_ptr(), k_XGd.data_ptr(),
         v_XGd.data_ptr(), tables_TM.data_ptr(), tables_TM.shape[1], lens_T.data_ptr(), block_size,
         X // block_size, scale, E, K, int(renormalize), int(route is not None), key_E.data_ptr(), num_keys, seg,
@@ -249,7 +239,7 @@ def attn_pre(x_TD, ln1_D, w_qkv_QD, eps: float, H: int, G: int, d: int, cos_Td, 
     Q = w_qkv_QD.shape[0]
     scratch = torch.empty(T * (D + Q), dtype=torch.float32)
     q_THd = torch.empty(T, H, d, dtype=torch.float32)
-    rc = _lib().amoe_attn_pre_f32(_sgemm(), x_TD.data_ptr(), T, D, ln1_D.data_ptr(), w_qkv_QD.data_ptr(), eps, H, G, d,
+    rc = _lib().amoe_attn_pre_f32(x_TD.data_ptr(), T, D, ln1_D.data_ptr(), w_qkv_QD.data_ptr(), eps, H, G, d,
                                   cos_Td.data_ptr(), sin_Td.data_ptr(), slots_T.data_ptr(), k_XGd.shape[0],
                                   k_XGd.data_ptr(), v_XGd.data_ptr(), scratch.data_ptr(), scratch.data_ptr() + 4 * T * D,
                                   q_THd.data_ptr())
@@ -284,7 +274,7 @@ def attn_post(x_TD, o_TX, w_o_DX, ln2_D, w_gate_ED, eps: float, top_k: int, reno
     outs = _post_outputs(T, D, K, num_keys, route)
     h_TD, y_TD, w_TK, ids_TK, meta_R3, y_RD, counts_X = outs
     rc = _lib().amoe_attn_post_f32(
-        _sgemm(), x_TD.data_ptr(), o_TX.data_ptr(), T, D, Hd, w_o_DX.data_ptr(), ln2_D.data_ptr(), w_gate_ED.data_ptr(),
+        x_TD.data_ptr(), o_TX.data_ptr(), T, D, Hd, w_o_DX.data_ptr(), ln2_D.data_ptr(), w_gate_ED.data_ptr(),
         eps, E, K, int(renormalize), int(route is not None), key_E.data_ptr(), num_keys, seg, scratch.data_ptr(),
         scratch.data_ptr() + 4 * T * D, key_R.data_ptr(), h_TD.data_ptr(), y_TD.data_ptr(), w_TK.data_ptr(),
         ids_TK.data_ptr(), meta_R3.data_ptr(), y_RD.data_ptr(), counts_X.data_ptr())

@@ -133,6 +133,10 @@ class RuntimeConfig:
     device: str = "auto"
     # Intra-op threads per rank process.
     threads_per_rank: int = 1
+    # Threads of an attention rank's projections and LM head (the C linear kernel). 0: auto, the
+    # node's cores over its attention ranks where one wave runs on CPU (attention and experts take
+    # turns, engine/job.py attention_threads), else threads_per_rank.
+    attention_threads: int = 0
     # "core": each attention/expert rank pins itself to one of the cores it may use, round-robin
     # in rank order over the node's compute ranks; the gateway (mostly asleep) is not pinned.
     # "none": the OS places them. Pins without regard to other jobs on the node, so it is off
@@ -300,6 +304,11 @@ def validate(cfg: AmoeConfig) -> AmoeConfig:
     if cfg.runtime.cpu_bind == "core" and cfg.runtime.threads_per_rank != 1:
         raise ConfigError(f"runtime.cpu_bind='core' binds a rank to one core; it cannot run "
                           f"runtime.threads_per_rank={cfg.runtime.threads_per_rank} threads")
+    if cfg.runtime.attention_threads < 0 or cfg.runtime.threads_per_rank < 1:
+        raise ConfigError("runtime.attention_threads must be >= 0 (0: auto) and runtime.threads_per_rank >= 1")
+    if cfg.runtime.cpu_bind == "core" and cfg.runtime.attention_threads > 1:
+        raise ConfigError(f"runtime.cpu_bind='core' binds a rank to one core; it cannot run "
+                          f"runtime.attention_threads={cfg.runtime.attention_threads} threads")
     validate_serving(cfg.serving)
     return cfg
 

@@ -26,14 +26,6 @@
 
 #include "vec_math.h"
 
-static inline float hsum(__m256 a)
-{
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
 /* Eight weights as fp32: stored fp32, or bf16 widened in registers (the upper half of an fp32),
    so bf16 experts at rest are read at half the bytes and never copied. */
 static inline __m256 load_f32(const float *p) { return _mm256_loadu_ps(p); }

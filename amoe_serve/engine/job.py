@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 
+import amoe_kernels
 from amoe_serve.config import AmoeConfig
 from amoe_serve.engine.admission import Limits
 from amoe_serve.engine.attention_core import AttentionCore
@@ -114,6 +115,21 @@ def attention_waves(cfg: AmoeConfig, device: str = "cpu") -> int:
     return auto_waves(device == "cpu", compute, cfg.runtime.threads_per_rank, cores_available())
 
 
+def attention_threads(cfg: AmoeConfig, waves: int, device: str = "cpu") -> int:
+    """runtime.attention_threads, 0 resolved: with one wave on CPU (lockstep, or AEP where the
+    compute ranks share cores) a block's attention and its experts run one after the other, so
+    while an attention rank works its expert ranks wait on the cores it could use: the node's
+    cores, shared among the attention ranks there. Otherwise (two waves, GPUs, ranks pinned to a
+    core, a job over several nodes) threads_per_rank."""
+    rt = cfg.runtime
+    if rt.attention_threads:
+        return rt.attention_threads
+    world = topology(cfg).world_size
+    if device != "cpu" or waves != 1 or rt.cpu_bind == "core" or ranks_on_this_node(world) < world:
+        return rt.threads_per_rank
+    return max(rt.threads_per_rank, cores_available() // topology(cfg).attention_ranks)
+
+
 def run_worker(cfg: AmoeConfig, transport: Transport, device: str = "cpu") -> None:
     """Run an attention or expert rank until the gateway says SHUTDOWN; report counters."""
     topo = topology(cfg)
@@ -125,10 +141,13 @@ def run_worker(cfg: AmoeConfig, transport: Transport, device: str = "cpu") -> No
     lockstep = cfg.deployment.mode == "lockstep"
     if role == "attention":
         s = cfg.scheduler
+        waves = 1 if lockstep else attention_waves(cfg, device)
+        # The projections' and LM head's C kernel only: torch's own pool stays at threads_per_rank
+        # (its idle OpenMP workers spin on the cores the expert ranks need next).
+        amoe_kernels.set_linear_threads(attention_threads(cfg, waves, device))
         r = AttentionRank(make_attention_core(cfg, spec, place, device, rank), transport, topo,
                           make_scheduler(s.policy, s.lookahead, s.decay), cfg.engine.max_batch_tokens, sleep,
-                          s.attention_max_wait_ms * 1e-3, 1 if lockstep else attention_waves(cfg, device),
-                          s.min_wave_requests)
+                          s.attention_max_wait_ms * 1e-3, waves, s.min_wave_requests)
         r.run_lockstep() if lockstep else r.run_aep()
     elif role == "expert":
         core = make_expert_core(cfg, spec, place.pairs_of(rank - 1 - topo.attention_ranks), device)

@@ -70,8 +70,9 @@ class AttentionSide:
             for n, t in weights.items():
                 if t.dim() == 1 or n.endswith("mlp.gate.weight") or n.endswith("shared_expert_gate.weight"):
                     weights[n] = t.to(self.dtype)
-        # Plain F.linear unless weights are narrower than activations (no per-call check then).
-        self._linear = Fn.linear if self.dtype == at_rest else K.linear
+        # amoe_kernels.linear: on fp32 CPU the function the fused block step calls (so both paths
+        # give the same bits); weights narrower than activations are widened per call.
+        self._linear = K.linear
         self.lm_head_VD = weights.get("lm_head.weight", weights["model.embed_tokens.weight"])
         self.inv_freq = rope_inv_freq(spec.rope_theta, spec.head_dim)
         self.scale = spec.head_dim**-0.5
@@ -229,7 +230,7 @@ class AttentionSide:
 
     @torch.inference_mode()
     def route(self, b: int, y_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits_TE = Fn.linear(y_TD, self._p(b, "mlp.gate.weight"))
+        logits_TE = K.linear(y_TD, self._p(b, "mlp.gate.weight"))
         wdtype = None if self.spec.route_weights_fp32 else logits_TE.dtype
         w_TK, ids_TK = K.topk_gating(logits_TE, self.spec.top_k, self.spec.norm_topk_prob, weight_dtype=wdtype)
         return ids_TK, w_TK

@@ -13,7 +13,7 @@ from amoe_kernels import reference as R
 g = torch.Generator().manual_seed(11)
 
 needs_fused = pytest.mark.skipif(not native.fused_block_available(),
-                                 reason=f"fused block: {native.unavailable_reason() or 'no sgemm with F.linear bits'}")
+                                 reason=f"fused block: {native.unavailable_reason()}")
 
 
 def rnd(*shape, scale=1.0):
@@ -58,14 +58,14 @@ def _unfused(x, w, kc, vc, tables, lens, slots, cos, sin, H, G, d, bs, k, renorm
     """The same block as the attention side runs it call by call."""
     T, D = x.shape
     a = K.rms_norm(x, w["ln1"], 1e-5)
-    qkv = Fn.linear(a, w["qkv"])
+    qkv = K.linear(a, w["qkv"])
     q = K.rope_kv_write(qkv, cos, sin, H, G, slots, kc, vc)
     o = K.paged_attention(q[:, None], kc.view(-1, bs, G, d), vc.view(-1, bs, G, d), tables, (lens - 1)[:, None],
                           d**-0.5)[:, 0]
-    h = x + Fn.linear(o, w["o"])
+    h = x + K.linear(o, w["o"])
     y = K.rms_norm(h, w["ln2"], 1e-5)
     if route is None:
-        w_TK, ids_TK = K.topk_gating(Fn.linear(y, w["gate"]), k, renorm)
+        w_TK, ids_TK = K.topk_gating(K.linear(y, w["gate"]), k, renorm)
     else:
         ids_TK, w_TK = route
     meta, y_RD, counts = K.dispatch_rows(y, key_E[ids_TK.reshape(-1)], k, seg, X)
@@ -149,13 +149,31 @@ def test_pre_and_post_around_the_attention_are_the_block():
     assert K.attn_post(x, o, w["o"], w["ln2"], w["gate"], 1e-5, 2, True, key_E[:-1], E, 3) is None
 
 
-def test_sgemm_check_compares_with_f_linear():
-    """The BLAS pointer is used only where it reproduces F.linear's bits here."""
-    addr = native._sgemm()
-    if addr is None:
-        pytest.skip("no sgemm in libtorch_cpu that matches F.linear")
-    x, wt = rnd(13, 72), rnd(24, 72)
-    assert torch.equal(native._linear_via(addr, x, wt), Fn.linear(x, wt))
+@pytest.mark.skipif(not native.available(), reason=f"native kernels: {native.unavailable_reason()}")
+@pytest.mark.parametrize("T,D,O", [(1, 64, 8), (7, 128, 190), (33, 96, 64), (64, 256, 1003), (5, 1024, 4)])
+def test_native_linear_matches_f_linear_and_keeps_row_bits(T, D, O):
+    """csrc/linear.c against F.linear (fp32 rounding apart), outputs past the last multiple of 4
+    included; a row alone, or in another batch, has the bits it has here."""
+    x, w = rnd(T, D), rnd(O, D)
+    got = native.linear(x, w)
+    torch.testing.assert_close(got, Fn.linear(x, w), rtol=1e-5, atol=1e-4)
+    for r in {0, T // 2, T - 1}:
+        assert torch.equal(native.linear(x[r:r + 1], w), got[r:r + 1])
+    assert torch.equal(native.linear(torch.cat([x, x[:3]]), w)[:T], got)
+
+
+def test_linear_dispatch_takes_native_for_fp32_cpu_only(monkeypatch):
+    calls = []
+    real = native.linear
+    monkeypatch.setattr(native, "linear", lambda x, w: calls.append(tuple(x.shape)) or real(x, w))
+    x, w, b = rnd(3, 16), rnd(5, 16), rnd(5)
+    want = Fn.linear(x, w, b)
+    torch.testing.assert_close(K.linear(x, w, b), want, rtol=1e-5, atol=1e-5)  # native + bias (if built)
+    assert torch.equal(K.linear(x, w, b, backend="reference"), want)
+    K.linear(rnd(3, 12), rnd(5, 12))  # D not a multiple of 8
+    K.linear(x.double(), w.double())
+    K.linear(x.view(1, 3, 16), w)  # not 2-D
+    assert calls == ([(3, 16)] if native.available() else [])
 
 
 @pytest.mark.parametrize("backend", [None, "reference"])

@@ -236,7 +236,7 @@ def test_native_grouped_swiglu_rejects_bad_groups():
 
 
 @needs_native
-def test_dispatch_sends_small_experts_to_native_by_shape_only(monkeypatch):
+def test_dispatch_sends_fp32_experts_to_native_by_shape_only(monkeypatch):
     calls = []
     real = native.grouped_swiglu
     monkeypatch.setattr(native, "grouped_swiglu", lambda *a: calls.append(a[0].shape) or real(*a))
@@ -244,9 +244,25 @@ def test_dispatch_sends_small_experts_to_native_by_shape_only(monkeypatch):
     for rows in (1, 64):  # the same path whatever the rows
         K.grouped_expert_ffn(torch.randn(rows, 128, generator=g), [rows], w1, w3, w2, experts=[1])
     K.grouped_expert_ffn(torch.randn(2, 128, generator=g), [2], w1, w3, w2, experts=[1], backend="reference")
-    _, b1, b3, b2 = _experts(1, 256, 512)  # over NATIVE_EXPERT_MAX_DF: torch's GEMMs
+    _, b1, b3, b2 = _experts(1, 256, 512)  # and whatever the size
     K.grouped_expert_ffn(torch.randn(2, 256, generator=g), [2], b1, b3, b2)
-    assert calls == [(1, 128), (64, 128)]
+    _, c1, c3, c2 = _experts(1, 12, 8)  # D not a multiple of 8: torch's GEMMs
+    K.grouped_expert_ffn(torch.randn(2, 12, generator=g), [2], c1, c3, c2)
+    assert calls == [(1, 128), (64, 128), (2, 256)]
+
+
+@needs_native
+@pytest.mark.parametrize("D,F,rows", [(1024, 2816, 8), (256, 1024, 70), (64, 4096, 5)])
+def test_native_grouped_swiglu_large_experts_match_reference_and_keep_row_bits(D, F, rows):
+    # Weight blocks that every row tile passes over (rows_dot.h): more than one block of outputs
+    # at these sizes, and rows that fill 3-, 2- and 1-row tiles.
+    g, w1, w3, w2 = _experts(2, D, F, seed=11)
+    x = torch.randn(rows, D, generator=g)
+    got = native.grouped_swiglu(x, [rows - 2, 2], w1, w3, w2, [1, 0])
+    want = R.grouped_expert_ffn(x, [rows - 2, 2], w1, w3, w2, [1, 0])
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    for r in (0, rows - 3):  # a row alone has the bits it has in the batch
+        assert torch.equal(native.grouped_swiglu(x[r:r + 1], [1], w1, w3, w2, [1]), got[r:r + 1])
 
 
 @needs_native
@@ -268,9 +284,8 @@ def test_dispatch_sends_bf16_experts_to_native_at_every_size(monkeypatch):
     calls = []
     real = native.grouped_swiglu
     monkeypatch.setattr(native, "grouped_swiglu", lambda *a: calls.append(a[2].dtype) or real(*a))
-    g, w1, w3, w2 = _experts(2, 256, 512)  # over NATIVE_EXPERT_MAX_DF for fp32 weights
+    g, w1, w3, w2 = _experts(2, 256, 512)
     x = torch.randn(3, 256, generator=g)
-    K.grouped_expert_ffn(x, [3], w1, w3, w2, experts=[1])
     K.grouped_expert_ffn(x, [3], w1.bfloat16(), w3.bfloat16(), w2.bfloat16(), experts=[1])
     K.expert_ffn(x, w1[1].bfloat16(), w3[1].bfloat16(), w2[1].bfloat16())
     K.grouped_expert_ffn(x, [3], w1.half(), w3.half(), w2.half(), experts=[1])  # fp16: widened by upcast.py
