@@ -10,17 +10,32 @@
    them: the weights are read from memory once per call, not once per three rows (a 1024 x 2816
    expert is 11.5 MB; with the row tiles outermost, 8 rows read it three times).
    An expert's weights are usually not in cache (a rank's experts over all blocks outgrow the
-   L3), and the hardware prefetcher alone left the cold reads un-overlapped (+280 µs per step
-   of 8 experts 128x256 at any row count): the first pass over a block prefetches the weights
-   PF_ROWS rows ahead, spread over its inner loop, so the next reads overlap this arithmetic. */
-#ifndef PF_ROWS
+   L3), and the hardware prefetcher alone left the cold reads un-overlapped: every pass over a
+   block prefetches a share of the next block, so its reads overlap this block's arithmetic. */
+#ifndef PREFETCH_NEXT
 #define PF_ROWS 32
-/* The 4 K weights of the tile PF_ROWS rows ahead, 32 of them per 8-wide step i (two lines of
-   fp32; a prefetch past the end of the weights is harmless: it never faults). */
+/* Weights that fit L2, or one pass: the first pass's own reads are the stream; each of its
+   tiles prefetches the tile PF_ROWS rows ahead, two lines per 8-wide step i (a prefetch past
+   the weights' end never faults). */
 #define PREFETCH_AHEAD(w0, K, i)                                                                  \
     do {                                                                                          \
         _mm_prefetch((const char *)((w0) + PF_ROWS * (K) + 4 * (i)), _MM_HINT_T0);                 \
         _mm_prefetch((const char *)((w0) + PF_ROWS * (K) + 4 * (i) + 16), _MM_HINT_T0);            \
+    } while (0)
+/* Larger weights and several passes: the next weight block, L lines spread evenly over this
+   block's S inner steps of every pass (acc carries the fraction), so those reads run beside this
+   block's arithmetic instead of stalling its first pass (8 rows of a 1024 x 2816 expert: 1.3x). */
+#define PREFETCH_NEXT()                                                                           \
+    do {                                                                                          \
+        for (acc += L; acc >= S; acc -= S, pf += 64)                                              \
+            _mm_prefetch(pf, _MM_HINT_T0);                                                        \
+    } while (0)
+#define PREFETCH(w0, K, i)                                                                        \
+    do {                                                                                          \
+        if (spread)                                                                               \
+            PREFETCH_NEXT();                                                                      \
+        else if (first)                                                                           \
+            PREFETCH_AHEAD(w0, K, i);                                                             \
     } while (0)
 /* Weight rows per block: a multiple of 4 whose bytes fit ~192 KB of the 512 KB L2, 4 to 64. */
 static inline int64_t rows_dot_block(int64_t row_bytes)
@@ -33,11 +48,16 @@ static inline int64_t rows_dot_block(int64_t row_bytes)
 static void ROWS_DOT(const float *x, int64_t n, const WEIGHT_T *w, int64_t O, int64_t K, float *out, int64_t ld)
 {
     const int64_t blk = rows_dot_block(K * (int64_t)sizeof(WEIGHT_T));
+    const int64_t tiles = n / 3 + (n % 3 ? 1 : 0); /* row tiles: passes over each block */
+    const int spread = tiles > 1 && O * K * (int64_t)sizeof(WEIGHT_T) > ((int64_t)1 << 20);
     for (int64_t ob = 0; ob < O; ob += blk) {
-        const int64_t oe = ob + blk < O ? ob + blk : O;
-        int pf = 1; /* the block's first pass reads it from memory: only that one prefetches */
+        const int64_t oe = ob + blk < O ? ob + blk : O, next = oe + blk < O ? blk : O - oe;
+        const char *pf = (const char *)(w + oe * K);
+        const int64_t L = (next * K * (int64_t)sizeof(WEIGHT_T) + 63) / 64, S = tiles * ((oe - ob) / 4) * (K / 8);
+        int64_t acc = 0;
+        int first = 1;
         int64_t r = 0;
-        for (; r + 3 <= n; r += 3, pf = 0) {
+        for (; r + 3 <= n; r += 3, first = 0) {
             const float *x0 = x + r * K, *x1 = x0 + K, *x2 = x1 + K;
             for (int64_t o = ob; o < oe; o += 4) {
                 const WEIGHT_T *w0 = w + o * K;
@@ -45,8 +65,7 @@ static void ROWS_DOT(const float *x, int64_t n, const WEIGHT_T *w, int64_t O, in
                 __m256 a10 = a00, a11 = a00, a12 = a00, a13 = a00;
                 __m256 a20 = a00, a21 = a00, a22 = a00, a23 = a00;
                 for (int64_t i = 0; i < K; i += 8) {
-                    if (pf)
-                        PREFETCH_AHEAD(w0, K, i);
+                    PREFETCH(w0, K, i);
                     const __m256 u = _mm256_loadu_ps(x0 + i), v = _mm256_loadu_ps(x1 + i), z = _mm256_loadu_ps(x2 + i);
                     __m256 b = LOAD_W(w0 + i);
                     a00 = _mm256_fmadd_ps(u, b, a00); a10 = _mm256_fmadd_ps(v, b, a10); a20 = _mm256_fmadd_ps(z, b, a20);
@@ -63,15 +82,14 @@ static void ROWS_DOT(const float *x, int64_t n, const WEIGHT_T *w, int64_t O, in
                 o2[0] = hsum(a20); o2[1] = hsum(a21); o2[2] = hsum(a22); o2[3] = hsum(a23);
             }
         }
-        for (; r + 2 <= n; r += 2, pf = 0) {
+        for (; r + 2 <= n; r += 2, first = 0) {
             const float *x0 = x + r * K, *x1 = x0 + K;
             for (int64_t o = ob; o < oe; o += 4) {
                 const WEIGHT_T *w0 = w + o * K;
                 __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00;
                 __m256 a10 = a00, a11 = a00, a12 = a00, a13 = a00;
                 for (int64_t i = 0; i < K; i += 8) {
-                    if (pf)
-                        PREFETCH_AHEAD(w0, K, i);
+                    PREFETCH(w0, K, i);
                     const __m256 u = _mm256_loadu_ps(x0 + i), v = _mm256_loadu_ps(x1 + i);
                     const __m256 b0 = LOAD_W(w0 + i), b1 = LOAD_W(w0 + K + i);
                     const __m256 b2 = LOAD_W(w0 + 2 * K + i), b3 = LOAD_W(w0 + 3 * K + i);
@@ -89,14 +107,13 @@ static void ROWS_DOT(const float *x, int64_t n, const WEIGHT_T *w, int64_t O, in
                 o1[0] = hsum(a10); o1[1] = hsum(a11); o1[2] = hsum(a12); o1[3] = hsum(a13);
             }
         }
-        for (; r < n; r++, pf = 0) {
+        for (; r < n; r++, first = 0) {
             const float *x0 = x + r * K;
             for (int64_t o = ob; o < oe; o += 4) {
                 const WEIGHT_T *w0 = w + o * K;
                 __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00;
                 for (int64_t i = 0; i < K; i += 8) {
-                    if (pf)
-                        PREFETCH_AHEAD(w0, K, i);
+                    PREFETCH(w0, K, i);
                     const __m256 u = _mm256_loadu_ps(x0 + i);
                     a00 = _mm256_fmadd_ps(u, LOAD_W(w0 + i), a00);
                     a01 = _mm256_fmadd_ps(u, LOAD_W(w0 + K + i), a01);
