@@ -77,7 +77,7 @@ def linear(x_TD, w_OD, b_O=None, backend: str | None = None):
     checks.linear(x_TD, w_OD, b_O)
     if not _widening(x_TD, w_OD):
         if x_TD.dim() == 2 and _native_linear(x_TD, w_OD) and not _named_reference(backend):
-            y_TO = native.linear(x_TD, w_OD)
+            y_TO = native.linear(x_TD.contiguous(), w_OD)  # a strided view gets the same bits too
             return y_TO if b_O is None else y_TO.add_(b_O)
         return Fn.linear(x_TD, w_OD, b_O)
     if _named_reference(None):
@@ -92,7 +92,7 @@ def set_linear_threads(n: int) -> None:
 
 
 def _native_linear(x_TD, w_OD) -> bool:
-    return x_TD.dtype == torch.float32 and x_TD.shape[1] % 8 == 0 and native.supports(x_TD, w_OD)
+    return x_TD.dtype == torch.float32 and x_TD.is_cpu and x_TD.shape[1] % 8 == 0 and native.supports(w_OD)
 
 
 def expert_ffn(x_TD, w1_FD, w3_FD, w2_DF, backend: str | None = None):
@@ -255,7 +255,8 @@ def attn_post(x_TD, o_TX, w_o_DX, ln2_D, w_gate_ED, eps: float, top_k: int, reno
     T, D = x_TD.shape
     if not _fused_ok(backend, (x_TD, o_TX, w_o_DX, ln2_D, w_gate_ED), (key_E,), route, T, top_k):
         return None
-    if o_TX.dim() != 2 or o_TX.shape[0] != T or o_TX.shape[1] % 8 or not _post_shapes_ok(x_TD, o_TX.shape[1], w_o_DX, ln2_D, w_gate_ED, key_E):
+    if o_TX.dim() != 2 or o_TX.shape[0] != T or o_TX.shape[1] % 8 \
+            or not _post_shapes_ok(x_TD, o_TX.shape[1], w_o_DX, ln2_D, w_gate_ED, key_E):
         return None
     return native.attn_post(x_TD, o_TX, w_o_DX, ln2_D, w_gate_ED, eps, top_k, renormalize, key_E, num_keys, seg,
                             route)

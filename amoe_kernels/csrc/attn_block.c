@@ -26,6 +26,7 @@ int amoe_paged_decode_f32(const float *q, const float *k, const float *v, const 
 int amoe_dispatch_rows(const int64_t *key, int64_t R, int64_t K, int64_t X, int32_t seg, const char *y,
                        int64_t row_bytes, int32_t *meta, char *y_out, int64_t *counts);
 
+/* linear.c; D and H d are multiples of 8 here (amoe_kernels.dispatch declines the step otherwise). */
 int amoe_linear_f32(const float *x, int64_t T, int64_t D, const float *w, int64_t O, float *y);
 
 /* Softmax over E logits in fp32, the K largest in descending order (ties: lower expert first),

@@ -173,7 +173,9 @@ def test_linear_dispatch_takes_native_for_fp32_cpu_only(monkeypatch):
     K.linear(rnd(3, 12), rnd(5, 12))  # D not a multiple of 8
     K.linear(x.double(), w.double())
     K.linear(x.view(1, 3, 16), w)  # not 2-D
-    assert calls == ([(3, 16)] if native.available() else [])
+    xt = rnd(16, 3).t()  # strided: made contiguous, the same bits as a contiguous copy
+    assert torch.equal(K.linear(xt, w), K.linear(xt.contiguous(), w))
+    assert calls == ([(3, 16)] * 3 if native.available() else [])
 
 
 @pytest.mark.parametrize("backend", [None, "reference"])
