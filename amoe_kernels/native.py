@@ -181,10 +181,6 @@ def set_linear_threads(n: int) -> None:
         _lib().amoe_set_linear_threads(int(n))
 
 
-def fused_block_available() -> bool:
-    return available()
-
-
 def pool_scatter(tok_R: torch.Tensor, slot_R: torch.Tensor, done_X, out_RD: torch.Tensor,
                  dst_TKD: torch.Tensor) -> int:
     """csrc/dispatch_rows.c amoe_pool_scatter: int32 index columns sharing one stride, done_X a

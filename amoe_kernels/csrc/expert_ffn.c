@@ -26,9 +26,8 @@
 
 #include "vec_math.h"
 
-/* Eight weights as fp32: stored fp32, or bf16 widened in registers (the upper half of an fp32),
+/* Eight weights as fp32: stored fp32 (vec_math.h load_f32), or bf16 widened in registers (the upper half of an fp32),
    so bf16 experts at rest are read at half the bytes and never copied. */
-static inline __m256 load_f32(const float *p) { return _mm256_loadu_ps(p); }
 static inline __m256 load_bf16(const uint16_t *p)
 {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));

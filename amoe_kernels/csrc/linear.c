@@ -20,7 +20,6 @@
 
 #include "vec_math.h"
 
-static inline __m256 load_f32(const float *p) { return _mm256_loadu_ps(p); }
 
 #define ROWS_DOT rows_dot_f32
 #define WEIGHT_T float

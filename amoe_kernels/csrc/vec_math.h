@@ -23,6 +23,9 @@ static inline __m256 exp8(__m256 x)
     return _mm256_mul_ps(p, _mm256_castsi256_ps(two_i));
 }
 
+/* Eight fp32 weights as stored (rows_dot.h's LOAD_W for fp32 weights). */
+static inline __m256 load_f32(const float *p) { return _mm256_loadu_ps(p); }
+
 /* The sum of eight lanes, in the order every dot product of rows_dot.h ends with. */
 static inline float hsum(__m256 a)
 {

@@ -124,10 +124,10 @@ def attention_threads(cfg: AmoeConfig, waves: int, device: str = "cpu") -> int:
     rt = cfg.runtime
     if rt.attention_threads:
         return rt.attention_threads
-    world = topology(cfg).world_size
-    if device != "cpu" or waves != 1 or rt.cpu_bind == "core" or ranks_on_this_node(world) < world:
+    topo = topology(cfg)
+    if device != "cpu" or waves != 1 or rt.cpu_bind == "core" or ranks_on_this_node(topo.world_size) < topo.world_size:
         return rt.threads_per_rank
-    return max(rt.threads_per_rank, cores_available() // topology(cfg).attention_ranks)
+    return max(rt.threads_per_rank, cores_available() // topo.attention_ranks)
 
 
 def run_worker(cfg: AmoeConfig, transport: Transport, device: str = "cpu") -> None:

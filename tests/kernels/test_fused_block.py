@@ -12,7 +12,7 @@ from amoe_kernels import reference as R
 
 g = torch.Generator().manual_seed(11)
 
-needs_fused = pytest.mark.skipif(not native.fused_block_available(),
+needs_fused = pytest.mark.skipif(not native.available(),
                                  reason=f"fused block: {native.unavailable_reason()}")
 
 

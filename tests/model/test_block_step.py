@@ -10,7 +10,7 @@ from amoe_kernels import native
 from amoe_serve.kv.cache import PagedKVCache
 from amoe_serve.model.attention_side import AttentionSide
 
-pytestmark = pytest.mark.skipif(not native.fused_block_available(), reason="no native fused block step here")
+pytestmark = pytest.mark.skipif(not native.available(), reason="no native fused block step here")
 
 
 def _calls(attn, b, x, batch, kv, key_E, X, seg, route=None):
