@@ -10,6 +10,8 @@ from amoe_serve.config import ConfigError, RoutingConfig, merge_structured
 from amoe_serve.bench.workloads import WORKLOADS
 
 SYSTEMS = ("aep", "lockstep", "hf-transformers", "vllm")
+# Expert placements the bench plans for AEP and lockstep (bench/bench_placement.py).
+BENCH_PLACEMENTS = ("contiguous", "greedy", "ilp", "replicate")
 
 
 @dataclass
@@ -76,6 +78,12 @@ class BenchConfig:
     dataplane: list[str] = field(default_factory=list)
     aep: list[str] = field(default_factory=list)
     lockstep: list[str] = field(default_factory=list)
+    # Expert placement for AEP and lockstep alike (bench/bench_placement.py): contiguous, or a
+    # policy of `amoe-serve place` planned on a routing trace of held-out requests recorded first.
+    placement: str = "contiguous"
+    # `replicate` only: extra expert slots per rank (0: one per block).
+    replica_slots: int = 0
+    placement_trace_requests: int = 64
     # transformers generate: static left-padded batches; every size here (capped at num_requests)
     # is run on the same requests and the fastest is reported.
     hf_batch_sizes: list[int] = field(default_factory=lambda: [16, 32, 64])
@@ -114,4 +122,11 @@ def load_bench_config(path: str | Path | None, overrides: list[str] | None = Non
         raise ConfigError(f"hf_dtype={cfg.hf_dtype!r}: expected float32, bfloat16 or float16")
     if cfg.slo.itl_p50_ms <= 0 or cfg.slo.ttft_p99_ms <= 0:
         raise ConfigError("slo.itl_p50_ms and slo.ttft_p99_ms must be > 0")
+    if cfg.placement not in BENCH_PLACEMENTS:
+        raise ConfigError(f"placement={cfg.placement!r}: expected one of {', '.join(BENCH_PLACEMENTS)}")
+    if cfg.replica_slots < 0 or cfg.placement_trace_requests < 2:
+        raise ConfigError("replica_slots must be >= 0 and placement_trace_requests >= 2")
+    if cfg.placement != "contiguous" and any("deployment.placement=" in o for o in cfg.dataplane + cfg.aep + cfg.lockstep):
+        raise ConfigError(f"placement={cfg.placement} plans its own file: drop deployment.placement from "
+                          "the data-plane overrides (or set placement=contiguous)")
     return cfg

@@ -28,7 +28,10 @@ def ratio_table(records: list[dict]) -> str:
                     f"{f(r['output_tokens_per_s'])} | {'-' if rel is None else f'{rel:.2f}x'} | {f(r.get('itl_ms_p50'))} | "
                     f"{f(r.get('itl_ms_p99'))} | {f(r.get('ttft_ms_p50'))} | {f(r.get('mean_expert_batch'))} | "
                     f"{f(r.get('idle_fraction'), 2)} | {f(r.get('roofline_fraction'), 3)} |")
-    return "\n".join(rows) + "\n"
+    placed = sorted({r["placement"] for r in records if r.get("placement", "contiguous") != "contiguous"})
+    note = (f"\nExpert placement of AEP and lockstep: {', '.join(placed)} (planned on placement-trace.json, "
+            "a routing trace of held-out requests).\n" if placed else "")
+    return "\n".join(rows) + "\n" + note
 
 
 def _x(v) -> str:

@@ -10,7 +10,10 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from typing import Optional
+
 from amoe_serve.bench.bench_config import BenchConfig
+from amoe_serve.bench.bench_placement import plan_bench_placement
 from amoe_serve.bench.driver import run_point
 from amoe_serve.bench.metrics import latency_fields, rank_fields
 from amoe_serve.bench.roofline import best_gemm_flops, run_flops
@@ -44,9 +47,10 @@ def bench_model_path(cfg: BenchConfig, cache: Path) -> str:
     return str(out)
 
 
-def dataplane_config(cfg: BenchConfig, system: str, path: str) -> AmoeConfig:
+def dataplane_config(cfg: BenchConfig, system: str, path: str, placement: Optional[Path] = None) -> AmoeConfig:
     r = cfg.routing
-    over = [f"model.path={path}", f"deployment.mode={system}",
+    placed = [f"deployment.placement={placement}"] if placement is not None else []
+    over = [*placed, f"model.path={path}", f"deployment.mode={system}",
             f"deployment.attention_ranks={cfg.attention_ranks}", f"deployment.expert_ranks={cfg.expert_ranks}",
             f"routing.mode={r.mode}", f"routing.rate={r.rate}", f"routing.top_k={r.top_k}", f"routing.seed={r.seed}",
             "runtime.device=cpu", *cfg.dataplane, *(cfg.aep if system == "aep" else cfg.lockstep)]
@@ -88,6 +92,9 @@ def run_bench(cfg: BenchConfig, output: Path, cache: Path) -> list[dict]:
     skipped: dict[str, str] = {}
     offline: dict[str, list] = {}
     poisson: dict[str, dict[float, list]] = {}  # the sim check replays these arrival times
+    # Planned before any point (and before vLLM takes memory): AEP and lockstep serve with it.
+    placement = plan_bench_placement(cfg.placement, dataplane_config(cfg, "aep", path), output, cfg.workloads[0],
+                                     cfg.placement_trace_requests, cfg.seed + 1, cfg.replica_slots)
     top_k = baseline_top_k(cfg, spec)
     base_k = top_k or spec.top_k  # the baselines' experts per token
     vllm = None
@@ -148,7 +155,7 @@ def run_bench(cfg: BenchConfig, output: Path, cache: Path) -> list[dict]:
                         cores = len(os.sched_getaffinity(0))
                         flops = base_flops
                     else:
-                        dp = dataplane_config(cfg, system, path)
+                        dp = dataplane_config(cfg, system, path, placement)
                         p = run_point(dp, reqs, label, cfg.point_timeout_s)
                         failed = [t.error for t in p.traces if t.error]
                         wall = p.wall_s
@@ -156,7 +163,7 @@ def run_bench(cfg: BenchConfig, output: Path, cache: Path) -> list[dict]:
                         rec.update(output_tokens=got, failed_requests=len(failed), errors=failed[:3],
                                    **latency_fields(p.traces),
                                    **request_goodput(p.traces, cfg.slo.ttft_p99_ms, cfg.slo.itl_p50_ms, wall),
-                                   **rank_fields(p.stats))
+                                   **rank_fields(p.stats), placement=cfg.placement if placement else "contiguous")
                         cores = min(len(os.sched_getaffinity(0)),
                                     dp.deployment.attention_ranks + dp.deployment.expert_ranks)
                         flops = run_flops(spec, rec["attention_tokens"], rec["expert_rows"], got, mean_ctx)
@@ -176,7 +183,7 @@ def run_bench(cfg: BenchConfig, output: Path, cache: Path) -> list[dict]:
             vllm.close()
     checks = []
     if cfg.sim_check and {"aep", "lockstep"} <= set(cfg.systems):
-        checks = sim_check(records, dataplane_config(cfg, "aep", path), spec, path, output, offline, poisson,
+        checks = sim_check(records, dataplane_config(cfg, "aep", path, placement), spec, path, output, offline, poisson,
                            (cfg.slo.itl_p50_ms, cfg.slo.ttft_p99_ms))
     meta = {"config": asdict(cfg), "model_path": path, "gemm_flops_per_core": gemm}
     (output / "bench_meta.json").write_text(json.dumps(meta, indent=1, default=str))

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from amoe_serve.bench.goodput import goodput_table
 from amoe_serve.config import AmoeConfig, ConfigError
-from amoe_serve.engine.job import attention_waves
+from amoe_serve.bench.bench_placement import sim_placement
+from amoe_serve.engine.job import attention_threads, attention_waves
 from amoe_serve.sim.calibrate import calibrate
 from amoe_serve.sim.sim_config import load_sim_config
 from amoe_serve.sim.engine import Workload
@@ -26,6 +27,7 @@ def sim_config_for(dp: AmoeConfig, spec, workload: str, num_requests: int, table
     and their arrival times are passed to run_one)."""
     d, s, r = dp.deployment, dp.scheduler, dp.routing
     A, X = d.attention_ranks, d.expert_ranks
+    placement, replicas = sim_placement(dp, spec.num_blocks, spec.num_experts)
     over = [f"model.hidden={spec.hidden_size}", f"model.ffn={spec.expert_intermediate_size}",
             f"model.num_blocks={spec.num_blocks}", f"model.num_experts={spec.num_experts}",
             f"model.top_k={r.top_k or spec.top_k}", f"model.num_heads={spec.num_heads}",
@@ -41,7 +43,8 @@ def sim_config_for(dp: AmoeConfig, spec, workload: str, num_requests: int, table
             f"run.lockstep_max_running=[{dp.engine.max_running_requests}]",
             f"run.max_batch_tokens={dp.engine.max_batch_tokens}", f"run.max_expert_batch={s.max_expert_batch}",
             f"run.group_block={str(s.group_block).lower()}", f"run.attention_waves={attention_waves(dp)}",
-            f"run.attention_max_wait_ms={s.attention_max_wait_ms}", "run.lockstep_layout=split"]
+            f"run.attention_max_wait_ms={s.attention_max_wait_ms}", "run.lockstep_layout=split",
+            f"run.placement={placement}", f"run.replicas=[{replicas}]"]
     return load_sim_config(None, over)
 
 
@@ -65,7 +68,7 @@ def _ratio(a: float, b: float) -> float | None:
     return a / b if b > 0 else None
 
 
-def goodput_check(records: list[dict], dp: AmoeConfig, spec, table_path: Path, cores: int, workload: str,
+def goodput_check(records: list[dict], dp: AmoeConfig, spec, tables: dict[str, Path], cores: int, workload: str,
                   requests: dict[float, list], slo: tuple[float, float]) -> dict:
     """Predicted vs measured goodput of AEP and lockstep at the SLO (ITL p50, TTFT p99 ms) over
     the Poisson rates both ran, each rate simulated on the bench's own requests and arrival times."""
@@ -80,12 +83,14 @@ def goodput_check(records: list[dict], dp: AmoeConfig, spec, table_path: Path, c
         return {}
     predicted: dict[str, dict[float, dict]] = {"aep": {}, "lockstep": {}}
     points = []
-    cfg = sim_config_for(dp, spec, workload, len(requests[rates[0]]), table_path, cores, arrival="poisson")
+    cfgs = {s: sim_config_for(dp, spec, workload, len(requests[rates[0]]), tables[s], cores, arrival="poisson")
+            for s in ("aep", "lockstep")}
     for rate in rates:
         wl = _workload(requests[rate], True)
         for system in ("aep", "lockstep"):
+            cfg = cfgs[system]
             sim = run_one(cfg, system, cfg.cluster.gpus[0], policy=cfg.run.policies[0],
-                          max_running=cfg.run.max_running_requests, workload=wl)
+                          max_running=cfg.run.max_running_requests, workload=wl, replicas=cfg.run.replicas[0])
             predicted[system][rate] = {"itl_ms_p50": sim["itl_ms_p50"], "ttft_ms_p99": sim["ttft_ms_p99"],
                                        "output_tokens_per_s": float(sim["tokens_per_s"]), "failed_requests": 0}
             m = measured[system][rate]
@@ -105,7 +110,22 @@ def goodput_check(records: list[dict], dp: AmoeConfig, spec, table_path: Path, c
             # None where a system has no goodput on either side (no ratio to compare)
             "ratio_error": abs(p_ratio / m_ratio - 1.0) if m_ratio and p_ratio is not None else None,
             "verdicts_agree": sum(p["measured_meets_slo"] == p["predicted_meets_slo"] for p in points),
-            "device_table": table_path.name}
+            "device_table": {s: t.name for s, t in tables.items()}}
+
+
+def calibrate_tables(dp: AmoeConfig, model_path: str, output: Path) -> dict[str, Path]:
+    """{system: calibrated table}: each system's attention linear timed at the threads its ranks
+    resolve (AEP with two waves keeps one; lockstep's one wave lends the experts' cores), one
+    table per distinct count: output/local-calibrated.yaml, then -t<threads>.yaml for another."""
+    threads = {"aep": attention_threads(dp, attention_waves(dp)), "lockstep": attention_threads(dp, 1)}
+    tables: dict[int, Path] = {}
+    for n in dict.fromkeys(threads.values()):
+        path = output / ("local-calibrated.yaml" if not tables else f"local-calibrated-t{n}.yaml")
+        print(f"[bench] sim check: calibrating the local table (the ranks' code; attention linear at {n} "
+              "thread(s))", file=sys.stderr, flush=True)
+        calibrate(path, model_path, attention_threads=n)
+        tables[n] = path
+    return {s: tables[n] for s, n in threads.items()}
 
 
 def sim_check(records: list[dict], dp: AmoeConfig, spec, model_path: str, output: Path,
@@ -122,9 +142,7 @@ def sim_check(records: list[dict], dp: AmoeConfig, spec, model_path: str, output
                                           and r["workload"] in poisson_requests for r in records)
     if not (points or has_poisson) or dp.routing.mode != "exponential":  # the simulator draws the paper's skew only
         return []
-    table_path = output / "local-calibrated.yaml"
-    print("[bench] sim check: calibrating the local table (the ranks' code, one thread)", file=sys.stderr, flush=True)
-    calibrate(table_path, model_path)
+    tables = calibrate_tables(dp, model_path, output)
     cores = min(len(os.sched_getaffinity(0)), dp.deployment.attention_ranks + dp.deployment.expert_ranks)
     checks = []
     for workload, n in points:
@@ -134,10 +152,11 @@ def sim_check(records: list[dict], dp: AmoeConfig, spec, model_path: str, output
             continue
         wl = _workload(offline_requests[workload], False)
         try:
-            cfg = sim_config_for(dp, spec, workload, n, table_path, cores)
-            predicted = {system: float(run_one(cfg, system, cfg.cluster.gpus[0], policy=cfg.run.policies[0],
-                                               max_running=cfg.run.max_running_requests, workload=wl)["tokens_per_s"])
-                         for system in ("aep", "lockstep")}
+            cfgs = {s: sim_config_for(dp, spec, workload, n, tables[s], cores) for s in ("aep", "lockstep")}
+            predicted = {s: float(run_one(c, s, c.cluster.gpus[0], policy=c.run.policies[0],
+                                          max_running=c.run.max_running_requests, workload=wl,
+                                          replicas=c.run.replicas[0])["tokens_per_s"])
+                         for s, c in cfgs.items()}
         except (ConfigError, ValueError) as e:  # a deployment the simulator cannot model
             print(f"[bench] sim check {workload}: not simulated: {e}", file=sys.stderr, flush=True)
             checks.append({"kind": "saturation", "workload": workload, "num_requests": n, "error": str(e)})
@@ -148,12 +167,12 @@ def sim_check(records: list[dict], dp: AmoeConfig, spec, model_path: str, output
                        "measured_tokens_per_s": measured,
                        "predicted_tokens_per_s": predicted, "measured_aep_vs_lockstep": m_ratio,
                        "predicted_aep_vs_lockstep": p_ratio, "ratio_error": abs(p_ratio / m_ratio - 1.0),
-                       "device_table": table_path.name})
+                       "device_table": {s: t.name for s, t in tables.items()}})
         print(f"[bench] sim check {workload}: AEP/lockstep predicted {p_ratio:.2f}x, measured {m_ratio:.2f}x "
               f"({abs(p_ratio / m_ratio - 1.0):.0%} off)", file=sys.stderr, flush=True)
     for workload, by_rate in poisson_requests.items() if slo is not None else ():
         try:
-            c = goodput_check(records, dp, spec, table_path, cores, workload, by_rate, slo)
+            c = goodput_check(records, dp, spec, tables, cores, workload, by_rate, slo)
         except (ConfigError, ValueError) as e:
             print(f"[bench] sim check {workload} goodput: not simulated: {e}", file=sys.stderr, flush=True)
             checks.append({"kind": "goodput", "workload": workload, "error": str(e)})

@@ -1,7 +1,8 @@
 """Calibrate the "local" device table on this machine.
 
 With a checkpoint (`measure_engine`, what `amoe-serve sim --calibrate FILE --model CKPT` and the
-bench use) the ranks' own code is timed, one thread, median of repetitions:
+bench use) the ranks' own code is timed, one thread (the attention side's C linear at
+`attention_threads`, as the deployment resolves runtime.attention_threads), median of repetitions:
 - expert step: `ExpertCore.receive` + `drain_block` of one expert with R rows -> `expert_points`;
 - attention step of one block: `AttentionCore.attend` + `deliver` (norms, projections, paged
   attention, routing, dispatch and combine bookkeeping) on decode batches of varying size and
@@ -64,7 +65,7 @@ ATTN_COMBOS = ((1, 64), (8, 64), (16, 128), (32, 128), (64, 128), (32, 256), (64
 
 def measure_engine(model_path: str, batches=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
                    combos=ATTN_COMBOS, threads: int = 1, quick: bool = False, device: str = "cpu",
-                   dtype: str = "auto") -> dict:
+                   dtype: str = "auto", attention_threads: int = 1) -> dict:
     """Time the attention and expert ranks' own code on a checkpoint (see the module docstring).
 
     Decode segments are made at the wanted position directly: the KV they attend to is
@@ -72,7 +73,20 @@ def measure_engine(model_path: str, batches=(1, 2, 4, 8, 16, 32, 64, 128, 256, 5
     """
     import torch
 
+    import amoe_kernels
+
     torch.set_num_threads(threads)
+    # The expert FFN kernel is single-threaded: this reaches the attention steps and LM head only.
+    amoe_kernels.set_linear_threads(attention_threads)
+    try:
+        return _measure(model_path, batches, combos, quick, device, dtype)
+    finally:
+        amoe_kernels.set_linear_threads(1)
+
+
+def _measure(model_path, batches, combos, quick, device, dtype) -> dict:
+    import torch
+
     spec = load_spec(model_path)
     NB, D = spec.num_blocks, spec.hidden_size
     steps = 2 if quick else 4
@@ -177,9 +191,11 @@ def write_table(table: DeviceTable, path: str | Path) -> Path:
     return p
 
 
-def calibrate(path: str | Path, model_path: str, quick: bool = False, cores: int | None = None) -> DeviceTable:
-    t = local_table(measure_engine(model_path, quick=quick), cores=cores,
+def calibrate(path: str | Path, model_path: str, quick: bool = False, cores: int | None = None,
+              attention_threads: int = 1) -> DeviceTable:
+    t = local_table(measure_engine(model_path, quick=quick, attention_threads=attention_threads), cores=cores,
                     source=f"measured on this machine with the ranks' code on {Path(model_path).name} "
-                           "(amoe_serve.sim.calibrate); MPI from the transport team")
+                           f"(amoe_serve.sim.calibrate, attention linear at {attention_threads} thread(s)); "
+                           "MPI from the transport team")
     write_table(t, path)
     return t

@@ -39,7 +39,7 @@ def test_bench_command_writes_records_and_plots(tmp_path):
     p = run_cli(["bench", "--output", str(out), "model.hidden_size=64", "model.intermediate_size=96",
                  "model.num_blocks=2", "model.num_heads=4", "model.head_dim=16", "model.num_kv_heads=2",
                  "model.vocab_size=300", "num_requests=4", "request_rates=[0.0,4.0]", "hf_batch_size=2",
-                 "sim_check=true"],
+                 "sim_check=true", "placement=greedy", "placement_trace_requests=4"],
                 env_extra={"AMOE_SERVE_CACHE": str(tmp_path / "cache")}, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     doc = json.loads((out / "results.json").read_text())
@@ -55,6 +55,12 @@ def test_bench_command_writes_records_and_plots(tmp_path):
         if r["system"] != "hf-transformers":
             assert r["failed_requests"] == 0
             assert r["itl_ms_p50"] > 0 and r["mean_expert_batch"] >= 1 and 0 <= r["idle_fraction"] <= 1
+    # AEP and lockstep served with the greedy placement planned on a trace of held-out requests
+    from amoe_serve.placement.layout import Placement
+    assert {r["placement"] for r in recs if r["system"] in ("aep", "lockstep")} == {"greedy"}
+    assert (out / "placement-trace.json").is_file()
+    assert Placement.from_file(out / "placement-greedy.json", 2, 8, 2).pairs_of(0)
+    assert "Expert placement of AEP and lockstep: greedy" in (out / "results.md").read_text()
     n_out = {r["output_tokens"] for r in recs if r["request_rate"] == 0.0}
     assert len(n_out) == 1  # every system produced the same number of tokens
     assert (out / "bench.png").stat().st_size > 10_000

@@ -81,18 +81,19 @@ def test_goodput_check_replays_the_bench_arrivals_and_applies_the_bench_slo(chec
              "itl_ms_p50": itl, "ttft_ms_p99": 100.0, "failed_requests": 0}
             for s, rate, tps, itl in (("aep", 2.0, 10.0, 40.0), ("aep", 8.0, 30.0, 90.0),
                                       ("lockstep", 2.0, 9.0, 50.0), ("lockstep", 8.0, 25.0, 150.0))]
-    c = goodput_check(recs, dp, spec, table, 2, "short", reqs, (100.0, 2000.0))
+    tables = {"aep": table, "lockstep": table}
+    c = goodput_check(recs, dp, spec, tables, 2, "short", reqs, (100.0, 2000.0))
     want = {g["system"]: g["goodput_tokens_per_s"] for g in goodput_table(recs, 100.0, 2000.0)}
     assert {s: v["tokens_per_s"] for s, v in c["measured_goodput"].items()} == want == {"aep": 30.0, "lockstep": 9.0}
     assert c["measured_aep_vs_lockstep"] == 30.0 / 9.0 and c["rates"] == [2.0, 8.0] and len(c["points"]) == 4
 
-    loose = goodput_check(recs, dp, spec, table, 2, "short", reqs, (1e9, 1e9))
+    loose = goodput_check(recs, dp, spec, tables, 2, "short", reqs, (1e9, 1e9))
     top = {p["system"]: p["predicted"]["output_tokens_per_s"] for p in loose["points"] if p["request_rate"] == 8.0}
     assert all(p["predicted_meets_slo"] and p["predicted"]["itl_ms_p50"] > 0 for p in loose["points"])
     assert {s: v["tokens_per_s"] for s, v in loose["predicted_goodput"].items()} == top
     assert loose["predicted_aep_vs_lockstep"] == top["aep"] / top["lockstep"]
     assert loose["ratio_error"] == abs(loose["predicted_aep_vs_lockstep"] / loose["measured_aep_vs_lockstep"] - 1)
 
-    none = goodput_check(recs, dp, spec, table, 2, "short", reqs, (1e-6, 1e-6))
+    none = goodput_check(recs, dp, spec, tables, 2, "short", reqs, (1e-6, 1e-6))
     assert none["predicted_goodput"]["aep"]["tokens_per_s"] == 0.0 and none["predicted_aep_vs_lockstep"] is None
     assert none["measured_aep_vs_lockstep"] is None and none["ratio_error"] is None and none["verdicts_agree"] == 4
