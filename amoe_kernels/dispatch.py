@@ -412,12 +412,20 @@ def paged_decode_attention(q_BHd, k_NSGd, v_NSGd, block_tables, seq_lens, scale:
 def paged_attention(q_SnHd, k_NSGd, v_NSGd, tables_SM, qpos_Sn, scale: float, backend: str | None = None,
                     future_SnL=None):
     """Batched causal attention over a paged KV cache, prefill and decode alike (see
-    reference.paged_attention): a gather and two batched GEMMs. Decode rows (n = 1) of fp32 CPU
-    tensors go to the native kernel, which reads the blocks in place; all-decode batches on CUDA
-    go through paged_decode_attention's Triton kernel instead."""
+    reference.paged_attention): a gather and two batched GEMMs. On fp32 CPU tensors every query
+    row, decode or prompt, goes to the native decode kernel over its own prefix (positions
+    0..qpos), which reads the blocks in place: a prompt token gets the bits it would get decoded
+    alone. All-decode batches on CUDA go through paged_decode_attention's Triton kernel instead."""
     checks.paged_attention(q_SnHd, k_NSGd, v_NSGd, tables_SM, qpos_Sn)
-    if q_SnHd.shape[1] == 1 and not _named_reference(backend) and native.supports(k_NSGd, v_NSGd) \
-            and q_SnHd.dtype == k_NSGd.dtype:
-        return native.paged_decode_attention(q_SnHd[:, 0], k_NSGd, v_NSGd, tables_SM, qpos_Sn[:, 0] + 1,
-                                             scale)[:, None]
+    if not _named_reference(backend) and native.supports(k_NSGd, v_NSGd) and q_SnHd.dtype == k_NSGd.dtype:
+        S, n, H, d = q_SnHd.shape
+        if n == 1:
+            return native.paged_decode_attention(q_SnHd[:, 0], k_NSGd, v_NSGd, tables_SM, qpos_Sn[:, 0] + 1,
+                                                 scale)[:, None]
+        M = tables_SM.shape[1]
+        # Padding rows repeat a real row's position (kv.batch), so each length is within its table.
+        tables_RM = tables_SM[:, None, :].expand(S, n, M).reshape(S * n, M)
+        out_RX = native.paged_decode_attention(q_SnHd.reshape(S * n, H, d), k_NSGd, v_NSGd, tables_RM,
+                                               qpos_Sn.reshape(-1) + 1, scale)
+        return out_RX.view(S, n, H * d)
     return reference.paged_attention(q_SnHd, k_NSGd, v_NSGd, tables_SM, qpos_Sn, scale, future_SnL)
