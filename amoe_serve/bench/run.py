@@ -9,7 +9,6 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-
 from typing import Optional
 
 from amoe_serve.bench.bench_config import BenchConfig
@@ -93,8 +92,10 @@ def run_bench(cfg: BenchConfig, output: Path, cache: Path) -> list[dict]:
     offline: dict[str, list] = {}
     poisson: dict[str, dict[float, list]] = {}  # the sim check replays these arrival times
     # Planned before any point (and before vLLM takes memory): AEP and lockstep serve with it.
-    placement = plan_bench_placement(cfg.placement, dataplane_config(cfg, "aep", path), output, cfg.workloads[0],
-                                     cfg.placement_trace_requests, cfg.seed + 1, cfg.replica_slots)
+    placement = None
+    if {"aep", "lockstep"} & set(cfg.systems):
+        placement = plan_bench_placement(cfg.placement, dataplane_config(cfg, "aep", path), output, cfg.workloads[0],
+                                         cfg.placement_trace_requests, cfg.seed + 1, cfg.replica_slots)
     top_k = baseline_top_k(cfg, spec)
     base_k = top_k or spec.top_k  # the baselines' experts per token
     vllm = None
