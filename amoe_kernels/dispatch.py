@@ -86,8 +86,8 @@ def linear(x_TD, w_OD, b_O=None, backend: str | None = None):
 
 
 def set_linear_threads(n: int) -> None:
-    """Threads of this process's large fp32 CPU linear calls (C kernel; 1 by default). The split is
-    by whole outputs: the bits do not depend on it."""
+    """Threads of this process's large fp32 CPU linear and decode-attention calls (C kernels; 1 by
+    default). The split is by whole outputs and whole sequences: the bits do not depend on it."""
     native.set_linear_threads(n)
 
 

@@ -176,7 +176,8 @@ def linear(x_TD: torch.Tensor, w_OD: torch.Tensor) -> torch.Tensor:
 
 
 def set_linear_threads(n: int) -> None:
-    """Threads of this process's large linear.c calls (projections, LM head): 1 by default."""
+    """Threads of this process's large linear.c calls (projections, LM head) and paged_decode.c
+    calls: 1 by default."""
     if _lib() is not None:
         _lib().amoe_set_linear_threads(int(n))
 

@@ -10,7 +10,8 @@
    waves and lockstep's one batch give the same bits.
    amoe_set_linear_threads(n) lets a process split the outputs of a large call over n threads
    (an attention rank whose expert ranks wait while it works: one wave on CPU); the split is by
-   whole outputs, so the bits do not change with it.
+   whole outputs, so the bits do not change with it. paged_decode.c splits a large decode
+   attention call by sequences over the same count.
    Returns 0, or -1 when D is not a multiple of 8 (nothing written); -2 without AVX2/FMA. */
 
 #include <stdint.h>
@@ -32,6 +33,7 @@
 static int linear_threads = 1;
 
 void amoe_set_linear_threads(int n) { linear_threads = n < 1 ? 1 : n > MAX_THREADS ? MAX_THREADS : n; }
+int amoe_get_linear_threads(void) { return linear_threads; }
 
 /* Outputs [o0, o1) of y [T, O]. */
 struct part {
@@ -94,6 +96,7 @@ int amoe_linear_f32(const float *x, int64_t T, int64_t D, const float *w, int64_
 
 #else
 void amoe_set_linear_threads(int n) { (void)n; }
+int amoe_get_linear_threads(void) { return 1; }
 int amoe_linear_f32(const float *x, int64_t T, int64_t D, const float *w, int64_t O, float *y)
 {
     (void)x; (void)T; (void)D; (void)w; (void)O; (void)y;

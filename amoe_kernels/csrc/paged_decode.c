@@ -14,6 +14,7 @@
    a multiple of G (then out is not written in full; the caller raises). */
 
 #include <math.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -239,6 +240,57 @@ SPECIALISE(32)
 SPECIALISE(64)
 SPECIALISE(128)
 
+/* Sequences [s0, s1) of a call (a thread's share). */
+struct decode_part {
+    const float *q, *k, *v;
+    const int64_t *tables, *lens;
+    int64_t M, H, G, d, bs, s0, s1;
+    float scale;
+    float *out;
+    int rc;
+};
+
+static void decode_range(struct decode_part *a)
+{
+    const int64_t H = a->H, G = a->G, d = a->d, M = a->M, rep = H / G, row = G * d; /* floats per position */
+    int64_t Lmax = 0;
+    for (int64_t s = a->s0; s < a->s1; s++)
+        Lmax = a->lens[s] > Lmax ? a->lens[s] : Lmax;
+    float *p = malloc(sizeof(float) * (size_t)(rep * (Lmax > 0 ? Lmax : 1))); /* scores, then probabilities */
+    a->rc = p ? 0 : -1;
+    if (!p)
+        return;
+    for (int64_t s = a->s0; s < a->s1; s++) {
+        for (int64_t g = 0; g < G; g++) {
+            const float *qg = a->q + (s * H + g * rep) * d;
+            float *og = a->out + (s * H + g * rep) * d;
+            const float *kg = a->k + g * d, *vg = a->v + g * d;
+            const int64_t *table = a->tables + s * M, L = a->lens[s];
+            switch (d) {
+            case 16: attend_d16(qg, kg, vg, table, L, a->bs, row, rep, a->scale, p, og); break;
+            case 32: attend_d32(qg, kg, vg, table, L, a->bs, row, rep, a->scale, p, og); break;
+            case 64: attend_d64(qg, kg, vg, table, L, a->bs, row, rep, a->scale, p, og); break;
+            case 128: attend_d128(qg, kg, vg, table, L, a->bs, row, rep, a->scale, p, og); break;
+            default: attend_one(qg, kg, vg, table, L, a->bs, row, rep, d, a->scale, p, og);
+            }
+        }
+    }
+    free(p);
+}
+
+static void *decode_worker(void *arg)
+{
+    decode_range(arg);
+    return NULL;
+}
+
+#define MAX_THREADS 16
+int amoe_get_linear_threads(void); /* linear.c: the attention side's threads for large calls */
+
+/* The attention rank's threads (amoe_set_linear_threads) split a large call by whole sequences,
+   balanced by context length; each (sequence, KV head) is computed as alone, so the bits do not
+   depend on the split. The KV reads are what a decode step waits on (the bench model: 16 MB of
+   cache per block), and two cores read about twice what one does. */
 int amoe_paged_decode_f32(const float *q, const float *k, const float *v, const int64_t *tables,
                           int64_t M, const int64_t *lens, int64_t S, int64_t H, int64_t G, int64_t d,
                           int64_t bs, int64_t N, float scale, float *out)
@@ -246,34 +298,41 @@ int amoe_paged_decode_f32(const float *q, const float *k, const float *v, const 
     const int64_t rep = G > 0 ? H / G : 0;
     if (rep < 1 || rep > MAX_REP || rep * G != H || d < 1 || d > MAX_D || bs < 1)
         return -1;
-    int64_t Lmax = 0;
+    int64_t total = 0;
     for (int64_t s = 0; s < S; s++) {
         if (lens[s] < 1 || lens[s] > M * bs)
             return -1;
-        Lmax = lens[s] > Lmax ? lens[s] : Lmax;
+        total += lens[s];
     }
     for (int64_t i = 0; i < S * M; i++)
         if (tables[i] < 0 || tables[i] >= N)
             return -1;
-    float *p = malloc(sizeof(float) * (size_t)(rep * Lmax)); /* scores, then probabilities */
-    if (!p)
-        return -1;
-    const int64_t row = G * d; /* floats per cache position */
-    for (int64_t s = 0; s < S; s++) {
-        for (int64_t g = 0; g < G; g++) {
-            const float *qg = q + (s * H + g * rep) * d;
-            float *og = out + (s * H + g * rep) * d;
-            const float *kg = k + g * d, *vg = v + g * d;
-            const int64_t *table = tables + s * M;
-            switch (d) {
-            case 16: attend_d16(qg, kg, vg, table, lens[s], bs, row, rep, scale, p, og); break;
-            case 32: attend_d32(qg, kg, vg, table, lens[s], bs, row, rep, scale, p, og); break;
-            case 64: attend_d64(qg, kg, vg, table, lens[s], bs, row, rep, scale, p, og); break;
-            case 128: attend_d128(qg, kg, vg, table, lens[s], bs, row, rep, scale, p, og); break;
-            default: attend_one(qg, kg, vg, table, lens[s], bs, row, rep, d, scale, p, og);
-            }
-        }
+    /* A thread costs ~30-50 µs to start and join: split only from 2M multiply-adds per QK or PV. */
+    int64_t n = amoe_get_linear_threads();
+    if (total * H * d < ((int64_t)1 << 21))
+        n = 1;
+    n = n > S ? S : n;
+    n = n > MAX_THREADS ? MAX_THREADS : n < 1 ? 1 : n;
+    struct decode_part parts[MAX_THREADS];
+    pthread_t tid[MAX_THREADS];
+    int started[MAX_THREADS] = {0};
+    int64_t s = 0, cum = 0;
+    for (int64_t i = 0; i < n; i++) { /* part i ends where the context sum passes (i + 1) / n of it */
+        const int64_t s0 = s;
+        while (s < S && (i == n - 1 || cum * n < total * (i + 1)))
+            cum += lens[s++];
+        parts[i] = (struct decode_part){q, k, v, tables, lens, M, H, G, d, bs, s0, s, scale, out, 0};
     }
-    free(p);
-    return 0;
+    for (int64_t i = 1; i < n; i++)
+        started[i] = pthread_create(&tid[i], NULL, decode_worker, &parts[i]) == 0;
+    decode_range(&parts[0]);
+    int rc = parts[0].rc;
+    for (int64_t i = 1; i < n; i++) {
+        if (started[i])
+            pthread_join(tid[i], NULL);
+        else /* no thread: this one does that part too */
+            decode_range(&parts[i]);
+        rc |= parts[i].rc;
+    }
+    return rc ? -1 : 0;
 }

@@ -51,3 +51,27 @@ def test_linear_threads_split_outputs_without_changing_bits(T, D, O):
             assert torch.equal(K.linear(x, w), one)
     finally:
         K.set_linear_threads(1)
+
+
+@pytest.mark.skipif(not native.available(), reason=f"native kernels: {native.unavailable_reason()}")
+@pytest.mark.parametrize("G,H,d", [(4, 16, 64), (1, 4, 32)])
+def test_decode_attention_threads_split_sequences_without_changing_bits(G, H, d):
+    """Above the threads' floor (2M multiply-adds) the sequences are split over the threads,
+    balanced by context length (uneven lengths here); each output is computed as alone."""
+    g = torch.Generator().manual_seed(3)
+    S, bs, N = 64, 16, 3000
+    k, v = torch.randn(N, bs, G, d, generator=g), torch.randn(N, bs, G, d, generator=g)
+    lens = torch.tensor([1 + (997 * s * s) % 700 for s in range(S)], dtype=torch.int64)
+    M = int((lens.max() + bs - 1) // bs)
+    tables = torch.randperm(N, generator=g)[:S * M].view(S, M)
+    q = torch.randn(S, H, d, generator=g)
+    assert int(lens.sum()) * H * d >= 1 << 21
+    one = K.paged_decode_attention(q, k, v, tables, lens, d**-0.5)
+    try:
+        for n in (2, 3, 16, 40):
+            K.set_linear_threads(n)
+            assert torch.equal(K.paged_decode_attention(q, k, v, tables, lens, d**-0.5), one)
+    finally:
+        K.set_linear_threads(1)
+    ref = K.paged_decode_attention(q, k, v, tables, lens, d**-0.5, backend="reference")
+    torch.testing.assert_close(one, ref, atol=1e-5, rtol=1e-5)
