@@ -90,11 +90,44 @@ static inline void scores_row(const float *qr, const float *kb, int64_t n, int64
 }
 
 /* out_D = sum_j p[j] v_j over n values: two sets of accumulators (even and odd positions), so
-   consecutive FMAs do not wait on each other. */
+   consecutive FMAs do not wait on each other, for four 8-lane chunks of D at once (eight
+   independent chains: one chunk's two alone left the FMAs waiting on their latency). Every
+   element is summed in the same order whatever the chunking. */
 static inline void weighted_rows(const float *pr, const float *vb, int64_t n, int64_t row, const int64_t D,
                                  float *acc)
 {
-    for (int64_t i = 0; i < D; i += 8) {
+    int64_t i = 0;
+    for (; i + 32 <= D; i += 32) {
+        __m256 e0 = _mm256_loadu_ps(acc + i), e1 = _mm256_loadu_ps(acc + i + 8);
+        __m256 e2 = _mm256_loadu_ps(acc + i + 16), e3 = _mm256_loadu_ps(acc + i + 24);
+        __m256 o0 = _mm256_setzero_ps(), o1 = o0, o2 = o0, o3 = o0;
+        int64_t j = 0;
+        for (; j + 2 <= n; j += 2) {
+            const __m256 pe = _mm256_set1_ps(pr[j]), po = _mm256_set1_ps(pr[j + 1]);
+            const float *ve = vb + j * row + i, *vo = ve + row;
+            e0 = _mm256_fmadd_ps(pe, _mm256_loadu_ps(ve), e0);
+            e1 = _mm256_fmadd_ps(pe, _mm256_loadu_ps(ve + 8), e1);
+            e2 = _mm256_fmadd_ps(pe, _mm256_loadu_ps(ve + 16), e2);
+            e3 = _mm256_fmadd_ps(pe, _mm256_loadu_ps(ve + 24), e3);
+            o0 = _mm256_fmadd_ps(po, _mm256_loadu_ps(vo), o0);
+            o1 = _mm256_fmadd_ps(po, _mm256_loadu_ps(vo + 8), o1);
+            o2 = _mm256_fmadd_ps(po, _mm256_loadu_ps(vo + 16), o2);
+            o3 = _mm256_fmadd_ps(po, _mm256_loadu_ps(vo + 24), o3);
+        }
+        if (j < n) {
+            const __m256 pe = _mm256_set1_ps(pr[j]);
+            const float *ve = vb + j * row + i;
+            e0 = _mm256_fmadd_ps(pe, _mm256_loadu_ps(ve), e0);
+            e1 = _mm256_fmadd_ps(pe, _mm256_loadu_ps(ve + 8), e1);
+            e2 = _mm256_fmadd_ps(pe, _mm256_loadu_ps(ve + 16), e2);
+            e3 = _mm256_fmadd_ps(pe, _mm256_loadu_ps(ve + 24), e3);
+        }
+        _mm256_storeu_ps(acc + i, _mm256_add_ps(e0, o0));
+        _mm256_storeu_ps(acc + i + 8, _mm256_add_ps(e1, o1));
+        _mm256_storeu_ps(acc + i + 16, _mm256_add_ps(e2, o2));
+        _mm256_storeu_ps(acc + i + 24, _mm256_add_ps(e3, o3));
+    }
+    for (; i < D; i += 8) {
         __m256 e = _mm256_loadu_ps(acc + i), o = _mm256_setzero_ps();
         int64_t j = 0;
         for (; j + 2 <= n; j += 2) {
@@ -156,6 +189,14 @@ static inline void weighted_rows(const float *pr, const float *vb, int64_t n, in
                                  float *acc) { (void)pr; (void)vb; (void)n; (void)row; (void)D; (void)acc; }
 #endif
 
+/* One KV head's D floats at each of n positions (rows `row` floats apart) towards the cache. */
+static inline void prefetch_head(const float *b, int64_t n, int64_t row, const int64_t D)
+{
+    for (int64_t j = 0; j < n; j++)
+        for (int64_t i = 0; i < D; i += 16)
+            __builtin_prefetch(b + j * row + i, 0, 3);
+}
+
 /* One (sequence, KV head): D is a compile-time constant in the specialised copies below, so the
    per-position dot products and the output rows stay in vector registers. With AVX2 and D a
    multiple of 8, the scores go eight positions at a time through scores_row and the values
@@ -167,6 +208,8 @@ static inline void attend_one(const float *qg, const float *k, const float *v, c
     for (int64_t t0 = 0; t0 < L; t0 += bs) {
         const float *kb = k + table[t0 / bs] * bs * row;
         const int64_t n = L - t0 < bs ? L - t0 : bs;
+        if (t0 + bs < L) /* the next cache block is elsewhere: the hardware prefetcher cannot know */
+            prefetch_head(k + table[t0 / bs + 1] * bs * row, L - t0 - bs < bs ? L - t0 - bs : bs, row, D);
         if (VECTOR_D(D)) {
             for (int64_t r = 0; r < rep; r++)
                 scores_row(qg + r * D, kb, n, row, D, scale, p + r * L + t0);
@@ -212,6 +255,8 @@ static inline void attend_one(const float *qg, const float *k, const float *v, c
         for (int64_t t0 = 0; t0 < L; t0 += bs) {
             const float *vb = v + table[t0 / bs] * bs * row;
             const int64_t n = L - t0 < bs ? L - t0 : bs;
+            if (t0 + bs < L)
+                prefetch_head(v + table[t0 / bs + 1] * bs * row, L - t0 - bs < bs ? L - t0 - bs : bs, row, D);
             if (VECTOR_D(D)) {
                 weighted_rows(pr + t0, vb, n, row, D, acc);
                 continue;
