@@ -91,8 +91,8 @@ static inline void scores_row(const float *qr, const float *kb, int64_t n, int64
 
 /* out_D = sum_j p[j] v_j over n values: two sets of accumulators (even and odd positions), so
    consecutive FMAs do not wait on each other, for four 8-lane chunks of D at once (eight
-   independent chains: one chunk's two alone left the FMAs waiting on their latency). Every
-   element is summed in the same order whatever the chunking. */
+   independent chains instead of two). Every element is summed in the same order whatever the
+   chunking. */
 static inline void weighted_rows(const float *pr, const float *vb, int64_t n, int64_t row, const int64_t D,
                                  float *acc)
 {
@@ -334,8 +334,8 @@ int amoe_get_linear_threads(void); /* linear.c: the attention side's threads for
 
 /* The attention rank's threads (amoe_set_linear_threads) split a large call by whole sequences,
    balanced by context length; each (sequence, KV head) is computed as alone, so the bits do not
-   depend on the split. The KV reads are what a decode step waits on (the bench model: 16 MB of
-   cache per block), and two cores read about twice what one does. */
+   depend on the split. The kernel mostly waits on its KV loads (perf; the bench model reads 16 MB
+   of cache per block), and two cores load about twice what one does. */
 int amoe_paged_decode_f32(const float *q, const float *k, const float *v, const int64_t *tables,
                           int64_t M, const int64_t *lens, int64_t S, int64_t H, int64_t G, int64_t d,
                           int64_t bs, int64_t N, float scale, float *out)
