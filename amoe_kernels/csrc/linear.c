@@ -27,9 +27,8 @@
 #define LOAD_W load_f32
 #include "rows_dot.h"
 
-#include <pthread.h>
+#include "run_parts.h"
 
-#define MAX_THREADS 16
 static int linear_threads = 1;
 
 void amoe_set_linear_threads(int n) { linear_threads = n < 1 ? 1 : n > MAX_THREADS ? MAX_THREADS : n; }
@@ -75,22 +74,12 @@ int amoe_linear_f32(const float *x, int64_t T, int64_t D, const float *w, int64_
     if (n > O / 4)
         n = O / 4 > 0 ? O / 4 : 1;
     struct part parts[MAX_THREADS];
-    pthread_t tid[MAX_THREADS];
-    int started[MAX_THREADS] = {0};
     const int64_t per = (O / 4 + n - 1) / n * 4;
     for (int64_t i = 0; i < n; i++) {
         const int64_t o0 = i * per < O ? i * per : O, o1 = (i + 1) * per < O && i + 1 < n ? (i + 1) * per : O;
         parts[i] = (struct part){x, w, T, D, O, o0, o1, y};
     }
-    for (int64_t i = 1; i < n; i++)
-        started[i] = pthread_create(&tid[i], NULL, linear_worker, &parts[i]) == 0;
-    linear_part(&parts[0]);
-    for (int64_t i = 1; i < n; i++) {
-        if (started[i])
-            pthread_join(tid[i], NULL);
-        else /* no thread: this one does that part too */
-            linear_part(&parts[i]);
-    }
+    run_parts(linear_worker, parts, sizeof(parts[0]), n);
     return 0;
 }
 

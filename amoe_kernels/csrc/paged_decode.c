@@ -14,7 +14,6 @@
    a multiple of G (then out is not written in full; the caller raises). */
 
 #include <math.h>
-#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -329,7 +328,7 @@ static void *decode_worker(void *arg)
     return NULL;
 }
 
-#define MAX_THREADS 16
+#include "run_parts.h"
 int amoe_get_linear_threads(void); /* linear.c: the attention side's threads for large calls */
 
 /* The attention rank's threads (amoe_set_linear_threads) split a large call by whole sequences,
@@ -359,8 +358,6 @@ int amoe_paged_decode_f32(const float *q, const float *k, const float *v, const 
     n = n > S ? S : n;
     n = n > MAX_THREADS ? MAX_THREADS : n < 1 ? 1 : n;
     struct decode_part parts[MAX_THREADS];
-    pthread_t tid[MAX_THREADS];
-    int started[MAX_THREADS] = {0};
     int64_t s = 0, cum = 0;
     for (int64_t i = 0; i < n; i++) { /* part i ends where the context sum passes (i + 1) / n of it */
         const int64_t s0 = s;
@@ -368,16 +365,9 @@ int amoe_paged_decode_f32(const float *q, const float *k, const float *v, const 
             cum += lens[s++];
         parts[i] = (struct decode_part){q, k, v, tables, lens, M, H, G, d, bs, s0, s, scale, out, 0};
     }
-    for (int64_t i = 1; i < n; i++)
-        started[i] = pthread_create(&tid[i], NULL, decode_worker, &parts[i]) == 0;
-    decode_range(&parts[0]);
-    int rc = parts[0].rc;
-    for (int64_t i = 1; i < n; i++) {
-        if (started[i])
-            pthread_join(tid[i], NULL);
-        else /* no thread: this one does that part too */
-            decode_range(&parts[i]);
+    run_parts(decode_worker, parts, sizeof(parts[0]), n);
+    int rc = 0;
+    for (int64_t i = 0; i < n; i++)
         rc |= parts[i].rc;
-    }
     return rc ? -1 : 0;
 }
