@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from amoe_serve.counters import RankCounters
+from amoe_serve.counters import DEPTH_SAMPLE_S, RankCounters
 from amoe_serve.engine.attention_core import AttentionCore, Segment
 from amoe_serve.engine.headers import CancelHeader, RequestHeader
 from amoe_serve.token_events import TokenEvent
@@ -106,8 +106,9 @@ class AttentionRank:
         polled = False  # the last idle wait already took in everything that had arrived
         while not self.stop:
             now = time.perf_counter()
-            self.counters.record_queue_depths(self.queues.lengths, now - last)
-            last = now
+            if now - last >= DEPTH_SAMPLE_S:
+                self.counters.record_queue_depths(self.queues.lengths, now - last)
+                last = now
             if not polled:
                 self._drain(0)
             self._sample()

@@ -7,6 +7,7 @@ from collections import Counter
 
 import torch
 
+from amoe_serve.counters import DEPTH_SAMPLE_S
 from amoe_serve.engine.expert_core import ExpertCore
 from amoe_serve.engine.tags import Tag
 from amoe_serve.engine.topology import Topology
@@ -56,8 +57,9 @@ class ExpertRank:
         last = time.perf_counter()
         while not self.stop:
             now = time.perf_counter()
-            c.record_queue_depths(self.core.queues.lengths, now - last)
-            last = now
+            if now - last >= DEPTH_SAMPLE_S:
+                c.record_queue_depths(self.core.queues.lengths, now - last)
+                last = now
             self._drain(0)
             t0 = time.perf_counter()
             replies = self.core.step()

@@ -101,8 +101,8 @@ class AttentionPlan:
 
     def next_wake(self, now: float) -> Optional[float]:
         """When a held queue's max_wait runs out (a simulator's stand-in for polling)."""
-        if self.gate is None:
-            return None
+        if self.gate is None or (self.queues.total() == 0 and not self.to_sample):
+            return None  # the usual wait for expert replies: nothing held, no numpy
         held = self.queues.lengths > 0
         times = [float(self.gate.since_BW[held].min()) + self.gate.max_wait_s] if held.any() else []
         if self.to_sample:
