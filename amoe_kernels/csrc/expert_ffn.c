@@ -3,8 +3,9 @@
    An AEP expert step runs a few experts with a few rows each. There MKL's GEMMs (through
    torch._grouped_mm or one call per expert) cost more in per-call work than in arithmetic:
    4 experts x 4 rows of a 128x256 expert took 160 us, for 3 MFLOP. Here one call does the whole
-   step: per expert, tiles of up to three rows by four outputs (rows_dot.h), each output a dot product over the
-   weight row as stored ([F, D] for w1/w3, [D, F] for w2), so no weight is transposed or copied.
+   step: per expert, tiles of up to three rows by four outputs (rows_dot.h), each output a dot
+   product over the weight row as stored ([F, D] for w1/w3, [D, F] for w2), so no weight is
+   transposed or copied.
 
    Every row is computed by the same instruction sequence whichever rows share its step (its
    sums never mix with another row's), so a token's expert output does not depend on how the

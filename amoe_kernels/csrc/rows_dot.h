@@ -18,7 +18,8 @@
 /* Pins an operand in a register here. A 3 x 4 tile needs all 16 ymm registers (12 sums, 3 rows,
    1 weight vector), and without the pin GCC folds the loads into the FMAs instead: every weight
    vector loaded three times (or every row four), 15 loads per 12 FMAs, which made the loop
-   load-bound at ~65% of the FMA peak (the pinned loop: 7 loads, 1.2-1.5x at 16-64 rows). */
+   load-bound at 55-65% of the FMA peak (pinned: 7 loads; 1.1-1.3x at 16-64 rows, measured with
+   python -m amoe_kernels.bench_native). */
 #define KEEP(v) __asm__("" : "+x"(v))
 /* Weights that fit L2, or one pass: the first pass's own reads are the stream; each of its
    tiles prefetches the tile PF_ROWS rows ahead, two lines per 8-wide step i (a prefetch past
