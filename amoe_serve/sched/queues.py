@@ -43,8 +43,8 @@ class MuQueues:
         self._num_items += 1
 
     def push_many(self, block: int, slots: list[int], items: list, num_tokens: list[int]) -> None:
-        """push(block, slots[i], items[i], num_tokens[i]) for every i (distinct slots), with the
-        lengths updated in one vector op: one dispatch message fills several queues at once."""
+        """push(block, slots[i], items[i], num_tokens[i]) for every i (distinct slots), checked
+        once: one dispatch message fills several queues at once."""
         if not (len(slots) == len(items) == len(num_tokens)):
             raise ValueError(f"{len(slots)} slots, {len(items)} items and {len(num_tokens)} counts")
         if not slots:
