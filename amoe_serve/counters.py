@@ -10,8 +10,9 @@ from __future__ import annotations
 import numpy as np
 
 
-# The rank loops sample queue depths at turns at least this far apart: with a turn per expert
-# reply, sampling every turn paid its numpy calls several times per block (~2% of a rank's CPU).
+# sample_queue_depths takes a sample at most this often: the rank loops call it every turn, and
+# with a turn per expert reply a sample each time paid its numpy calls several times per block
+# (~2% of a rank's CPU).
 DEPTH_SAMPLE_S = 5e-4
 
 
@@ -39,6 +40,7 @@ class RankCounters:
         self._depth_time_sum_BS = np.zeros(shape, dtype=np.float64)  # sum of depth * dt
         self._depth_tmp_BS = np.zeros(shape, dtype=np.float64)
         self._depth_time_s = 0.0
+        self._depth_last: float | None = None  # when sample_queue_depths last sampled
 
     def record_batch(self, block: int, slot: int, num_tokens: int) -> None:
         if num_tokens < 1:
@@ -77,6 +79,15 @@ class RankCounters:
         if seconds < 0:
             raise ValueError(f"idle seconds must be >= 0, got {seconds}")
         self.idle_s += float(seconds)
+
+    def sample_queue_depths(self, lengths: np.ndarray, now: float) -> None:
+        """record_queue_depths for the time since the last sample, if at least DEPTH_SAMPLE_S
+        has passed (the first call only starts the clock)."""
+        if self._depth_last is None:
+            self._depth_last = now
+        elif now - self._depth_last >= DEPTH_SAMPLE_S:
+            self.record_queue_depths(lengths, now - self._depth_last)
+            self._depth_last = now
 
     def record_queue_depths(self, lengths: np.ndarray, dt: float) -> None:
         """Sample the queue-length matrix, weighting it by the dt it was held for."""

@@ -188,9 +188,16 @@ static inline void weighted_rows(const float *pr, const float *vb, int64_t n, in
                                  float *acc) { (void)pr; (void)vb; (void)n; (void)row; (void)D; (void)acc; }
 #endif
 
-/* One KV head's D floats at each of n positions (rows `row` floats apart) towards the cache. */
-static inline void prefetch_head(const float *b, int64_t n, int64_t row, const int64_t D)
+/* Towards the cache: one KV head's D floats (base: the head's offset in k or v) at each position
+   of the cache block after the one at t0, if the context goes on; it lies elsewhere, where the
+   hardware prefetcher cannot know to look. */
+static inline void prefetch_next_block(const float *base, const int64_t *table, int64_t t0, int64_t L, int64_t bs,
+                                       int64_t row, const int64_t D)
 {
+    if (t0 + bs >= L)
+        return;
+    const float *b = base + table[t0 / bs + 1] * bs * row;
+    const int64_t n = L - t0 - bs < bs ? L - t0 - bs : bs;
     for (int64_t j = 0; j < n; j++)
         for (int64_t i = 0; i < D; i += 16)
             __builtin_prefetch(b + j * row + i, 0, 3);
@@ -207,8 +214,7 @@ static inline void attend_one(const float *qg, const float *k, const float *v, c
     for (int64_t t0 = 0; t0 < L; t0 += bs) {
         const float *kb = k + table[t0 / bs] * bs * row;
         const int64_t n = L - t0 < bs ? L - t0 : bs;
-        if (t0 + bs < L) /* the next cache block is elsewhere: the hardware prefetcher cannot know */
-            prefetch_head(k + table[t0 / bs + 1] * bs * row, L - t0 - bs < bs ? L - t0 - bs : bs, row, D);
+        prefetch_next_block(k, table, t0, L, bs, row, D);
         if (VECTOR_D(D)) {
             for (int64_t r = 0; r < rep; r++)
                 scores_row(qg + r * D, kb, n, row, D, scale, p + r * L + t0);
@@ -254,8 +260,7 @@ static inline void attend_one(const float *qg, const float *k, const float *v, c
         for (int64_t t0 = 0; t0 < L; t0 += bs) {
             const float *vb = v + table[t0 / bs] * bs * row;
             const int64_t n = L - t0 < bs ? L - t0 : bs;
-            if (t0 + bs < L)
-                prefetch_head(v + table[t0 / bs + 1] * bs * row, L - t0 - bs < bs ? L - t0 - bs : bs, row, D);
+            prefetch_next_block(v, table, t0, L, bs, row, D);
             if (VECTOR_D(D)) {
                 weighted_rows(pr + t0, vb, n, row, D, acc);
                 continue;
@@ -329,7 +334,6 @@ static void *decode_worker(void *arg)
 }
 
 #include "run_parts.h"
-int amoe_get_linear_threads(void); /* linear.c: the attention side's threads for large calls */
 
 /* The attention rank's threads (amoe_set_linear_threads) split a large call by whole sequences,
    balanced by context length; each (sequence, KV head) is computed as alone, so the bits do not

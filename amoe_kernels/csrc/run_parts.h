@@ -11,6 +11,9 @@
 
 #define MAX_THREADS 16
 
+/* linear.c: this process's threads for large calls (amoe_set_linear_threads). */
+int amoe_get_linear_threads(void);
+
 static inline void run_parts(void *(*worker)(void *), void *parts, size_t size, int64_t n)
 {
     pthread_t tid[MAX_THREADS];

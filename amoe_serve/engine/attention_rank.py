@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from amoe_serve.counters import DEPTH_SAMPLE_S, RankCounters
+from amoe_serve.counters import RankCounters
 from amoe_serve.engine.attention_core import AttentionCore, Segment
 from amoe_serve.engine.headers import CancelHeader, RequestHeader
 from amoe_serve.token_events import TokenEvent
@@ -102,13 +102,9 @@ class AttentionRank:
     # ---- AEP ---------------------------------------------------------------------------------
     def run_aep(self) -> None:
         self._cpu0 = time.process_time()
-        last = time.perf_counter()
         polled = False  # the last idle wait already took in everything that had arrived
         while not self.stop:
-            now = time.perf_counter()
-            if now - last >= DEPTH_SAMPLE_S:
-                self.counters.record_queue_depths(self.queues.lengths, now - last)
-                last = now
+            self.counters.sample_queue_depths(self.queues.lengths, time.perf_counter())
             if not polled:
                 self._drain(0)
             self._sample()

@@ -7,7 +7,6 @@ from collections import Counter
 
 import torch
 
-from amoe_serve.counters import DEPTH_SAMPLE_S
 from amoe_serve.engine.expert_core import ExpertCore
 from amoe_serve.engine.tags import Tag
 from amoe_serve.engine.topology import Topology
@@ -54,12 +53,8 @@ class ExpertRank:
     def run_aep(self) -> None:
         self._cpu0 = time.process_time()
         c = self.core.counters
-        last = time.perf_counter()
         while not self.stop:
-            now = time.perf_counter()
-            if now - last >= DEPTH_SAMPLE_S:
-                c.record_queue_depths(self.core.queues.lengths, now - last)
-                last = now
+            c.sample_queue_depths(self.core.queues.lengths, time.perf_counter())
             self._drain(0)
             t0 = time.perf_counter()
             replies = self.core.step()

@@ -97,6 +97,19 @@ def test_queue_depths_max_and_time_weighted_mean():
         c.record_queue_depths(np.zeros((2, 2)), 1.0)
 
 
+def test_sample_queue_depths_throttles_to_the_sample_interval():
+    from amoe_serve.counters import DEPTH_SAMPLE_S
+    c = RankCounters(1, 1)
+    c.sample_queue_depths(np.array([[7]]), now=10.0)  # starts the clock only
+    c.sample_queue_depths(np.array([[9]]), now=10.0 + DEPTH_SAMPLE_S / 2)  # too soon: skipped
+    assert c.to_dict()["queue_depth_max"] == [[0]]
+    c.sample_queue_depths(np.array([[3]]), now=10.0 + 2 * DEPTH_SAMPLE_S)  # the whole span, at 3
+    c.sample_queue_depths(np.array([[5]]), now=10.0 + 4 * DEPTH_SAMPLE_S)
+    d = c.to_dict()
+    assert d["queue_depth_max"] == [[5]]
+    np.testing.assert_allclose(d["queue_depth_mean"], [[4.0]])
+
+
 def test_empty_and_errors():
     d = RankCounters(1, 1).to_dict()
     assert d["mean_batch"] == 0.0 and d["idle_fraction"] == 0.0 and d["queue_depth_mean"] == [[0.0]]
