@@ -44,9 +44,11 @@ TOKEN = "reliability-link-token"
 ANSWER_WITHIN_S = 5.0  # the contract: a dead rank fails in-flight requests within seconds
 LONG = 2000            # max_tokens of a request still running when the kill comes (context: 2048)
 ROLES = {"gateway": 0, "attention": 1, "expert": 3}  # PMI rank of each kind (1 attention + 2 experts)
-# Drain grace of the stack: SHORT-token requests finish well within it even on a busy machine,
-# LONG-token ones cannot (that would take > 120 tokens/s; one stream does about 70 here at best).
-GRACE, SHORT = 15, 60
+# Drain grace of the stack: SHORT-token requests finish well within it even on a busy machine
+# (6 tokens/s per stream), LONG-token ones cannot (that would take 400 tokens/s per stream, a token
+# step of 2.5 ms through 1 + 2 ranks). With a 15 s grace the faster data plane of 2026-12-08
+# finished the long ones inside it (> 133 tokens/s).
+GRACE, SHORT = 5, 30
 FIGURES: dict = {}
 
 
